@@ -1,0 +1,1 @@
+//! eden-raft: openraft glue over eden-storage.

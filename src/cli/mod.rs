@@ -1,0 +1,36 @@
+//! cli: the `eden` command line. One file per command; this file only dispatches.
+//!
+//! Client commands reach the cluster only through the etcd API, so they work against any
+//! datastore node.
+
+use clap::{Parser, Subcommand};
+
+use crate::error::{Error, Result};
+
+#[derive(Parser, Debug)]
+#[command(name = "eden", version, about = "Configuration management for fleets of servers, in one binary.")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run a node: the datastore (if eligible) and the agent.
+    Serve,
+    /// Apply states to targeted nodes, or to this machine with --local.
+    Apply,
+    /// Print the ordered plan for states without running them.
+    Plan,
+    /// Start a 5-node cluster on loopback and show a live failover.
+    Demo,
+}
+
+/// Runs the parsed command and returns the process exit code.
+pub fn run(cli: Cli) -> Result<i32> {
+    match cli.command {
+        Command::Serve | Command::Apply | Command::Plan | Command::Demo => {
+            Err(Error::Unavailable("this command is not built yet".into()))
+        }
+    }
+}

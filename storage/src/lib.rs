@@ -1,0 +1,1 @@
+//! eden-storage: the MVCC keyspace with etcd v3 semantics, on sled.
