@@ -48,7 +48,10 @@ impl RevKey {
 
     pub fn from_tree_key(k: &[u8]) -> Result<RevKey, Error> {
         if k.len() != 13 || k[0] != PREFIX_HISTORY {
-            return Err(Error::Corrupt(format!("history key of {} bytes is malformed", k.len())));
+            return Err(Error::Corrupt(format!(
+                "history key of {} bytes is malformed",
+                k.len()
+            )));
         }
         let main = u64::from_be_bytes(k[1..9].try_into().expect("8 bytes")) as i64;
         let sub = u32::from_be_bytes(k[9..13].try_into().expect("4 bytes"));
@@ -110,10 +113,14 @@ impl<'a> Reader<'a> {
         Ok(self.take(1)?[0])
     }
     fn u32(&mut self) -> Result<u32, Error> {
-        Ok(u32::from_be_bytes(self.take(4)?.try_into().expect("4 bytes")))
+        Ok(u32::from_be_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
     }
     fn i64(&mut self) -> Result<i64, Error> {
-        Ok(i64::from_be_bytes(self.take(8)?.try_into().expect("8 bytes")))
+        Ok(i64::from_be_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
     }
     fn bytes(&mut self) -> Result<Vec<u8>, Error> {
         let n = self.u32()? as usize;
@@ -123,22 +130,35 @@ impl<'a> Reader<'a> {
         if self.buf.is_empty() {
             Ok(())
         } else {
-            Err(Error::Corrupt(format!("{} has {} trailing bytes", self.what, self.buf.len())))
+            Err(Error::Corrupt(format!(
+                "{} has {} trailing bytes",
+                self.what,
+                self.buf.len()
+            )))
         }
     }
 }
 
 /// Decodes a record. Total: any byte string gives `Ok` or `Err(Corrupt)`, never a panic.
 pub fn decode_record(buf: &[u8]) -> Result<Record, Error> {
-    let mut r = Reader { buf, what: "history record" };
+    let mut r = Reader {
+        buf,
+        what: "history record",
+    };
     let version = r.u8()?;
     if version != FORMAT_V1 {
-        return Err(Error::Corrupt(format!("history record has unknown format version {version}")));
+        return Err(Error::Corrupt(format!(
+            "history record has unknown format version {version}"
+        )));
     }
     let kind = match r.u8()? {
         0 => EventKind::Put,
         1 => EventKind::Delete,
-        k => return Err(Error::Corrupt(format!("history record has unknown kind {k}"))),
+        k => {
+            return Err(Error::Corrupt(format!(
+                "history record has unknown kind {k}"
+            )))
+        }
     };
     let key = r.bytes()?;
     let create_revision = r.i64()?;
@@ -151,15 +171,25 @@ pub fn decode_record(buf: &[u8]) -> Result<Record, Error> {
         return Err(Error::Corrupt("history record has an empty key".into()));
     }
     if mod_revision < 1 {
-        return Err(Error::Corrupt(format!("history record has mod_revision {mod_revision}")));
+        return Err(Error::Corrupt(format!(
+            "history record has mod_revision {mod_revision}"
+        )));
     }
-    if kind == EventKind::Put && (create_revision < 1 || create_revision > mod_revision || version < 1)
+    if kind == EventKind::Put
+        && (create_revision < 1 || create_revision > mod_revision || version < 1)
     {
         return Err(Error::Corrupt(format!(
             "put record has create_revision {create_revision}, mod_revision {mod_revision}, version {version}"
         )));
     }
-    let kv = KeyValue { key, create_revision, mod_revision, version, value, lease };
+    let kv = KeyValue {
+        key,
+        create_revision,
+        mod_revision,
+        version,
+        value,
+        lease,
+    };
     Ok(Record { kind, kv })
 }
 
@@ -173,7 +203,10 @@ pub fn lease_tree_key(id: LeaseId) -> [u8; 9] {
 
 pub fn lease_id_from_tree_key(k: &[u8]) -> Result<LeaseId, Error> {
     if k.len() != 9 || k[0] != PREFIX_LEASE {
-        return Err(Error::Corrupt(format!("lease key of {} bytes is malformed", k.len())));
+        return Err(Error::Corrupt(format!(
+            "lease key of {} bytes is malformed",
+            k.len()
+        )));
     }
     Ok((u64::from_be_bytes(k[1..].try_into().expect("8 bytes")) ^ (1 << 63)) as i64)
 }
@@ -185,10 +218,15 @@ pub fn encode_lease(ttl: i64) -> Vec<u8> {
 }
 
 pub fn decode_lease(buf: &[u8]) -> Result<i64, Error> {
-    let mut r = Reader { buf, what: "lease record" };
+    let mut r = Reader {
+        buf,
+        what: "lease record",
+    };
     let version = r.u8()?;
     if version != FORMAT_V1 {
-        return Err(Error::Corrupt(format!("lease record has unknown format version {version}")));
+        return Err(Error::Corrupt(format!(
+            "lease record has unknown format version {version}"
+        )));
     }
     let ttl = r.i64()?;
     r.finish()?;
@@ -225,7 +263,11 @@ const fn crc32c_table() -> [u32; 256] {
         let mut c = i as u32;
         let mut k = 0;
         while k < 8 {
-            c = if c & 1 != 0 { 0x82F6_3B78 ^ (c >> 1) } else { c >> 1 };
+            c = if c & 1 != 0 {
+                0x82F6_3B78 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
             k += 1;
         }
         table[i] = c;
@@ -286,7 +328,10 @@ mod tests {
         let bytes = encode_record(&rec);
         assert_eq!(decode_record(&bytes).unwrap(), rec);
         for cut in 0..bytes.len() {
-            assert!(decode_record(&bytes[..cut]).is_err(), "prefix of {cut} bytes decoded");
+            assert!(
+                decode_record(&bytes[..cut]).is_err(),
+                "prefix of {cut} bytes decoded"
+            );
         }
         let mut long = bytes.clone();
         long.push(0);

@@ -57,7 +57,10 @@ pub enum Error {
 impl Error {
     /// True for faults of the disk or the input, false for deterministic replies.
     pub fn is_fault(&self) -> bool {
-        matches!(self, Error::Io(_) | Error::Corrupt(_) | Error::InvalidSnapshot(_))
+        matches!(
+            self,
+            Error::Io(_) | Error::Corrupt(_) | Error::InvalidSnapshot(_)
+        )
     }
 }
 

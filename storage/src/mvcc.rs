@@ -181,7 +181,15 @@ impl Keyspace {
             lease_seq,
             leases: leases
                 .into_iter()
-                .map(|(id, ttl)| (id, LeaseState { ttl, keys: BTreeSet::new() }))
+                .map(|(id, ttl)| {
+                    (
+                        id,
+                        LeaseState {
+                            ttl,
+                            keys: BTreeSet::new(),
+                        },
+                    )
+                })
                 .collect(),
             index: BTreeMap::new(),
         };
@@ -195,10 +203,17 @@ impl Keyspace {
             }
             let entries = ks.index.entry(rec.kv.key.clone()).or_default();
             if entries.last().is_some_and(|e| e.at >= at) {
-                return Err(Error::Corrupt(format!("history out of order at revision {}", at.main)));
+                return Err(Error::Corrupt(format!(
+                    "history out of order at revision {}",
+                    at.main
+                )));
             }
             let tombstone = rec.kind == EventKind::Delete;
-            entries.push(Entry { at, tombstone, lease: if tombstone { 0 } else { rec.kv.lease } });
+            entries.push(Entry {
+                at,
+                tombstone,
+                lease: if tombstone { 0 } else { rec.kv.lease },
+            });
         }
         for (key, entries) in &ks.index {
             if let Some(e) = entries.last().filter(|e| !e.tombstone && e.lease != 0) {
@@ -224,13 +239,21 @@ impl Keyspace {
     }
 
     pub fn lease(&self, id: LeaseId) -> Option<Lease> {
-        self.leases.get(&id).map(|l| Lease { id, ttl: l.ttl, keys: l.keys.iter().cloned().collect() })
+        self.leases.get(&id).map(|l| Lease {
+            id,
+            ttl: l.ttl,
+            keys: l.keys.iter().cloned().collect(),
+        })
     }
 
     pub fn leases(&self) -> Vec<Lease> {
         self.leases
             .iter()
-            .map(|(&id, l)| Lease { id, ttl: l.ttl, keys: l.keys.iter().cloned().collect() })
+            .map(|(&id, l)| Lease {
+                id,
+                ttl: l.ttl,
+                keys: l.keys.iter().cloned().collect(),
+            })
             .collect()
     }
 
@@ -254,14 +277,21 @@ impl Keyspace {
             live_at(es, rev).map(|e| (k.clone(), Source::Stored(e.at)))
         };
         match set {
-            KeySet::Single(key) => self.index.get_key_value(key).and_then(live).into_iter().collect(),
+            KeySet::Single(key) => self
+                .index
+                .get_key_value(key)
+                .and_then(live)
+                .into_iter()
+                .collect(),
             KeySet::Span(from, to) if to <= from => Vec::new(),
-            KeySet::Span(from, to) => self.index.range::<[u8], _>((
-                std::ops::Bound::Included(from),
-                std::ops::Bound::Excluded(to),
-            ))
-            .filter_map(live)
-            .collect(),
+            KeySet::Span(from, to) => self
+                .index
+                .range::<[u8], _>((
+                    std::ops::Bound::Included(from),
+                    std::ops::Bound::Excluded(to),
+                ))
+                .filter_map(live)
+                .collect(),
             KeySet::From(from) => self
                 .index
                 .range::<[u8], _>((std::ops::Bound::Included(from), std::ops::Bound::Unbounded))
@@ -272,14 +302,22 @@ impl Keyspace {
 
     /// The current value of one key.
     pub fn get(&self, recs: &impl RecordRead, key: &[u8]) -> Result<Option<KeyValue>, Error> {
-        match self.index.get(key).and_then(|es| live_at(es, self.revision)) {
+        match self
+            .index
+            .get(key)
+            .and_then(|es| live_at(es, self.revision))
+        {
             Some(e) => load(recs, key, &Source::Stored(e.at)).map(Some),
             None => Ok(None),
         }
     }
 
     /// etcd's Range.
-    pub fn range(&self, recs: &impl RecordRead, req: &RangeRequest) -> Result<RangeResponse, Error> {
+    pub fn range(
+        &self,
+        recs: &impl RecordRead,
+        req: &RangeRequest,
+    ) -> Result<RangeResponse, Error> {
         if req.key.is_empty() {
             return Err(Error::EmptyKey);
         }
@@ -295,7 +333,9 @@ impl Keyspace {
         key: &[u8],
         at: RevKey,
     ) -> Result<Option<KeyValue>, Error> {
-        let Some(entries) = self.index.get(key) else { return Ok(None) };
+        let Some(entries) = self.index.get(key) else {
+            return Ok(None);
+        };
         let n = entries.partition_point(|e| e.at < at);
         match entries[..n].last() {
             Some(e) if !e.tombstone => load(recs, key, &Source::Stored(e.at)).map(Some),
@@ -319,7 +359,13 @@ impl Keyspace {
                 let mut view = TxnView::new(self, sink);
                 let resp = view.put(p)?;
                 let writes = view.writes;
-                self.commit(sink, Outcome { response: CommandResponse::Put(resp), writes })
+                self.commit(
+                    sink,
+                    Outcome {
+                        response: CommandResponse::Put(resp),
+                        writes,
+                    },
+                )
             }
             Command::DeleteRange(d) => {
                 if d.key.is_empty() {
@@ -328,7 +374,13 @@ impl Keyspace {
                 let mut view = TxnView::new(self, sink);
                 let resp = view.delete(d)?;
                 let writes = view.writes;
-                self.commit(sink, Outcome { response: CommandResponse::DeleteRange(resp), writes })
+                self.commit(
+                    sink,
+                    Outcome {
+                        response: CommandResponse::DeleteRange(resp),
+                        writes,
+                    },
+                )
             }
             Command::Txn(t) => {
                 let outcome = self.plan_txn(sink, t)?;
@@ -342,7 +394,10 @@ impl Keyspace {
                     return Err(Error::FutureRev);
                 }
                 self.compact(sink, c.revision);
-                let applied = Applied { revision: self.revision, response: CommandResponse::Compact };
+                let applied = Applied {
+                    revision: self.revision,
+                    response: CommandResponse::Compact,
+                };
                 Ok((applied, Vec::new()))
             }
             Command::LeaseGrant { id, ttl } => {
@@ -363,21 +418,44 @@ impl Keyspace {
                 } else {
                     *id
                 };
-                self.leases.insert(id, LeaseState { ttl: *ttl, keys: BTreeSet::new() });
+                self.leases.insert(
+                    id,
+                    LeaseState {
+                        ttl: *ttl,
+                        keys: BTreeSet::new(),
+                    },
+                );
                 sink.put_lease(id, *ttl);
                 let response = CommandResponse::LeaseGrant { id, ttl: *ttl };
-                Ok((Applied { revision: self.revision, response }, Vec::new()))
+                Ok((
+                    Applied {
+                        revision: self.revision,
+                        response,
+                    },
+                    Vec::new(),
+                ))
             }
             Command::LeaseRevoke { id } => {
-                let Some(lease) = self.leases.get(id) else { return Err(Error::LeaseNotFound) };
+                let Some(lease) = self.leases.get(id) else {
+                    return Err(Error::LeaseNotFound);
+                };
                 let keys: Vec<Vec<u8>> = lease.keys.iter().cloned().collect();
                 let mut view = TxnView::new(self, sink);
                 for key in keys {
-                    view.delete(&DeleteRangeRequest { key, range_end: Vec::new(), prev_kv: false })?;
+                    view.delete(&DeleteRangeRequest {
+                        key,
+                        range_end: Vec::new(),
+                        prev_kv: false,
+                    })?;
                 }
                 let writes = view.writes;
-                let result =
-                    self.commit(sink, Outcome { response: CommandResponse::LeaseRevoke, writes })?;
+                let result = self.commit(
+                    sink,
+                    Outcome {
+                        response: CommandResponse::LeaseRevoke,
+                        writes,
+                    },
+                )?;
                 self.leases.remove(id);
                 sink.remove_lease(*id);
                 Ok(result)
@@ -395,7 +473,10 @@ impl Keyspace {
         self.check_path(recs, t, &path, false)?;
         let mut view = TxnView::new(self, recs);
         let resp = view.txn(t, &path)?;
-        Ok(Outcome { response: CommandResponse::Txn(resp), writes: view.writes })
+        Ok(Outcome {
+            response: CommandResponse::Txn(resp),
+            writes: view.writes,
+        })
     }
 
     /// Evaluates the compares of `t` and of every nested txn on the chosen path, all against the
@@ -445,7 +526,11 @@ impl Keyspace {
         path: &Path,
         puts: bool,
     ) -> Result<(), Error> {
-        let ops = if path.succeeded { &t.success } else { &t.failure };
+        let ops = if path.succeeded {
+            &t.success
+        } else {
+            &t.failure
+        };
         let mut nested = path.nested.iter();
         for op in ops {
             match op {
@@ -483,7 +568,13 @@ impl Keyspace {
     ) -> Result<(Applied, Vec<Event>), Error> {
         let Outcome { response, writes } = outcome;
         if writes.is_empty() {
-            return Ok((Applied { revision: self.revision, response }, Vec::new()));
+            return Ok((
+                Applied {
+                    revision: self.revision,
+                    response,
+                },
+                Vec::new(),
+            ));
         }
         let rev = self.revision + 1;
         let mut events = Vec::with_capacity(writes.len());
@@ -496,26 +587,65 @@ impl Keyspace {
             .iter()
             .zip(events)
             .map(|((key, kv), prev_kv)| match kv {
-                Some(kv) => Event { kind: EventKind::Put, kv: kv.clone(), prev_kv },
+                // etcd's watch never fills prev_kv for a create (create == mod revision).
+                Some(kv) => Event {
+                    kind: EventKind::Put,
+                    kv: kv.clone(),
+                    prev_kv: prev_kv.filter(|_| kv.create_revision != kv.mod_revision),
+                },
                 None => Event {
                     kind: EventKind::Delete,
-                    kv: KeyValue { key: key.clone(), mod_revision: rev, ..Default::default() },
+                    kv: KeyValue {
+                        key: key.clone(),
+                        mod_revision: rev,
+                        ..Default::default()
+                    },
                     prev_kv,
                 },
             })
             .collect();
         for (sub, (key, kv)) in writes.into_iter().enumerate() {
-            let at = RevKey { main: rev, sub: sub as u32 };
+            let at = RevKey {
+                main: rev,
+                sub: sub as u32,
+            };
             let entries = self.index.entry(key.clone()).or_default();
-            let old_lease = entries.last().filter(|e| !e.tombstone).map_or(0, |e| e.lease);
+            let old_lease = entries
+                .last()
+                .filter(|e| !e.tombstone)
+                .map_or(0, |e| e.lease);
             let (record, entry) = match kv {
                 Some(kv) => {
-                    let entry = Entry { at, tombstone: false, lease: kv.lease };
-                    (Record { kind: EventKind::Put, kv }, entry)
+                    let entry = Entry {
+                        at,
+                        tombstone: false,
+                        lease: kv.lease,
+                    };
+                    (
+                        Record {
+                            kind: EventKind::Put,
+                            kv,
+                        },
+                        entry,
+                    )
                 }
                 None => {
-                    let kv = KeyValue { key: key.clone(), mod_revision: rev, ..Default::default() };
-                    (Record { kind: EventKind::Delete, kv }, Entry { at, tombstone: true, lease: 0 })
+                    let kv = KeyValue {
+                        key: key.clone(),
+                        mod_revision: rev,
+                        ..Default::default()
+                    };
+                    (
+                        Record {
+                            kind: EventKind::Delete,
+                            kv,
+                        },
+                        Entry {
+                            at,
+                            tombstone: true,
+                            lease: 0,
+                        },
+                    )
                 }
             };
             entries.push(entry);
@@ -532,7 +662,13 @@ impl Keyspace {
             }
         }
         self.revision = rev;
-        Ok((Applied { revision: rev, response }, events))
+        Ok((
+            Applied {
+                revision: rev,
+                response,
+            },
+            events,
+        ))
     }
 
     /// Drops history that no read at or above `at` can see (etcd's keyIndex.compact).
@@ -574,7 +710,11 @@ fn finish_range(
 ) -> Result<RangeResponse, Error> {
     let count = slots.len() as i64;
     if req.count_only {
-        return Ok(RangeResponse { kvs: Vec::new(), more: false, count });
+        return Ok(RangeResponse {
+            kvs: Vec::new(),
+            more: false,
+            count,
+        });
     }
     let filtered = req.min_mod_revision != 0
         || req.max_mod_revision != 0
@@ -752,7 +892,12 @@ fn check_intervals(ops: &[RequestOp]) -> Result<(BTreeSet<Vec<u8>>, Vec<Interval
 
 impl<'a, R: RecordRead> TxnView<'a, R> {
     fn new(ks: &'a Keyspace, recs: &'a R) -> Self {
-        TxnView { ks, recs, pending: BTreeMap::new(), writes: Vec::new() }
+        TxnView {
+            ks,
+            recs,
+            pending: BTreeMap::new(),
+            writes: Vec::new(),
+        }
     }
 
     fn rev(&self) -> Revision {
@@ -791,7 +936,11 @@ impl<'a, R: RecordRead> TxnView<'a, R> {
             // A past revision cannot see this txn's writes; it reads history.
             return self.ks.range(self.recs, r);
         }
-        finish_range(self.recs, r, self.current_slots(KeySet::new(&r.key, &r.range_end)))
+        finish_range(
+            self.recs,
+            r,
+            self.current_slots(KeySet::new(&r.key, &r.range_end)),
+        )
     }
 
     fn put(&mut self, p: &PutRequest) -> Result<PutResponse, Error> {
@@ -818,7 +967,9 @@ impl<'a, R: RecordRead> TxnView<'a, R> {
         };
         self.pending.insert(p.key.clone(), Some(kv.clone()));
         self.writes.push((p.key.clone(), Some(kv)));
-        Ok(PutResponse { prev_kv: if p.prev_kv { prev } else { None } })
+        Ok(PutResponse {
+            prev_kv: if p.prev_kv { prev } else { None },
+        })
     }
 
     fn delete(&mut self, d: &DeleteRangeRequest) -> Result<DeleteRangeResponse, Error> {
@@ -831,11 +982,18 @@ impl<'a, R: RecordRead> TxnView<'a, R> {
             self.pending.insert(key.clone(), None);
             self.writes.push((key.clone(), None));
         }
-        Ok(DeleteRangeResponse { deleted: slots.len() as i64, prev_kvs })
+        Ok(DeleteRangeResponse {
+            deleted: slots.len() as i64,
+            prev_kvs,
+        })
     }
 
     fn txn(&mut self, t: &TxnRequest, path: &Path) -> Result<TxnResponse, Error> {
-        let ops = if path.succeeded { &t.success } else { &t.failure };
+        let ops = if path.succeeded {
+            &t.success
+        } else {
+            &t.failure
+        };
         let mut nested = path.nested.iter();
         let mut responses = Vec::with_capacity(ops.len());
         for op in ops {
@@ -849,7 +1007,10 @@ impl<'a, R: RecordRead> TxnView<'a, R> {
                 }
             });
         }
-        Ok(TxnResponse { succeeded: path.succeeded, responses })
+        Ok(TxnResponse {
+            succeeded: path.succeeded,
+            responses,
+        })
     }
 }
 

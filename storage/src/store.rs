@@ -88,7 +88,8 @@ impl RecordSink for BatchSink<'_> {
         self.pending.remove(&at);
     }
     fn put_lease(&mut self, id: LeaseId, ttl: i64) {
-        self.batch.insert(&lease_tree_key(id)[..], encode_lease(ttl));
+        self.batch
+            .insert(&lease_tree_key(id)[..], encode_lease(ttl));
     }
     fn remove_lease(&mut self, id: LeaseId) {
         self.batch.remove(&lease_tree_key(id)[..]);
@@ -160,7 +161,9 @@ impl CrcReader<'_> {
         Ok(buf)
     }
     fn u32(&mut self) -> Result<u32, Error> {
-        Ok(u32::from_be_bytes(self.get(4)?.try_into().expect("4 bytes")))
+        Ok(u32::from_be_bytes(
+            self.get(4)?.try_into().expect("4 bytes"),
+        ))
     }
 }
 
@@ -185,7 +188,14 @@ impl Store {
         }
         let tree = db.open_tree(&current)?;
         let ks = load_keyspace(&tree)?;
-        Ok(Store { db, inner: RwLock::new(Inner { generation, tree, ks }) })
+        Ok(Store {
+            db,
+            inner: RwLock::new(Inner {
+                generation,
+                tree,
+                ks,
+            }),
+        })
     }
 
     fn read(&self) -> RwLockReadGuard<'_, Inner> {
@@ -276,12 +286,18 @@ impl Store {
             return Err(Error::Compacted);
         }
         let from = from.max(1);
-        let until = from.saturating_add(max_revisions as i64).min(inner.ks.revision() + 1);
+        let until = from
+            .saturating_add(max_revisions as i64)
+            .min(inner.ks.revision() + 1);
         if from >= until {
             return Ok(Vec::new());
         }
         let lo = RevKey { main: from, sub: 0 }.to_tree_key();
-        let hi = RevKey { main: until, sub: 0 }.to_tree_key();
+        let hi = RevKey {
+            main: until,
+            sub: 0,
+        }
+        .to_tree_key();
         let recs = TreeRecords(&inner.tree);
         let mut out: Vec<(Revision, Vec<Event>)> = Vec::new();
         for item in inner.tree.range(lo..hi) {
@@ -289,7 +305,11 @@ impl Store {
             let at = RevKey::from_tree_key(&k)?;
             let rec = decode_record(&v)?;
             let prev_kv = inner.ks.prev_kv(&recs, &rec.kv.key, at)?;
-            let event = Event { kind: rec.kind, kv: rec.kv, prev_kv };
+            let event = Event {
+                kind: rec.kind,
+                kv: rec.kv,
+                prev_kv,
+            };
             match out.last_mut() {
                 Some((rev, events)) if *rev == at.main => events.push(event),
                 _ => out.push((at.main, vec![event])),
@@ -310,7 +330,12 @@ impl Store {
     /// A value the caller stored through `apply`'s `meta`.
     pub fn meta(&self, key: &[u8]) -> Option<Vec<u8>> {
         let inner = self.read();
-        inner.tree.get(user_meta_key(key)).ok().flatten().map(|v| v.to_vec())
+        inner
+            .tree
+            .get(user_meta_key(key))
+            .ok()
+            .flatten()
+            .map(|v| v.to_vec())
     }
 
     /// Writes the whole keyspace (history, leases, revisions, meta) as one stream:
@@ -318,7 +343,10 @@ impl Store {
     /// CRC-32C of everything before it.
     pub fn export_snapshot(&self, w: &mut dyn Write) -> Result<(), Error> {
         let inner = self.read();
-        let mut out = CrcWriter { w, crc: Crc32c::new() };
+        let mut out = CrcWriter {
+            w,
+            crc: Crc32c::new(),
+        };
         out.put(SNAPSHOT_MAGIC)?;
         out.put(&SNAPSHOT_VERSION.to_be_bytes())?;
         for item in inner.tree.iter() {
@@ -358,18 +386,31 @@ impl Store {
                 return Err(e);
             }
         };
-        self.db.insert(GENERATION_KEY, &encode_i64(generation as i64)[..])?;
+        self.db
+            .insert(GENERATION_KEY, &encode_i64(generation as i64)[..])?;
         self.db.flush()?;
-        let old = std::mem::replace(&mut *inner, Inner { generation, tree, ks });
+        let old = std::mem::replace(
+            &mut *inner,
+            Inner {
+                generation,
+                tree,
+                ks,
+            },
+        );
         drop(old.tree);
         self.db.drop_tree(tree_name(old.generation))?;
         Ok(())
     }
 
     fn fill_from_snapshot(tree: &sled::Tree, r: &mut dyn Read) -> Result<(), Error> {
-        let mut input = CrcReader { r, crc: Crc32c::new() };
+        let mut input = CrcReader {
+            r,
+            crc: Crc32c::new(),
+        };
         if input.get(8)? != SNAPSHOT_MAGIC {
-            return Err(Error::InvalidSnapshot("stream does not start with EDENSNAP".into()));
+            return Err(Error::InvalidSnapshot(
+                "stream does not start with EDENSNAP".into(),
+            ));
         }
         let version = input.u32()?;
         if version != SNAPSHOT_VERSION {
@@ -389,12 +430,16 @@ impl Store {
             }
             let klen = input.u32()?;
             if klen > MAX_SNAPSHOT_ITEM {
-                return Err(Error::InvalidSnapshot(format!("key length {klen} is too large")));
+                return Err(Error::InvalidSnapshot(format!(
+                    "key length {klen} is too large"
+                )));
             }
             let key = input.get(klen as usize)?;
             let vlen = input.u32()?;
             if vlen > MAX_SNAPSHOT_ITEM {
-                return Err(Error::InvalidSnapshot(format!("value length {vlen} is too large")));
+                return Err(Error::InvalidSnapshot(format!(
+                    "value length {vlen} is too large"
+                )));
             }
             let value = input.get(vlen as usize)?;
             batch.insert(key, value);
@@ -431,7 +476,11 @@ impl Store {
             return Err(Error::Compacted);
         }
         let mut crc = Crc32c::new();
-        let hi = RevKey { main: rev + 1, sub: 0 }.to_tree_key();
+        let hi = RevKey {
+            main: rev + 1,
+            sub: 0,
+        }
+        .to_tree_key();
         for item in inner.tree.range(&[PREFIX_HISTORY][..]..&hi[..]) {
             let (k, v) = item?;
             crc.update(&k);

@@ -184,9 +184,14 @@ pub enum Command {
     Txn(TxnRequest),
     Compact(CompactionRequest),
     /// Grant a lease. `id: 0` asks the store to choose one; the choice is deterministic.
-    LeaseGrant { id: LeaseId, ttl: i64 },
+    LeaseGrant {
+        id: LeaseId,
+        ttl: i64,
+    },
     /// Revoke (or expire) a lease, deleting its keys in one revision.
-    LeaseRevoke { id: LeaseId },
+    LeaseRevoke {
+        id: LeaseId,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,0 +1,448 @@
+//! Store-level tests: limits checked against etcd 3.4.23, persistence across reopen, snapshots,
+//! hashing, meta and lease-id determinism.
+
+use eden_storage::*;
+
+fn put(k: &str) -> RequestOp {
+    RequestOp::Put(PutRequest {
+        key: k.into(),
+        value: b"x".to_vec(),
+        ..Default::default()
+    })
+}
+fn get(k: &str) -> RequestOp {
+    RequestOp::Range(RangeRequest {
+        key: k.into(),
+        ..Default::default()
+    })
+}
+fn del(k: &str) -> RequestOp {
+    RequestOp::DeleteRange(DeleteRangeRequest {
+        key: k.into(),
+        ..Default::default()
+    })
+}
+fn txn(success: Vec<RequestOp>, failure: Vec<RequestOp>) -> TxnRequest {
+    TxnRequest {
+        compare: Vec::new(),
+        success,
+        failure,
+    }
+}
+fn nested(success: Vec<RequestOp>, failure: Vec<RequestOp>) -> RequestOp {
+    RequestOp::Txn(txn(success, failure))
+}
+
+fn apply_one(store: &Store, cmd: Command) -> Result<(Applied, Vec<Event>), Error> {
+    store.apply(&[cmd], &[]).unwrap().pop().unwrap()
+}
+
+fn open() -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    (dir, store)
+}
+
+/// Each case was sent to etcd 3.4.23 through its JSON gateway; the expected outcome is what it
+/// answered.
+#[test]
+fn txn_limits_and_duplicates_match_etcd() {
+    let (_dir, store) = open();
+    let cmp = Compare {
+        result: CompareResult::Greater,
+        target: CompareTarget::Version(0),
+        key: b"a".to_vec(),
+        range_end: Vec::new(),
+    };
+    let empty_cmp = Compare {
+        key: Vec::new(),
+        ..cmp.clone()
+    };
+    let cases: Vec<(&str, TxnRequest, Option<Error>)> = vec![
+        ("128 ops", txn(vec![get("a"); 128], vec![]), None),
+        (
+            "129 ops",
+            txn(vec![get("a"); 129], vec![]),
+            Some(Error::TooManyOps),
+        ),
+        (
+            "129 compares",
+            TxnRequest {
+                compare: vec![cmp; 129],
+                ..Default::default()
+            },
+            Some(Error::TooManyOps),
+        ),
+        (
+            "nested 99+28",
+            txn(
+                [vec![get("a"); 99], vec![nested(vec![get("a"); 28], vec![])]].concat(),
+                vec![],
+            ),
+            None,
+        ),
+        (
+            "nested 99+29",
+            txn(
+                [vec![get("a"); 99], vec![nested(vec![get("a"); 29], vec![])]].concat(),
+                vec![],
+            ),
+            Some(Error::TooManyOps),
+        ),
+        (
+            "nested failure branch 99+29",
+            txn(
+                [vec![get("a"); 99], vec![nested(vec![], vec![get("a"); 29])]].concat(),
+                vec![],
+            ),
+            Some(Error::TooManyOps),
+        ),
+        (
+            "empty compare key",
+            TxnRequest {
+                compare: vec![empty_cmp],
+                ..Default::default()
+            },
+            Some(Error::EmptyKey),
+        ),
+        (
+            "nested empty key",
+            txn(vec![nested(vec![put("")], vec![])], vec![]),
+            Some(Error::EmptyKey),
+        ),
+        (
+            "too many ops is checked before duplicates",
+            txn(
+                [vec![put("x"), put("x")], vec![get("a"); 127]].concat(),
+                vec![],
+            ),
+            Some(Error::TooManyOps),
+        ),
+        (
+            "then/else of one nested txn may put the same key",
+            txn(vec![nested(vec![put("n")], vec![put("n")])], vec![]),
+            None,
+        ),
+        (
+            "two nested txns putting the same key",
+            txn(
+                vec![
+                    nested(vec![put("n")], vec![]),
+                    nested(vec![], vec![put("n")]),
+                ],
+                vec![],
+            ),
+            Some(Error::DuplicateKey),
+        ),
+        (
+            "nested delete vs outer put",
+            txn(vec![nested(vec![del("n")], vec![]), put("n")], vec![]),
+            Some(Error::DuplicateKey),
+        ),
+        (
+            "outer delete vs nested put",
+            txn(vec![del("n"), nested(vec![put("n")], vec![])], vec![]),
+            Some(Error::DuplicateKey),
+        ),
+    ];
+    for (name, t, want) in cases {
+        let before = store.revision();
+        let got = apply_one(&store, Command::Txn(t)).err();
+        assert_eq!(got, want, "{name}");
+        if want.is_some() {
+            assert_eq!(
+                store.revision(),
+                before,
+                "{name}: a rejected txn must not add a revision"
+            );
+        }
+    }
+}
+
+/// etcd 3.4 panics on this txn (its pre-checks pass, then the delete removes the key the
+/// ignore_value put needs). eden rejects it as a whole with "key not found" instead.
+#[test]
+fn ignore_value_after_from_key_delete_fails_the_whole_txn() {
+    let (_dir, store) = open();
+    apply_one(&store, Command::Txn(txn(vec![put("b")], vec![]))).unwrap();
+    let t = txn(
+        vec![
+            RequestOp::DeleteRange(DeleteRangeRequest {
+                key: b"a".to_vec(),
+                range_end: vec![0],
+                prev_kv: false,
+            }),
+            RequestOp::Put(PutRequest {
+                key: b"b".to_vec(),
+                ignore_value: true,
+                ..Default::default()
+            }),
+        ],
+        vec![],
+    );
+    assert_eq!(
+        apply_one(&store, Command::Txn(t)).unwrap_err(),
+        Error::KeyNotFound
+    );
+    assert_eq!(store.revision(), 2);
+    let r = store
+        .range(&RangeRequest {
+            key: b"b".to_vec(),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(r.kvs[0].value, b"x");
+}
+
+fn sample_commands() -> Vec<Command> {
+    let p = |k: &str, v: &str, lease| {
+        Command::Put(PutRequest {
+            key: k.into(),
+            value: v.into(),
+            lease,
+            ..Default::default()
+        })
+    };
+    vec![
+        Command::LeaseGrant { id: 0, ttl: 60 },
+        Command::LeaseGrant { id: 0, ttl: 30 },
+        p("a", "1", 0),
+        p("b", "1", 1),
+        p("c", "1", 2),
+        p("a", "2", 0),
+        Command::DeleteRange(DeleteRangeRequest {
+            key: b"c".to_vec(),
+            ..Default::default()
+        }),
+        Command::Compact(CompactionRequest {
+            revision: 4,
+            physical: true,
+        }),
+        p("d", "1", 1),
+    ]
+}
+
+#[test]
+fn state_survives_reopen_and_meta_is_stored_with_the_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let before;
+    {
+        let store = Store::open(dir.path()).unwrap();
+        let results = store
+            .apply(&sample_commands(), &[(b"applied".to_vec(), b"9".to_vec())])
+            .unwrap();
+        assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+        store.flush().unwrap();
+        before = (
+            store.revision(),
+            store.compact_revision(),
+            store.leases(),
+            store
+                .range(&RangeRequest {
+                    key: vec![0],
+                    range_end: vec![0],
+                    ..Default::default()
+                })
+                .unwrap(),
+            store.hash_kv(0).unwrap(),
+            store.events(4, 100).unwrap(),
+        );
+    }
+    let store = Store::open(dir.path()).unwrap();
+    let after = (
+        store.revision(),
+        store.compact_revision(),
+        store.leases(),
+        store
+            .range(&RangeRequest {
+                key: vec![0],
+                range_end: vec![0],
+                ..Default::default()
+            })
+            .unwrap(),
+        store.hash_kv(0).unwrap(),
+        store.events(4, 100).unwrap(),
+    );
+    assert_eq!(before, after);
+    assert_eq!(store.revision(), 7);
+    assert_eq!(store.compact_revision(), 4);
+    assert_eq!(store.meta(b"applied"), Some(b"9".to_vec()));
+    // Generated lease ids are deterministic and continue after reopen.
+    let ids: Vec<_> = store.leases().iter().map(|l| l.id).collect();
+    assert_eq!(ids, vec![1, 2]);
+    let (applied, _) = apply_one(&store, Command::LeaseGrant { id: 0, ttl: 5 }).unwrap();
+    assert_eq!(
+        applied.response,
+        CommandResponse::LeaseGrant { id: 3, ttl: 5 }
+    );
+}
+
+#[test]
+fn snapshot_round_trip_replaces_everything() {
+    let (_d1, source) = open();
+    source
+        .apply(&sample_commands(), &[(b"applied".to_vec(), b"9".to_vec())])
+        .unwrap();
+    let mut snap = Vec::new();
+    source.export_snapshot(&mut snap).unwrap();
+
+    let (d2, target) = open();
+    target
+        .apply(
+            &[Command::Put(PutRequest {
+                key: b"zzz".to_vec(),
+                value: b"old".to_vec(),
+                ..Default::default()
+            })],
+            &[(b"other".to_vec(), b"x".to_vec())],
+        )
+        .unwrap();
+    target.import_snapshot(&mut snap.as_slice()).unwrap();
+    let all = RangeRequest {
+        key: vec![0],
+        range_end: vec![0],
+        ..Default::default()
+    };
+    assert_eq!(target.range(&all).unwrap(), source.range(&all).unwrap());
+    assert_eq!(target.hash_kv(0).unwrap(), source.hash_kv(0).unwrap());
+    assert_eq!(target.leases(), source.leases());
+    assert_eq!(target.meta(b"applied"), Some(b"9".to_vec()));
+    assert_eq!(target.meta(b"other"), None);
+    assert_eq!(
+        target.events(4, 100).unwrap(),
+        source.events(4, 100).unwrap()
+    );
+    // And it is durable: reopen sees the imported state.
+    drop(target);
+    let reopened = Store::open(d2.path()).unwrap();
+    assert_eq!(reopened.range(&all).unwrap(), source.range(&all).unwrap());
+}
+
+#[test]
+fn damaged_snapshot_changes_nothing() {
+    let (_d1, source) = open();
+    source.apply(&sample_commands(), &[]).unwrap();
+    let mut snap = Vec::new();
+    source.export_snapshot(&mut snap).unwrap();
+
+    let (_d2, target) = open();
+    target
+        .apply(
+            &[Command::Put(PutRequest {
+                key: b"keep".to_vec(),
+                value: b"me".to_vec(),
+                ..Default::default()
+            })],
+            &[],
+        )
+        .unwrap();
+    let all = RangeRequest {
+        key: vec![0],
+        range_end: vec![0],
+        ..Default::default()
+    };
+    let before = target.range(&all).unwrap();
+    let mut flipped = snap.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 0x40;
+    for bad in [
+        snap[..snap.len() - 3].to_vec(),
+        flipped,
+        b"not a snapshot".to_vec(),
+    ] {
+        let err = target.import_snapshot(&mut bad.as_slice()).unwrap_err();
+        assert!(
+            matches!(err, Error::InvalidSnapshot(_) | Error::Corrupt(_)),
+            "{err}"
+        );
+        assert_eq!(target.range(&all).unwrap(), before);
+    }
+}
+
+#[test]
+fn hash_kv_tracks_history_and_checks_revisions() {
+    let (_d1, a) = open();
+    let (_d2, b) = open();
+    a.apply(&sample_commands(), &[]).unwrap();
+    b.apply(&sample_commands(), &[]).unwrap();
+    assert_eq!(a.hash_kv(0).unwrap(), b.hash_kv(0).unwrap());
+    assert_eq!(a.hash_kv(5).unwrap(), b.hash_kv(5).unwrap());
+    assert_ne!(a.hash_kv(5).unwrap().0, a.hash_kv(6).unwrap().0);
+    assert_eq!(a.hash_kv(0).unwrap().1, 4);
+    assert_eq!(a.hash_kv(100).unwrap_err(), Error::FutureRev);
+    assert_eq!(a.hash_kv(3).unwrap_err(), Error::Compacted);
+    b.apply(
+        &[Command::Put(PutRequest {
+            key: b"x".to_vec(),
+            ..Default::default()
+        })],
+        &[],
+    )
+    .unwrap();
+    assert_ne!(a.hash_kv(0).unwrap(), b.hash_kv(0).unwrap());
+}
+
+#[test]
+fn failed_commands_in_a_batch_do_not_affect_the_others() {
+    let (_d, store) = open();
+    let cmds = vec![
+        Command::Put(PutRequest {
+            key: b"a".to_vec(),
+            value: b"1".to_vec(),
+            ..Default::default()
+        }),
+        Command::Put(PutRequest {
+            key: b"b".to_vec(),
+            lease: 42,
+            ..Default::default()
+        }),
+        Command::LeaseRevoke { id: 42 },
+        Command::Put(PutRequest {
+            key: b"a".to_vec(),
+            value: b"2".to_vec(),
+            ..Default::default()
+        }),
+    ];
+    let results = store.apply(&cmds, &[]).unwrap();
+    assert_eq!(results[0].as_ref().unwrap().0.revision, 2);
+    assert_eq!(results[1].as_ref().unwrap_err(), &Error::LeaseNotFound);
+    assert_eq!(results[2].as_ref().unwrap_err(), &Error::LeaseNotFound);
+    assert_eq!(results[3].as_ref().unwrap().0.revision, 3);
+    assert_eq!(store.revision(), 3);
+}
+
+#[test]
+fn store_is_send_and_sync_and_reads_run_beside_writes() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Store>();
+    let (_d, store) = open();
+    let store = std::sync::Arc::new(store);
+    let writer = {
+        let store = store.clone();
+        std::thread::spawn(move || {
+            for i in 0..200 {
+                let put = Command::Put(PutRequest {
+                    key: format!("k{i:03}").into(),
+                    value: b"v".to_vec(),
+                    ..Default::default()
+                });
+                store.apply(&[put], &[]).unwrap();
+            }
+        })
+    };
+    // Every read sees a prefix of the writes: count equals revision - 1.
+    for _ in 0..200 {
+        let r = store
+            .range(&RangeRequest {
+                key: b"k".to_vec(),
+                range_end: b"l".to_vec(),
+                count_only: true,
+                ..Default::default()
+            })
+            .unwrap();
+        let rev = store.revision();
+        assert!(r.count <= rev - 1, "count {} at revision {rev}", r.count);
+    }
+    writer.join().unwrap();
+    assert_eq!(store.revision(), 201);
+}
