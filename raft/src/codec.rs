@@ -13,8 +13,8 @@ pub(crate) fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, String> {
 }
 
 pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
-    let (v, used) = bincode::serde::decode_from_slice(bytes, config())
-        .map_err(|e| format!("decode: {e}"))?;
+    let (v, used) =
+        bincode::serde::decode_from_slice(bytes, config()).map_err(|e| format!("decode: {e}"))?;
     if used != bytes.len() {
         return Err(format!(
             "decode: {} trailing bytes after the value",

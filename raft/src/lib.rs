@@ -7,10 +7,18 @@
 mod codec;
 pub mod error;
 pub mod log_store;
+pub mod node;
+mod proposer;
 pub mod state_machine;
+pub mod transport;
 pub mod types;
 
 pub use error::Error;
 pub use log_store::LogStore;
+pub use node::{
+    default_raft_config, MembershipChange, NodeConfig, NodeMetrics, PeerProgress, RaftNode,
+    RaftRole,
+};
 pub use state_machine::{EventFeed, RevisionEvents, StateMachine};
+pub use transport::{Fallback, NetworkFactory, PeerCertificate, PeerPool, PeerServer, RemoteAddr};
 pub use types::*;

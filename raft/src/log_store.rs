@@ -97,7 +97,9 @@ impl LogStore {
 
     /// A handle that joins the flusher thread, which ends once this store is dropped. The node
     /// uses it on shutdown so the data dir is released when `shutdown` returns.
-    pub(crate) fn flusher_handle(&self) -> Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>> {
+    pub(crate) fn flusher_handle(
+        &self,
+    ) -> Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>> {
         self.flusher_done.clone()
     }
 
@@ -105,7 +107,10 @@ impl LogStore {
         &self.reader.tree
     }
 
-    fn get_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StorageError> {
+    fn get_meta<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &[u8],
+    ) -> Result<Option<T>, StorageError> {
         match self.tree().get(key).map_err(read_err)? {
             Some(v) => Ok(Some(decode(&v).map_err(read_err)?)),
             None => Ok(None),
@@ -236,7 +241,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(self.get_meta::<Option<LogId>>(COMMITTED)?.flatten())
     }
 
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -249,14 +258,19 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.tree().apply_batch(batch).map_err(write_err)?;
         // The flusher fsyncs after this point, so the batch above is covered.
         if let Err(mpsc::SendError(cb)) = self.flusher.send(callback) {
-            cb.log_io_completed(Err(std::io::Error::other("the Raft log flusher has stopped")));
+            cb.log_io_completed(Err(std::io::Error::other(
+                "the Raft log flusher has stopped",
+            )));
         }
         Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
         let mut batch = sled::Batch::default();
-        for item in self.tree().range(entry_key(log_id.index)..=entry_key(u64::MAX)) {
+        for item in self
+            .tree()
+            .range(entry_key(log_id.index)..=entry_key(u64::MAX))
+        {
             let (k, _) = item.map_err(read_err)?;
             batch.remove(k);
         }

@@ -144,7 +144,9 @@ impl Shared {
 
     fn publish(&self, revision: Revision, events: Vec<Event>) {
         // No receivers is fine: nobody watches yet.
-        let _ = self.feed.send(Arc::new(RevisionEvents { revision, events }));
+        let _ = self
+            .feed
+            .send(Arc::new(RevisionEvents { revision, events }));
     }
 
     /// Applies a run of entries in one store batch.
@@ -177,10 +179,12 @@ impl Shared {
                 encode(m).map_err(|e| sm_err(ErrorVerb::Write, e))?,
             ));
         }
-        let results = self
-            .store
-            .apply(&cmds, &meta)
-            .map_err(|e| StorageError::from(StorageIOError::apply(last_log_id, openraft::AnyError::new(&e))))?;
+        let results = self.store.apply(&cmds, &meta).map_err(|e| {
+            StorageError::from(StorageIOError::apply(
+                last_log_id,
+                openraft::AnyError::new(&e),
+            ))
+        })?;
         let mut per_command = Vec::with_capacity(results.len());
         for result in results {
             match result {
@@ -193,7 +197,9 @@ impl Shared {
                 Err(e) => match Rejection::from_store(&e) {
                     Some(r) => per_command.push(Err(r)),
                     None => {
-                        return Err(StorageIOError::apply(last_log_id, openraft::AnyError::new(&e)).into())
+                        return Err(
+                            StorageIOError::apply(last_log_id, openraft::AnyError::new(&e)).into(),
+                        )
                     }
                 },
             }
@@ -217,16 +223,23 @@ impl Shared {
     fn set_current(&self, meta: &SnapshotMeta) -> Result<(), StorageError> {
         let werr = |e: std::io::Error| snap_err(ErrorVerb::Write, e);
         let bytes = encode(meta).map_err(|e| snap_err(ErrorVerb::Write, e))?;
-        let tmp = self.snapshot_dir.join(format!("{CURRENT_META}.{}.part", self.unique()));
+        let tmp = self
+            .snapshot_dir
+            .join(format!("{CURRENT_META}.{}.part", self.unique()));
         let mut f = fs::File::create(&tmp).map_err(werr)?;
         f.write_all(&bytes).map_err(werr)?;
         f.sync_all().map_err(werr)?;
         fs::rename(&tmp, self.snapshot_dir.join(CURRENT_META)).map_err(werr)?;
-        fs::File::open(&self.snapshot_dir).and_then(|d| d.sync_all()).map_err(werr)?;
+        fs::File::open(&self.snapshot_dir)
+            .and_then(|d| d.sync_all())
+            .map_err(werr)?;
         let keep = format!("{}.snap", meta.snapshot_id);
         for item in fs::read_dir(&self.snapshot_dir).map_err(werr)? {
             let path = item.map_err(werr)?.path();
-            let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default();
             if name.ends_with(".snap") && name != keep {
                 // An open handle (a snapshot being sent) keeps the data until it is closed.
                 fs::remove_file(&path).map_err(werr)?;
@@ -251,7 +264,9 @@ impl Shared {
         let werr = |e: std::io::Error| snap_err(ErrorVerb::Write, e);
         let guard = self.locked();
         // The log up to this snapshot may be purged once it exists, so the store must hold it.
-        self.store.flush().map_err(|e| snap_err(ErrorVerb::Write, e))?;
+        self.store
+            .flush()
+            .map_err(|e| snap_err(ErrorVerb::Write, e))?;
         let (last_log_id, last_membership) = self.applied_state()?;
         let snapshot_id = match last_log_id {
             Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, self.unique()),
@@ -297,7 +312,8 @@ impl Shared {
 
         let _guard = self.locked();
         let before = self.store.revision();
-        let mut reader: Box<dyn Read> = Box::new(BufReader::new(fs::File::open(&path).map_err(werr)?));
+        let mut reader: Box<dyn Read> =
+            Box::new(BufReader::new(fs::File::open(&path).map_err(werr)?));
         self.store
             .import_snapshot(&mut reader)
             .map_err(|e| snap_err(ErrorVerb::Write, e))?;
@@ -334,7 +350,10 @@ impl Shared {
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(from, "snapshot install: history not replayed to watchers: {e}");
+                    tracing::warn!(
+                        from,
+                        "snapshot install: history not replayed to watchers: {e}"
+                    );
                     break;
                 }
             }

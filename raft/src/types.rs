@@ -30,7 +30,11 @@ pub struct NodeInfo {
 
 impl fmt::Display for NodeInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} (peer {}, client {})", self.name, self.peer_addr, self.client_addr)
+        write!(
+            f,
+            "{} (peer {}, client {})",
+            self.name, self.peer_addr, self.client_addr
+        )
     }
 }
 

@@ -1,0 +1,573 @@
+//! [`RaftNode`]: the one handle the rest of eden uses for the replicated store.
+//!
+//! ## What it offers
+//! - [`RaftNode::write`]: a command, committed by a quorum and applied; forwarded to the leader
+//!   when this node is not it, and batched with other writes by the leader's proposer.
+//! - [`RaftNode::linearizable_read`]: after it returns, reading [`RaftNode::store`] is
+//!   linearizable. The leader confirms its leadership with a quorum (`get_read_log_id`); a
+//!   follower asks the leader for that read index, then waits until it has applied it.
+//! - [`RaftNode::store`]: serializable (possibly stale) local reads.
+//! - [`RaftNode::subscribe`]: the events of each applied revision, in order.
+//! - membership changes (forwarded to the leader too), [`RaftNode::metrics`],
+//!   [`RaftNode::shutdown`].
+//!
+//! ## Retries
+//! A request is retried on another leader only when it certainly did not take effect: the
+//! receiver said it is not the leader, or the leader could not be reached at all. A request that
+//! was sent and then lost (a timeout, a connection dropped mid-way) fails with `Unavailable`
+//! saying the outcome is unknown; retrying it blindly could apply a write twice.
+//!
+//! ## Data dir
+//! `DIR/raft-log` (the log, sled), `DIR/state` (the eden-storage store), `DIR/snapshots`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use eden_storage::{Applied, Command, Store};
+use openraft::error::{CheckIsLeaderError, ClientWriteError, Fatal, InitializeError, RaftError};
+use openraft::{ChangeMembers, ServerState, SnapshotPolicy};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::{Error, WireError};
+use crate::log_store::LogStore;
+use crate::proposer::{self, Proposal};
+use crate::state_machine::{EventFeed, StateMachine};
+use crate::transport::client::CallError;
+use crate::transport::{self, NetworkFactory, PeerPool};
+use crate::types::{LogId, NodeId, NodeInfo, Raft};
+
+/// Pause before asking again after "not the leader" or an unreachable leader.
+const RETRY_PAUSE: Duration = Duration::from_millis(20);
+
+/// A membership change, as forwarded to the leader.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MembershipChange {
+    /// Add a node as a learner and wait until it has caught up.
+    AddLearner { id: NodeId, info: NodeInfo },
+    /// Make a learner a voter.
+    Promote { id: NodeId },
+    /// Remove a voter or a learner from the cluster.
+    Remove { id: NodeId },
+    /// Replace the voter set (every id must already be a member).
+    SetVoters { voters: BTreeSet<NodeId> },
+}
+
+/// How to start a node.
+#[derive(Clone)]
+pub struct NodeConfig {
+    pub id: NodeId,
+    pub info: NodeInfo,
+    pub data_dir: PathBuf,
+    /// Client side of the peer transport: this node's certificate, the cluster CA as root.
+    pub client_tls: Arc<rustls::ClientConfig>,
+    /// openraft tuning; [`default_raft_config`] unless you need otherwise.
+    pub raft: openraft::Config,
+    /// Bound on a write or a linearizable read, forwarding and waiting for a leader included.
+    pub request_timeout: Duration,
+    /// Bound on a membership change (adding a learner waits for it to catch up).
+    pub membership_timeout: Duration,
+}
+
+impl NodeConfig {
+    pub fn new(
+        id: NodeId,
+        info: NodeInfo,
+        data_dir: PathBuf,
+        client_tls: Arc<rustls::ClientConfig>,
+    ) -> NodeConfig {
+        NodeConfig {
+            id,
+            info,
+            data_dir,
+            client_tls,
+            raft: default_raft_config(),
+            request_timeout: Duration::from_secs(10),
+            membership_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// eden's openraft settings. Elections wait 0.5-1 s (an fsync on a slow disk must not look like
+/// a dead leader); snapshots are taken every 10 000 entries and sent in 1 MiB chunks, each with
+/// 10 s to arrive, so a slow link still gets them through.
+pub fn default_raft_config() -> openraft::Config {
+    openraft::Config {
+        cluster_name: "eden".into(),
+        heartbeat_interval: 100,
+        election_timeout_min: 500,
+        election_timeout_max: 1000,
+        install_snapshot_timeout: 10_000,
+        snapshot_max_chunk_size: 1 << 20,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(10_000),
+        max_in_snapshot_log_to_keep: 1000,
+        purge_batch_size: 256,
+        max_payload_entries: 256,
+        ..Default::default()
+    }
+}
+
+/// A node's role as Raft sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RaftRole {
+    Leader,
+    Follower,
+    Candidate,
+    Learner,
+    Shutdown,
+}
+
+/// A peer's replication progress, as the leader sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerProgress {
+    /// Highest log index known to be on the peer.
+    pub matched_index: Option<u64>,
+    /// Entries the peer is behind the leader's last log index.
+    pub lag: u64,
+}
+
+/// A point-in-time view of the node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeMetrics {
+    pub id: NodeId,
+    pub role: RaftRole,
+    pub leader: Option<NodeId>,
+    pub term: u64,
+    pub last_log_index: Option<u64>,
+    pub applied_index: Option<u64>,
+    pub snapshot_index: Option<u64>,
+    pub purged_index: Option<u64>,
+    pub voters: BTreeMap<NodeId, NodeInfo>,
+    pub learners: BTreeMap<NodeId, NodeInfo>,
+    /// Per-peer progress; only on the leader, empty elsewhere.
+    pub replication: BTreeMap<NodeId, PeerProgress>,
+}
+
+/// The replicated store of one node.
+pub struct RaftNode {
+    id: NodeId,
+    info: NodeInfo,
+    raft: Raft,
+    sm: StateMachine,
+    pool: Arc<PeerPool>,
+    proposals: mpsc::Sender<Proposal>,
+    proposer: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    flusher: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
+    request_timeout: Duration,
+    membership_timeout: Duration,
+}
+
+fn fatal_error(e: &Fatal<NodeId>) -> WireError {
+    match e {
+        Fatal::Stopped => WireError::Unavailable("this node is shutting down".into()),
+        Fatal::StorageError(s) => WireError::Io(s.to_string()),
+        other => WireError::Internal(other.to_string()),
+    }
+}
+
+impl RaftNode {
+    /// Opens the data dir and starts Raft. A fresh node is not part of any cluster until
+    /// [`RaftNode::initialize`] (first node) or a leader's `add_learner` (joining node); a node
+    /// restarting from its data dir resumes where it stopped. Serve peers with
+    /// [`transport::PeerServer::serve`].
+    pub async fn start(config: NodeConfig) -> Result<Arc<RaftNode>, Error> {
+        std::fs::create_dir_all(&config.data_dir)?;
+        let log = LogStore::open(&config.data_dir.join("raft-log"))?;
+        let flusher = log.flusher_handle();
+        let store = Store::open(&config.data_dir.join("state")).map_err(|e| {
+            Error::Io(format!(
+                "cannot open the store in {}: {e}",
+                config.data_dir.join("state").display()
+            ))
+        })?;
+        let sm = StateMachine::new(Arc::new(store), &config.data_dir.join("snapshots"))?;
+        let raft_config = config
+            .raft
+            .clone()
+            .validate()
+            .map_err(|e| Error::InvalidInput(format!("Raft settings: {e}")))?;
+        let pool = Arc::new(PeerPool::new(config.client_tls.clone()));
+        let raft = Raft::new(
+            config.id,
+            Arc::new(raft_config),
+            NetworkFactory::new(pool.clone()),
+            log,
+            sm.clone(),
+        )
+        .await
+        .map_err(|e| Error::from(fatal_error(&e)))?;
+        let (tx, rx) = mpsc::channel(proposer::MAX_BATCH * 4);
+        let proposer = tokio::spawn(proposer::run(raft.clone(), rx));
+        Ok(Arc::new(RaftNode {
+            id: config.id,
+            info: config.info,
+            raft,
+            sm,
+            pool,
+            proposals: tx,
+            proposer: Mutex::new(Some(proposer)),
+            flusher,
+            request_timeout: config.request_timeout,
+            membership_timeout: config.membership_timeout,
+        }))
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    pub fn info(&self) -> &NodeInfo {
+        &self.info
+    }
+
+    /// The openraft handle, for what this type does not wrap.
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    /// The local replica: serializable reads (possibly behind the leader).
+    pub fn store(&self) -> &Arc<Store> {
+        self.sm.store()
+    }
+
+    /// Events of every revision applied from now on, in revision order.
+    pub fn subscribe(&self) -> EventFeed {
+        self.sm.subscribe()
+    }
+
+    /// The peer pool this node dials peers with (the cluster layer may reuse it).
+    pub fn peer_pool(&self) -> &Arc<PeerPool> {
+        &self.pool
+    }
+
+    /// Makes this node the first member of a new cluster, with `members` as the voters
+    /// (usually just this node). Refused if the node already has state.
+    pub async fn initialize(&self, members: BTreeMap<NodeId, NodeInfo>) -> Result<(), Error> {
+        match self.raft.initialize(members).await {
+            Ok(()) => Ok(()),
+            Err(RaftError::APIError(InitializeError::NotAllowed(e))) => Err(Error::InvalidInput(
+                format!("this node already belongs to a cluster: {e}"),
+            )),
+            Err(RaftError::APIError(e)) => Err(Error::InvalidInput(e.to_string())),
+            Err(RaftError::Fatal(f)) => Err(fatal_error(&f).into()),
+        }
+    }
+
+    pub fn is_leader(&self) -> bool {
+        let m = self.raft.metrics().borrow().clone();
+        m.state == ServerState::Leader && m.current_leader == Some(self.id)
+    }
+
+    /// The current leader, if one is known, with its node info.
+    pub fn leader(&self) -> Option<(NodeId, NodeInfo)> {
+        let m = self.raft.metrics().borrow().clone();
+        let id = m.current_leader?;
+        let info = m.membership_config.membership().get_node(&id)?.clone();
+        Some((id, info))
+    }
+
+    pub fn metrics(&self) -> NodeMetrics {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voter_ids: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let mut voters = BTreeMap::new();
+        let mut learners = BTreeMap::new();
+        for (id, info) in membership.nodes() {
+            if voter_ids.contains(id) {
+                voters.insert(*id, info.clone());
+            } else {
+                learners.insert(*id, info.clone());
+            }
+        }
+        let last = m.last_log_index.unwrap_or(0);
+        let replication = m
+            .replication
+            .as_ref()
+            .map(|r| {
+                r.iter()
+                    .map(|(id, matched)| {
+                        let matched_index = matched.map(|l| l.index);
+                        let lag = last.saturating_sub(matched_index.unwrap_or(0));
+                        (*id, PeerProgress { matched_index, lag })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        NodeMetrics {
+            id: m.id,
+            role: match m.state {
+                ServerState::Leader => RaftRole::Leader,
+                ServerState::Follower => RaftRole::Follower,
+                ServerState::Candidate => RaftRole::Candidate,
+                ServerState::Learner => RaftRole::Learner,
+                ServerState::Shutdown => RaftRole::Shutdown,
+            },
+            leader: m.current_leader,
+            term: m.current_term,
+            last_log_index: m.last_log_index,
+            applied_index: m.last_applied.map(|l| l.index),
+            snapshot_index: m.snapshot.map(|l| l.index),
+            purged_index: m.purged.map(|l| l.index),
+            voters,
+            learners,
+            replication,
+        }
+    }
+
+    /// Waits up to `timeout` for a known leader.
+    async fn wait_leader(&self, timeout: Duration) -> Result<(NodeId, NodeInfo), Error> {
+        let mut rx = self.raft.metrics();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(l) = self.leader() {
+                return Ok(l);
+            }
+            if rx.borrow().state == ServerState::Shutdown {
+                return Err(Error::Unavailable("this node is shutting down".into()));
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(Error::Unavailable("this node is shutting down".into())),
+                Err(_) => {
+                    return Err(Error::Unavailable(format!(
+                        "no leader known after {timeout:?}; is a quorum of voters up?"
+                    )))
+                }
+            }
+        }
+    }
+
+    /// Runs `local` if this node leads, else forwards `req` to the leader's `path`; retries
+    /// while the answer is "not the leader" or the leader is unreachable.
+    async fn on_leader<Req, T, F, Fut>(
+        &self,
+        what: &str,
+        path: &str,
+        req: Req,
+        timeout: Duration,
+        local: F,
+    ) -> Result<T, Error>
+    where
+        Req: Serialize + Clone,
+        T: DeserializeOwned,
+        F: Fn(Req) -> Fut,
+        Fut: Future<Output = Result<T, WireError>>,
+    {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(Error::Unavailable(format!(
+                    "{what}: no leader took it within {timeout:?}"
+                )));
+            }
+            let (leader, info) = self.wait_leader(remaining).await?;
+            let outcome = if leader == self.id {
+                local(req.clone()).await
+            } else {
+                match self
+                    .pool
+                    .rpc::<Req, T, WireError>(&info.peer_addr, path, &req, remaining)
+                    .await
+                {
+                    Ok(r) => r,
+                    Err(CallError::Unreachable { .. }) => Err(WireError::NotLeader(None)),
+                    Err(e) => {
+                        return Err(Error::Unavailable(format!(
+                            "{what} forwarded to the leader {} ({}): {e}; the outcome is unknown",
+                            info.name, leader
+                        )))
+                    }
+                }
+            };
+            match outcome {
+                Err(WireError::NotLeader(_)) => tokio::time::sleep(RETRY_PAUSE).await,
+                other => return other.map_err(Error::from),
+            }
+        }
+    }
+
+    /// Commits `cmd` through Raft and returns its result. Store refusals come back as
+    /// [`Error::Store`] with etcd's message.
+    pub async fn write(&self, cmd: Command) -> Result<Applied, Error> {
+        self.on_leader(
+            "write",
+            transport::server_paths::FORWARD_WRITE,
+            cmd,
+            self.request_timeout,
+            |c| self.write_as_leader(c),
+        )
+        .await
+    }
+
+    /// Proposes through the local proposer; `NotLeader` if this node does not lead.
+    pub(crate) async fn write_as_leader(&self, cmd: Command) -> Result<Applied, WireError> {
+        let (tx, rx) = oneshot::channel();
+        if self
+            .proposals
+            .send(Proposal { cmd, reply: tx })
+            .await
+            .is_err()
+        {
+            return Err(WireError::Unavailable("this node is shutting down".into()));
+        }
+        match rx.await {
+            Ok(r) => r,
+            Err(_) => Err(WireError::Unavailable(
+                "this node stopped before the write committed; the outcome is unknown".into(),
+            )),
+        }
+    }
+
+    /// Returns once reading the local store is linearizable: it then reflects every write that
+    /// completed before this call began.
+    pub async fn linearizable_read(&self) -> Result<(), Error> {
+        let started = Instant::now();
+        let read_log_id: Option<LogId> = self
+            .on_leader(
+                "linearizable read",
+                transport::server_paths::FORWARD_READ_INDEX,
+                (),
+                self.request_timeout,
+                |()| self.read_index_as_leader(),
+            )
+            .await?;
+        let Some(read_log_id) = read_log_id else {
+            return Ok(());
+        };
+        let remaining = self.request_timeout.saturating_sub(started.elapsed());
+        self.raft
+            .wait(Some(remaining))
+            .applied_index_at_least(Some(read_log_id.index), "linearizable read")
+            .await
+            .map_err(|e| {
+                Error::Unavailable(format!(
+                    "this node did not apply up to the read index {} in time: {e}",
+                    read_log_id.index
+                ))
+            })?;
+        Ok(())
+    }
+
+    /// The leader's read index, after confirming leadership with a quorum.
+    pub(crate) async fn read_index_as_leader(&self) -> Result<Option<LogId>, WireError> {
+        match self.raft.get_read_log_id().await {
+            Ok((read_log_id, _applied)) => Ok(read_log_id),
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
+                Err(WireError::NotLeader(f.leader_id))
+            }
+            Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e))) => Err(
+                WireError::Unavailable(format!("the leader cannot reach a quorum: {e}")),
+            ),
+            Err(RaftError::Fatal(f)) => Err(fatal_error(&f)),
+        }
+    }
+
+    /// Adds `id` as a learner and waits until it has caught up with the leader.
+    pub async fn add_learner(&self, id: NodeId, info: NodeInfo) -> Result<(), Error> {
+        self.change_membership(MembershipChange::AddLearner { id, info })
+            .await
+    }
+
+    /// Makes the learner `id` a voter.
+    pub async fn promote(&self, id: NodeId) -> Result<(), Error> {
+        self.change_membership(MembershipChange::Promote { id })
+            .await
+    }
+
+    /// Removes `id` (voter or learner) from the cluster.
+    pub async fn remove(&self, id: NodeId) -> Result<(), Error> {
+        self.change_membership(MembershipChange::Remove { id })
+            .await
+    }
+
+    /// Applies a membership change on the leader, wherever it is.
+    pub async fn change_membership(&self, change: MembershipChange) -> Result<(), Error> {
+        self.on_leader(
+            "membership change",
+            transport::server_paths::FORWARD_MEMBERSHIP,
+            change,
+            self.membership_timeout,
+            |c| self.change_as_leader(c),
+        )
+        .await
+    }
+
+    pub(crate) async fn change_as_leader(&self, change: MembershipChange) -> Result<(), WireError> {
+        let r = match change {
+            MembershipChange::AddLearner { id, info } => {
+                self.raft.add_learner(id, info, true).await
+            }
+            MembershipChange::Promote { id } => {
+                self.raft
+                    .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+                    .await
+            }
+            MembershipChange::Remove { id } => {
+                let is_voter = self
+                    .raft
+                    .metrics()
+                    .borrow()
+                    .membership_config
+                    .membership()
+                    .voter_ids()
+                    .any(|v| v == id);
+                let change = if is_voter {
+                    ChangeMembers::RemoveVoters(BTreeSet::from([id]))
+                } else {
+                    ChangeMembers::RemoveNodes(BTreeSet::from([id]))
+                };
+                self.raft.change_membership(change, false).await
+            }
+            MembershipChange::SetVoters { voters } => {
+                self.raft.change_membership(voters, false).await
+            }
+        };
+        match r {
+            Ok(_) => Ok(()),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(WireError::NotLeader(f.leader_id))
+            }
+            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
+                Err(WireError::InvalidInput(e.to_string()))
+            }
+            Err(RaftError::Fatal(f)) => Err(fatal_error(&f)),
+        }
+    }
+
+    /// Stops Raft and the proposer, and waits until the data dir is released (the log's
+    /// flusher thread has ended). Pending writes fail with `Unavailable`.
+    pub async fn shutdown(&self) -> Result<(), Error> {
+        if let Some(p) = self
+            .proposer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            p.abort();
+        }
+        self.raft
+            .shutdown()
+            .await
+            .map_err(|e| Error::Internal(format!("Raft did not stop cleanly: {e}")))?;
+        let flusher = self
+            .flusher
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(h) = flusher {
+            let joined = tokio::task::spawn_blocking(move || h.join());
+            if tokio::time::timeout(Duration::from_secs(10), joined)
+                .await
+                .is_err()
+            {
+                tracing::warn!("the Raft log flusher did not stop within 10 s");
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,119 @@
+//! The proposer: groups waiting client commands into one Raft entry.
+//!
+//! openraft 0.9 appends (and fsyncs) each client entry on its own, so proposing one entry per
+//! command would cap writes at one per fsync. Instead every write goes into a queue, and one task
+//! takes **whatever is waiting** (up to [`MAX_BATCH`]) and proposes it as a single [`Batch`].
+//!
+//! At most [`MAX_IN_FLIGHT`] batches are uncommitted at a time. While they are in flight, new
+//! commands accumulate in the queue and make the next batch larger: under load the batch size
+//! grows to match, while a lone client still gets a batch of one with no added delay. There is no
+//! timer: batching never waits for more commands to arrive.
+//!
+//! Outcomes per command: its `Applied`, or the store's deterministic refusal, or `NotLeader`
+//! (the entry was refused or truncated, so the command was *not* applied and may be retried
+//! elsewhere), or an unknown outcome (the leader stopped before answering).
+
+use std::sync::Arc;
+
+use eden_storage::{Applied, Command};
+use openraft::error::ClientWriteError;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use crate::error::WireError;
+use crate::types::{Batch, NodeId, Raft};
+
+/// Most commands in one entry.
+pub const MAX_BATCH: usize = 1024;
+/// Most uncommitted batches at once.
+pub const MAX_IN_FLIGHT: usize = 2;
+
+pub(crate) struct Proposal {
+    pub cmd: Command,
+    pub reply: oneshot::Sender<Result<Applied, WireError>>,
+}
+
+/// Runs until every sender of `queue` is dropped.
+pub(crate) async fn run(raft: Raft, mut queue: mpsc::Receiver<Proposal>) {
+    let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let Some(first) = queue.recv().await else {
+            return;
+        };
+        let mut proposals = vec![first];
+        while proposals.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(p) => proposals.push(p),
+                Err(_) => break,
+            }
+        }
+        let (cmds, replies): (Vec<Command>, Vec<_>) =
+            proposals.into_iter().map(|p| (p.cmd, p.reply)).unzip();
+        match raft.client_write_ff(Batch(cmds)).await {
+            Err(fatal) => {
+                for r in replies {
+                    let _ = r.send(Err(WireError::Unavailable(format!(
+                        "Raft has stopped: {fatal}"
+                    ))));
+                }
+            }
+            Ok(answer) => {
+                tokio::spawn(async move {
+                    let outcome = answer.await;
+                    drop(slot);
+                    deliver(outcome, replies);
+                });
+            }
+        }
+    }
+}
+
+type Answer = Result<
+    Result<
+        openraft::raft::ClientWriteResponse<crate::types::TypeConfig>,
+        ClientWriteError<NodeId, crate::types::NodeInfo>,
+    >,
+    oneshot::error::RecvError,
+>;
+
+fn deliver(outcome: Answer, replies: Vec<oneshot::Sender<Result<Applied, WireError>>>) {
+    match outcome {
+        Ok(Ok(resp)) => {
+            let results = resp.data.0;
+            if results.len() != replies.len() {
+                let msg = format!(
+                    "entry {} answered {} results for {} commands",
+                    resp.log_id,
+                    results.len(),
+                    replies.len()
+                );
+                for r in replies {
+                    let _ = r.send(Err(WireError::Internal(msg.clone())));
+                }
+                return;
+            }
+            for (r, result) in replies.into_iter().zip(results) {
+                let _ = r.send(result.map_err(WireError::Store));
+            }
+        }
+        Ok(Err(ClientWriteError::ForwardToLeader(f))) => {
+            for r in replies {
+                let _ = r.send(Err(WireError::NotLeader(f.leader_id)));
+            }
+        }
+        Ok(Err(e)) => {
+            for r in replies {
+                let _ = r.send(Err(WireError::Internal(e.to_string())));
+            }
+        }
+        Err(_) => {
+            for r in replies {
+                let _ = r.send(Err(WireError::Unavailable(
+                    "the leader stopped before the write committed; the outcome is unknown".into(),
+                )));
+            }
+        }
+    }
+}

@@ -1,0 +1,42 @@
+//! The peer transport: HTTP/2 over TLS between nodes, mutual TLS with the cluster CA.
+//!
+//! - [`client`]: [`NetworkFactory`] (openraft's `RaftNetworkFactory`) and [`PeerPool`], one
+//!   pooled HTTP/2 connection per peer address, also used to forward client requests to the
+//!   leader.
+//! - [`server`]: [`PeerServer`], which serves the Raft routes to peers that presented a
+//!   certificate the cluster CA signed, and hands every other path to a fallback (join, gossip).
+//!
+//! Every body is bincode 2 (serde): the request type in, `Result<response, error>` out, with
+//! status 200. A non-200 status means the request did not reach Raft (bad route, missing client
+//! certificate, undecodable body); its body is a plain-text explanation.
+//!
+//! TLS is the caller's: this module receives ready `rustls` configs (built from the cluster CA by
+//! the cluster layer) and never reads key files. A peer is addressed by its `peer_addr`; the host
+//! part is the TLS server name, so node certificates carry it as a SAN (IP or DNS).
+
+pub mod client;
+pub mod server;
+
+/// The route paths, for logs and tests.
+pub mod server_paths {
+    pub use super::{
+        APPEND, FORWARD_MEMBERSHIP, FORWARD_READ_INDEX, FORWARD_WRITE, SNAPSHOT, VOTE,
+    };
+}
+
+pub use client::{NetworkFactory, PeerNetwork, PeerPool};
+pub use server::{Fallback, PeerCertificate, PeerServer, RemoteAddr};
+
+/// Raft RPCs; only for peers with a verified client certificate.
+pub const APPEND: &str = "/raft/append";
+pub const VOTE: &str = "/raft/vote";
+pub const SNAPSHOT: &str = "/raft/snapshot";
+/// Leader forwarding: a follower hands a client write, a read-index request or a membership
+/// change to the leader.
+pub const FORWARD_WRITE: &str = "/raft/forward/write";
+pub const FORWARD_READ_INDEX: &str = "/raft/forward/read-index";
+pub const FORWARD_MEMBERSHIP: &str = "/raft/forward/membership";
+
+/// Largest request or response body accepted (an append of `max_payload_entries` large entries,
+/// or one snapshot chunk).
+pub const MAX_BODY: usize = 256 << 20;

@@ -1,0 +1,277 @@
+//! In-process clusters over real mutual TLS on loopback: replication, failover, restart,
+//! snapshot catch-up, batching, and the refusal of foreign certificates.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::*;
+use eden_raft::{Error, RaftRole};
+use eden_storage::{Command, CommandResponse, EventKind, PutRequest};
+use openraft::SnapshotPolicy;
+
+fn leader_index(nodes: &[TestNode]) -> usize {
+    nodes
+        .iter()
+        .position(|n| n.node.is_leader())
+        .expect("a leader")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_survive_leader_loss_and_the_old_leader_catches_up() {
+    let ca = TestCa::new("cluster-ca");
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = cluster(&ca, root.path(), 3, no_tuning).await;
+
+    let m = nodes[0].node.metrics();
+    assert_eq!(
+        m.voters.keys().copied().collect::<BTreeSet<_>>(),
+        BTreeSet::from([1, 2, 3])
+    );
+    assert!(m.learners.is_empty());
+
+    // Writes through every node, followers forwarding to the leader.
+    let mut feed = nodes[2].node.subscribe();
+    let mut last_rev = 0;
+    for (i, n) in nodes.iter().enumerate() {
+        let applied = n
+            .node
+            .write(put(&format!("k{i}"), &format!("v{i}")))
+            .await
+            .unwrap();
+        assert!(applied.revision > last_rev, "revisions grow");
+        last_rev = applied.revision;
+    }
+    // A store refusal comes back with etcd's exact message, through forwarding too.
+    let follower = nodes.iter().find(|n| !n.node.is_leader()).unwrap();
+    let refused = follower
+        .node
+        .write(Command::Put(PutRequest {
+            key: b"missing".to_vec(),
+            ignore_value: true,
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.to_string(), "etcdserver: key not found");
+    assert!(matches!(
+        refused,
+        Error::Store(eden_storage::Error::KeyNotFound)
+    ));
+
+    // Linearizable read on a follower sees every completed write.
+    nodes[2].node.linearizable_read().await.unwrap();
+    for i in 0..3 {
+        assert_eq!(
+            local_get(&nodes[2].node, &format!("k{i}")),
+            Some(format!("v{i}").into_bytes())
+        );
+    }
+    // The event feed delivered the three puts in revision order.
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        let rev = tokio::time::timeout(Duration::from_secs(10), feed.recv())
+            .await
+            .expect("event in time")
+            .unwrap();
+        assert_eq!(rev.events.len(), 1);
+        assert_eq!(rev.events[0].kind, EventKind::Put);
+        seen.push((rev.revision, rev.events[0].kv.key.clone()));
+    }
+    assert!(seen.windows(2).all(|w| w[0].0 < w[1].0));
+    assert_eq!(
+        seen.iter().map(|s| s.1.clone()).collect::<Vec<_>>(),
+        vec![b"k0".to_vec(), b"k1".to_vec(), b"k2".to_vec()]
+    );
+
+    // Stop the leader; the others elect a new one and keep taking writes.
+    let old = nodes.remove(leader_index(&nodes));
+    let (old_id, old_addr, old_dir) = (old.id, old.addr.clone(), old.dir.clone());
+    old.stop().await;
+    wait_for(|| nodes.iter().any(|n| n.node.is_leader()), "a new leader").await;
+    for i in 3..10 {
+        nodes[i % 2]
+            .node
+            .write(put(&format!("k{i}"), &format!("v{i}")))
+            .await
+            .unwrap();
+    }
+    let new_leader = &nodes[leader_index(&nodes)];
+    assert_ne!(new_leader.id, old_id);
+    let lag = new_leader.node.metrics().replication[&old_id].lag;
+    assert!(lag > 0, "the stopped node is reported behind");
+
+    // The old leader restarts from its data dir and catches up.
+    let back = TestNode::start(&ca, old_id, &old_dir, &old_addr, no_tuning).await;
+    back.node.linearizable_read().await.unwrap();
+    for i in 0..10 {
+        assert_eq!(
+            local_get(&back.node, &format!("k{i}")),
+            Some(format!("v{i}").into_bytes()),
+            "k{i} on the restarted node"
+        );
+    }
+    assert_ne!(back.node.metrics().role, RaftRole::Learner);
+    nodes.push(back);
+    for n in nodes {
+        n.stop().await;
+    }
+}
+
+fn snapshot_often(c: &mut eden_raft::NodeConfig) {
+    c.raft.snapshot_policy = SnapshotPolicy::LogsSinceLast(20);
+    c.raft.max_in_snapshot_log_to_keep = 0;
+    c.raft.purge_batch_size = 1;
+    c.raft.snapshot_max_chunk_size = 1024;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_behind_the_purged_log_catches_up_by_snapshot() {
+    let ca = TestCa::new("cluster-ca");
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = cluster(&ca, root.path(), 3, snapshot_often).await;
+    nodes[0].node.write(put("before", "x")).await.unwrap();
+
+    let lagging = nodes.remove(2);
+    let (id, addr, dir) = (lagging.id, lagging.addr.clone(), lagging.dir.clone());
+    let behind = lagging.node.metrics().last_log_index.unwrap();
+    lagging.stop().await;
+
+    // Enough sequential writes for several snapshots, with a value big enough to need many
+    // 1 KiB chunks.
+    let big = "x".repeat(4096);
+    for i in 0..60 {
+        nodes[0]
+            .node
+            .write(put(&format!("key{i:03}"), &big))
+            .await
+            .unwrap();
+    }
+    let leader = &nodes[leader_index(&nodes)];
+    wait_for(
+        || leader.node.metrics().purged_index.unwrap_or(0) > behind,
+        "the leader to purge past the stopped follower",
+    )
+    .await;
+
+    let back = TestNode::start(&ca, id, &dir, &addr, snapshot_often).await;
+    back.node.linearizable_read().await.unwrap();
+    let m = back.node.metrics();
+    assert!(
+        m.snapshot_index.unwrap_or(0) > behind,
+        "caught up by snapshot: {m:?}"
+    );
+    for i in 0..60 {
+        assert_eq!(
+            local_get(&back.node, &format!("key{i:03}")).as_deref(),
+            Some(big.as_bytes())
+        );
+    }
+    assert_eq!(local_get(&back.node, "before"), Some(b"x".to_vec()));
+    // The state after the snapshot is consistent with the leader's, revisions included.
+    assert_eq!(back.node.store().revision(), leader.node.store().revision());
+    nodes.push(back);
+    for n in nodes {
+        n.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_are_batched_into_few_entries() {
+    let ca = TestCa::new("cluster-ca");
+    let root = tempfile::tempdir().unwrap();
+    let nodes = cluster(&ca, root.path(), 3, no_tuning).await;
+    let leader = nodes[leader_index(&nodes)].node.clone();
+    let before = leader.metrics().last_log_index.unwrap();
+    let rev_before = leader.store().revision();
+
+    const WRITES: usize = 256;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..WRITES {
+        let n = leader.clone();
+        tasks.spawn(async move { n.write(put(&format!("c{i}"), "v")).await });
+    }
+    let mut revisions = BTreeSet::new();
+    while let Some(r) = tasks.join_next().await {
+        let applied = r.unwrap().unwrap();
+        assert!(matches!(applied.response, CommandResponse::Put(_)));
+        revisions.insert(applied.revision);
+    }
+    assert_eq!(revisions.len(), WRITES, "every write got its own revision");
+    assert_eq!(leader.store().revision(), rev_before + WRITES as i64);
+    let entries = leader.metrics().last_log_index.unwrap() - before;
+    assert!(
+        entries * 8 <= WRITES as u64,
+        "{WRITES} concurrent writes took {entries} log entries; batching should need far fewer"
+    );
+    for n in nodes {
+        n.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_without_a_certificate_from_the_cluster_ca_are_refused() {
+    let ca = TestCa::new("cluster-ca");
+    let root = tempfile::tempdir().unwrap();
+    let nodes = cluster(&ca, root.path(), 1, no_tuning).await;
+    let addr = nodes[0].addr.clone();
+    let term = nodes[0].node.metrics().term;
+    let vote = openraft::raft::VoteRequest::<u64> {
+        vote: openraft::Vote::new(term + 5, 99),
+        last_log_id: None,
+    };
+    let body = bincode::serde::encode_to_vec(&vote, bincode::config::standard()).unwrap();
+    let timeout = Duration::from_secs(5);
+
+    // Control: a certificate from the cluster CA gets an answer.
+    let good = eden_raft::PeerPool::new(ca.node_tls("node7").client);
+    good.call(&addr, "/raft/read-nothing", body.clone(), timeout)
+        .await
+        .expect_err("unknown route is refused");
+    let forward = good
+        .call(
+            &addr,
+            eden_raft::transport::server_paths::FORWARD_READ_INDEX,
+            bincode::serde::encode_to_vec((), bincode::config::standard()).unwrap(),
+            timeout,
+        )
+        .await
+        .expect("a cluster peer is served");
+    assert!(!forward.is_empty());
+
+    // A certificate from another CA (while trusting the cluster CA) is refused at the handshake.
+    let other = TestCa::new("other-ca");
+    let foreign = eden_raft::PeerPool::new(std::sync::Arc::new(client_config(
+        ca.roots(),
+        Some(other.issue("intruder")),
+    )));
+    let err = foreign
+        .call(&addr, "/raft/vote", body.clone(), timeout)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            eden_raft::transport::client::CallError::Unreachable { .. }
+                | eden_raft::transport::client::CallError::Network { .. }
+        ),
+        "{err}"
+    );
+
+    // No certificate at all: TLS is accepted (for /join) but the Raft routes are not.
+    let anonymous = eden_raft::PeerPool::new(std::sync::Arc::new(client_config(ca.roots(), None)));
+    let err = anonymous
+        .call(&addr, "/raft/vote", body, timeout)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("403"), "{err}");
+
+    // Neither vote reached Raft: the term is unchanged and node 1 still leads.
+    let m = nodes[0].node.metrics();
+    assert_eq!(m.term, term);
+    assert_eq!(m.role, RaftRole::Leader);
+    for n in nodes {
+        n.stop().await;
+    }
+}
