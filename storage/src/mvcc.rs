@@ -15,6 +15,8 @@
 //! - The index maps each key to the list of its changes ([`Entry`]), oldest first. Reading key
 //!   `k` at revision `r` means: the newest entry of `k` at or below `r`; if it is a tombstone or
 //!   there is none, the key does not exist at `r`. The index is rebuilt from history on open.
+//! - The compacted revision is -1 until the first compaction, as in etcd (so `Compact(0)` is
+//!   accepted once on a fresh store).
 //! - Compaction at `c` keeps, for every key, only the newest entry at or below `c` (and drops it
 //!   too if it is a tombstone) plus everything above `c`. Reads at `r >= c` are unaffected.
 //!
@@ -76,7 +78,7 @@ impl Default for Keyspace {
         Keyspace {
             index: BTreeMap::new(),
             revision: 1,
-            compacted: 0,
+            compacted: -1,
             leases: BTreeMap::new(),
             lease_seq: 0,
         }
@@ -326,7 +328,8 @@ impl Keyspace {
         finish_range(recs, req, slots)
     }
 
-    /// The value `key` had just before the change at `at` (a watch event's `prev_kv`).
+    /// A watch event's `prev_kv`, as etcd computes it: the key at the revision before the
+    /// event's (not merely before the event's `sub`). The caller leaves it out for a create.
     pub fn prev_kv(
         &self,
         recs: &impl RecordRead,
@@ -336,7 +339,7 @@ impl Keyspace {
         let Some(entries) = self.index.get(key) else {
             return Ok(None);
         };
-        let n = entries.partition_point(|e| e.at < at);
+        let n = entries.partition_point(|e| e.at.main < at.main);
         match entries[..n].last() {
             Some(e) if !e.tombstone => load(recs, key, &Source::Stored(e.at)).map(Some),
             _ => Ok(None),
@@ -546,6 +549,9 @@ impl Keyspace {
                     if r.revision > self.revision {
                         return Err(Error::FutureRev);
                     }
+                    // Unlike a plain range, a negative revision here is compared with the
+                    // compacted revision as is (etcd's checkRequestRange): fine on a store
+                    // never compacted (-1), ErrCompacted after any compaction.
                     if r.revision < self.compacted {
                         return Err(Error::Compacted);
                     }
