@@ -172,17 +172,17 @@ impl CrcReader<'_> {
 /// #1234, #1289), so an immediate reopen can see `WouldBlock`. A lock held by a live process
 /// outlasts the wait and is reported.
 fn open_sled(dir: &Path) -> Result<sled::Db, Error> {
-    let mut waited = std::time::Duration::ZERO;
+    // sled reports the contention as ErrorKind::Other with this text (sled 0.34 config.rs).
+    let contended = |e: &sled::Error| matches!(e, sled::Error::Io(io) if io.to_string().contains("could not acquire lock"));
     let step = std::time::Duration::from_millis(20);
+    let mut attempts = 0;
     loop {
         match sled::Config::new().path(dir).open() {
-            Err(sled::Error::Io(e))
-                if e.kind() == std::io::ErrorKind::WouldBlock && waited < 50 * step =>
-            {
+            Err(e) if contended(&e) && attempts < 100 => {
                 std::thread::sleep(step);
-                waited += step;
+                attempts += 1;
             }
-            Err(sled::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            Err(e) if contended(&e) => {
                 return Err(Error::Io(format!(
                     "{} is locked by another process (is another eden running on this data \
                      directory?): {e}",
