@@ -79,7 +79,7 @@ fn model_range(state: &Map, req: &RangeRequest) -> RangeResponse {
     };
     match order {
         SortOrder::Ascend => kvs.sort_by_key(sort_key),
-        SortOrder::Descend => kvs.sort_by(|a, b| sort_key(b).cmp(&sort_key(a))),
+        SortOrder::Descend => kvs.sort_by_key(|kv| std::cmp::Reverse(sort_key(kv))),
         SortOrder::None => {}
     }
     let mut more = false;

@@ -430,8 +430,10 @@ fn store_is_send_and_sync_and_reads_run_beside_writes() {
             }
         })
     };
-    // Every read sees a prefix of the writes: count equals revision - 1.
+    // Every read sees a whole prefix of the writes: the count lies between the revisions seen
+    // just before and just after it (each put adds one key and one revision).
     for _ in 0..200 {
+        let before = store.revision();
         let r = store
             .range(&RangeRequest {
                 key: b"k".to_vec(),
@@ -440,8 +442,12 @@ fn store_is_send_and_sync_and_reads_run_beside_writes() {
                 ..Default::default()
             })
             .unwrap();
-        let rev = store.revision();
-        assert!(r.count <= rev - 1, "count {} at revision {rev}", r.count);
+        let after = store.revision();
+        assert!(
+            before - 1 <= r.count && r.count < after,
+            "count {} between revisions {before} and {after}",
+            r.count
+        );
     }
     writer.join().unwrap();
     assert_eq!(store.revision(), 201);
