@@ -222,6 +222,33 @@ fn sample_commands() -> Vec<Command> {
     ]
 }
 
+/// Everything a reader can see of a store, for before/after comparisons.
+#[allow(clippy::type_complexity)]
+fn observe(
+    store: &Store,
+) -> (
+    i64,
+    i64,
+    Vec<Lease>,
+    RangeResponse,
+    (u32, i64),
+    Vec<(i64, Vec<Event>)>,
+) {
+    let all = RangeRequest {
+        key: vec![0],
+        range_end: vec![0],
+        ..Default::default()
+    };
+    (
+        store.revision(),
+        store.compact_revision(),
+        store.leases(),
+        store.range(&all).unwrap(),
+        store.hash_kv(0).unwrap(),
+        store.events(4, 100).unwrap(),
+    )
+}
+
 #[test]
 fn state_survives_reopen_and_meta_is_stored_with_the_batch() {
     let dir = tempfile::tempdir().unwrap();
@@ -233,36 +260,10 @@ fn state_survives_reopen_and_meta_is_stored_with_the_batch() {
             .unwrap();
         assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
         store.flush().unwrap();
-        before = (
-            store.revision(),
-            store.compact_revision(),
-            store.leases(),
-            store
-                .range(&RangeRequest {
-                    key: vec![0],
-                    range_end: vec![0],
-                    ..Default::default()
-                })
-                .unwrap(),
-            store.hash_kv(0).unwrap(),
-            store.events(4, 100).unwrap(),
-        );
+        before = observe(&store);
     }
     let store = Store::open(dir.path()).unwrap();
-    let after = (
-        store.revision(),
-        store.compact_revision(),
-        store.leases(),
-        store
-            .range(&RangeRequest {
-                key: vec![0],
-                range_end: vec![0],
-                ..Default::default()
-            })
-            .unwrap(),
-        store.hash_kv(0).unwrap(),
-        store.events(4, 100).unwrap(),
-    );
+    let after = observe(&store);
     assert_eq!(before, after);
     assert_eq!(store.revision(), 7);
     assert_eq!(store.compact_revision(), 4);
