@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 use crate::error::{Error, Result};
 
 #[derive(Parser, Debug)]
-#[command(name = "eden", version, about = "Configuration management for fleets of servers, in one binary.")]
+#[command(
+    name = "eden",
+    version,
+    about = "Configuration management for fleets of servers, in one binary."
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

@@ -43,7 +43,9 @@ pub struct EmptyTree;
 
 impl SourceTree for EmptyTree {
     fn read(&self, path: &str) -> Result<Vec<u8>> {
-        Err(Error::NotFound(format!("no state tree file {path:?}: this run has no state tree")))
+        Err(Error::NotFound(format!(
+            "no state tree file {path:?}: this run has no state tree"
+        )))
     }
 }
 
@@ -64,7 +66,10 @@ pub struct Call<'a> {
 impl Call<'_> {
     /// The `name` argument, which the engine always sets (it defaults to the state ID).
     pub fn name(&self) -> &str {
-        self.args.get("name").and_then(Value::as_str).unwrap_or(self.id)
+        self.args
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or(self.id)
     }
 }
 
@@ -82,10 +87,20 @@ pub struct Outcome {
 
 impl Outcome {
     pub fn ok(comment: impl Into<String>) -> Self {
-        Outcome { result: Some(true), changes: Value::Object(Map::new()), comment: comment.into(), outputs: Map::new() }
+        Outcome {
+            result: Some(true),
+            changes: Value::Object(Map::new()),
+            comment: comment.into(),
+            outputs: Map::new(),
+        }
     }
     pub fn failed(comment: impl Into<String>) -> Self {
-        Outcome { result: Some(false), changes: Value::Object(Map::new()), comment: comment.into(), outputs: Map::new() }
+        Outcome {
+            result: Some(false),
+            changes: Value::Object(Map::new()),
+            comment: comment.into(),
+            outputs: Map::new(),
+        }
     }
     /// True when `changes` holds anything.
     pub fn has_changes(&self) -> bool {

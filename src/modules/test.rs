@@ -6,8 +6,13 @@ use crate::error::{Error, Result};
 
 pub struct Test;
 
-const FUNCTIONS: &[&str] =
-    &["succeed_without_changes", "succeed_with_changes", "fail_without_changes", "fail_with_changes", "nop"];
+const FUNCTIONS: &[&str] = &[
+    "succeed_without_changes",
+    "succeed_with_changes",
+    "fail_without_changes",
+    "fail_with_changes",
+    "nop",
+];
 
 impl Module for Test {
     fn name(&self) -> &'static str {
@@ -20,13 +25,19 @@ impl Module for Test {
         if FUNCTIONS.contains(&function) {
             Ok(())
         } else {
-            Err(Error::InvalidInput(format!("test.{function} is not a function; test has {}", FUNCTIONS.join(", "))))
+            Err(Error::InvalidInput(format!(
+                "test.{function} is not a function; test has {}",
+                FUNCTIONS.join(", ")
+            )))
         }
     }
     fn outputs(&self, _function: &str) -> &'static [&'static str] {
         &[]
     }
     fn call(&self, call: &Call) -> Result<Outcome> {
-        Err(Error::Internal(format!("test.{} not implemented yet", call.function)))
+        Err(Error::Internal(format!(
+            "test.{} not implemented yet",
+            call.function
+        )))
     }
 }

@@ -15,6 +15,8 @@
 //! - The index maps each key to the list of its changes ([`Entry`]), oldest first. Reading key
 //!   `k` at revision `r` means: the newest entry of `k` at or below `r`; if it is a tombstone or
 //!   there is none, the key does not exist at `r`. The index is rebuilt from history on open.
+//! - The compacted revision is -1 until the first compaction, as in etcd (so `Compact(0)` is
+//!   accepted once on a fresh store).
 //! - Compaction at `c` keeps, for every key, only the newest entry at or below `c` (and drops it
 //!   too if it is a tombstone) plus everything above `c`. Reads at `r >= c` are unaffected.
 //!
@@ -76,7 +78,7 @@ impl Default for Keyspace {
         Keyspace {
             index: BTreeMap::new(),
             revision: 1,
-            compacted: 0,
+            compacted: -1,
             leases: BTreeMap::new(),
             lease_seq: 0,
         }
@@ -273,30 +275,34 @@ impl Keyspace {
 
     /// The keys of `set` alive at `rev`, in key order, with where their values are.
     fn slots(&self, set: KeySet<'_>, rev: Revision) -> Vec<(Vec<u8>, Source)> {
-        let live = |(k, es): (&Vec<u8>, &Vec<Entry>)| {
-            live_at(es, rev).map(|e| (k.clone(), Source::Stored(e.at)))
-        };
+        self.live(set, rev)
+            .map(|(k, e)| (k.clone(), Source::Stored(e.at)))
+            .collect()
+    }
+
+    /// The keys of `set` alive at `rev` with their live entries, in key order, without copying.
+    fn live<'s>(
+        &'s self,
+        set: KeySet<'s>,
+        rev: Revision,
+    ) -> Box<dyn Iterator<Item = (&'s Vec<u8>, &'s Entry)> + 's> {
+        use std::ops::Bound::{Excluded, Included, Unbounded};
+        let live = move |(k, es): (&'s Vec<u8>, &'s Vec<Entry>)| live_at(es, rev).map(|e| (k, e));
         match set {
-            KeySet::Single(key) => self
-                .index
-                .get_key_value(key)
-                .and_then(live)
-                .into_iter()
-                .collect(),
-            KeySet::Span(from, to) if to <= from => Vec::new(),
-            KeySet::Span(from, to) => self
-                .index
-                .range::<[u8], _>((
-                    std::ops::Bound::Included(from),
-                    std::ops::Bound::Excluded(to),
-                ))
-                .filter_map(live)
-                .collect(),
-            KeySet::From(from) => self
-                .index
-                .range::<[u8], _>((std::ops::Bound::Included(from), std::ops::Bound::Unbounded))
-                .filter_map(live)
-                .collect(),
+            KeySet::Single(key) => {
+                Box::new(self.index.get_key_value(key).and_then(live).into_iter())
+            }
+            KeySet::Span(from, to) if to <= from => Box::new(std::iter::empty()),
+            KeySet::Span(from, to) => Box::new(
+                self.index
+                    .range::<[u8], _>((Included(from), Excluded(to)))
+                    .filter_map(live),
+            ),
+            KeySet::From(from) => Box::new(
+                self.index
+                    .range::<[u8], _>((Included(from), Unbounded))
+                    .filter_map(live),
+            ),
         }
     }
 
@@ -322,11 +328,26 @@ impl Keyspace {
             return Err(Error::EmptyKey);
         }
         let rev = self.check_read_revision(req.revision)?;
-        let slots = self.slots(KeySet::new(&req.key, &req.range_end), rev);
-        finish_range(recs, req, slots)
+        let set = KeySet::new(&req.key, &req.range_end);
+        let count = self.live(set, rev).count();
+        // Copy out only the keys finish_range will load.
+        let wanted = if req.count_only {
+            0
+        } else if req.limit > 0 && !needs_all(req) {
+            req.limit as usize + 1
+        } else {
+            count
+        };
+        let slots = self
+            .live(set, rev)
+            .take(wanted)
+            .map(|(k, e)| (k.clone(), Source::Stored(e.at)))
+            .collect();
+        finish_range(recs, req, count as i64, slots)
     }
 
-    /// The value `key` had just before the change at `at` (a watch event's `prev_kv`).
+    /// A watch event's `prev_kv`, as etcd computes it: the key at the revision before the
+    /// event's (not merely before the event's `sub`). The caller leaves it out for a create.
     pub fn prev_kv(
         &self,
         recs: &impl RecordRead,
@@ -336,7 +357,7 @@ impl Keyspace {
         let Some(entries) = self.index.get(key) else {
             return Ok(None);
         };
-        let n = entries.partition_point(|e| e.at < at);
+        let n = entries.partition_point(|e| e.at.main < at.main);
         match entries[..n].last() {
             Some(e) if !e.tombstone => load(recs, key, &Source::Stored(e.at)).map(Some),
             _ => Ok(None),
@@ -546,6 +567,9 @@ impl Keyspace {
                     if r.revision > self.revision {
                         return Err(Error::FutureRev);
                     }
+                    // Unlike a plain range, a negative revision here is compared with the
+                    // compacted revision as is (etcd's checkRequestRange): fine on a store
+                    // never compacted (-1), ErrCompacted after any compaction.
                     if r.revision < self.compacted {
                         return Err(Error::Compacted);
                     }
@@ -702,13 +726,25 @@ impl Keyspace {
     }
 }
 
-/// Range's second half: count, fetch, filter, sort, limit (etcd's `applierV3backend.Range`).
+/// Whether etcd loads every key of the range before applying `limit`: when it must sort or
+/// filter first. Otherwise it loads `limit + 1` keys in key order.
+fn needs_all(req: &RangeRequest) -> bool {
+    req.sort_order != SortOrder::None
+        || req.min_mod_revision != 0
+        || req.max_mod_revision != 0
+        || req.min_create_revision != 0
+        || req.max_create_revision != 0
+}
+
+/// Range's second half: fetch, filter, sort, limit (etcd's `applierV3backend.Range`). `count`
+/// is the number of keys in the range; `slots` its first keys in key order, at least as many as
+/// etcd loads.
 fn finish_range(
     recs: &impl RecordRead,
     req: &RangeRequest,
+    count: i64,
     slots: Vec<(Vec<u8>, Source)>,
 ) -> Result<RangeResponse, Error> {
-    let count = slots.len() as i64;
     if req.count_only {
         return Ok(RangeResponse {
             kvs: Vec::new(),
@@ -716,12 +752,7 @@ fn finish_range(
             count,
         });
     }
-    let filtered = req.min_mod_revision != 0
-        || req.max_mod_revision != 0
-        || req.min_create_revision != 0
-        || req.max_create_revision != 0;
-    // etcd fetches limit+1 keys in key order unless it must sort or filter everything first.
-    let fetch = if req.sort_order != SortOrder::None || filtered || req.limit <= 0 {
+    let fetch = if needs_all(req) || req.limit <= 0 {
         slots.len()
     } else {
         slots.len().min(req.limit as usize + 1)
@@ -936,11 +967,8 @@ impl<'a, R: RecordRead> TxnView<'a, R> {
             // A past revision cannot see this txn's writes; it reads history.
             return self.ks.range(self.recs, r);
         }
-        finish_range(
-            self.recs,
-            r,
-            self.current_slots(KeySet::new(&r.key, &r.range_end)),
-        )
+        let slots = self.current_slots(KeySet::new(&r.key, &r.range_end));
+        finish_range(self.recs, r, slots.len() as i64, slots)
     }
 
     fn put(&mut self, p: &PutRequest) -> Result<PutResponse, Error> {

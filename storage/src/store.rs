@@ -106,7 +106,7 @@ fn meta_i64(tree: &sled::Tree, key: &[u8], default: i64) -> Result<i64, Error> {
 /// Rebuilds the in-memory keyspace from one generation's tree.
 fn load_keyspace(tree: &sled::Tree) -> Result<Keyspace, Error> {
     let revision = meta_i64(tree, META_REV, 1)?;
-    let compacted = meta_i64(tree, META_COMPACT, 0)?;
+    let compacted = meta_i64(tree, META_COMPACT, -1)?;
     let lease_seq = meta_i64(tree, META_LEASE_SEQ, 0)?;
     let mut leases = Vec::new();
     for item in tree.scan_prefix([PREFIX_LEASE]) {
@@ -167,13 +167,40 @@ impl CrcReader<'_> {
     }
 }
 
+/// Opens sled, waiting out a lock still held by a handle dropped moments ago in this process:
+/// sled 0.34 releases its `flock` from a background thread after `Db` is dropped (sled issues
+/// #1234, #1289), so an immediate reopen can see `WouldBlock`. A lock held by a live process
+/// outlasts the wait and is reported.
+fn open_sled(dir: &Path) -> Result<sled::Db, Error> {
+    // sled reports the contention as ErrorKind::Other with this text (sled 0.34 config.rs).
+    let contended = |e: &sled::Error| matches!(e, sled::Error::Io(io) if io.to_string().contains("could not acquire lock"));
+    let step = std::time::Duration::from_millis(20);
+    let mut attempts = 0;
+    loop {
+        match sled::Config::new().path(dir).open() {
+            Err(e) if contended(&e) && attempts < 100 => {
+                std::thread::sleep(step);
+                attempts += 1;
+            }
+            Err(e) if contended(&e) => {
+                return Err(Error::Io(format!(
+                    "{} is locked by another process (is another eden running on this data \
+                     directory?): {e}",
+                    dir.display()
+                )));
+            }
+            other => return Ok(other?),
+        }
+    }
+}
+
 /// Snapshot entries larger than this are refused rather than allocated.
 const MAX_SNAPSHOT_ITEM: u32 = 1 << 30;
 
 impl Store {
     /// Opens (or creates) the store in `dir`, rebuilding the index from history.
     pub fn open(dir: &Path) -> Result<Store, Error> {
-        let db = sled::Config::new().path(dir).open()?;
+        let db = open_sled(dir)?;
         let generation = match db.get(GENERATION_KEY)? {
             Some(v) => decode_i64(&v, "generation pointer")? as u64,
             None => 0,
@@ -266,7 +293,8 @@ impl Store {
         self.read().ks.revision()
     }
 
-    /// The revision of the last compaction, 0 if none.
+    /// The revision of the last compaction; -1 if there was none (etcd's `compactMainRev`,
+    /// which its HashKV reports as is).
     pub fn compact_revision(&self) -> Revision {
         self.read().ks.compact_revision()
     }
@@ -304,7 +332,12 @@ impl Store {
             let (k, v) = item?;
             let at = RevKey::from_tree_key(&k)?;
             let rec = decode_record(&v)?;
-            let prev_kv = inner.ks.prev_kv(&recs, &rec.kv.key, at)?;
+            let create = rec.kind == EventKind::Put && rec.kv.create_revision == at.main;
+            let prev_kv = if create {
+                None
+            } else {
+                inner.ks.prev_kv(&recs, &rec.kv.key, at)?
+            };
             let event = Event {
                 kind: rec.kind,
                 kv: rec.kv,

@@ -48,7 +48,7 @@ pub enum SortTarget {
 }
 
 /// etcd's RangeRequest. `range_end` follows etcd: empty = the single key `key`; `[0]` = every key
-/// >= `key` (from-key, and with `key = [0]` all keys); otherwise the half-open range
+/// at or after `key` (from-key, and with `key = [0]` all keys); otherwise the half-open range
 /// `[key, range_end)`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RangeRequest {

@@ -222,6 +222,33 @@ fn sample_commands() -> Vec<Command> {
     ]
 }
 
+/// Everything a reader can see of a store, for before/after comparisons.
+#[allow(clippy::type_complexity)]
+fn observe(
+    store: &Store,
+) -> (
+    i64,
+    i64,
+    Vec<Lease>,
+    RangeResponse,
+    (u32, i64),
+    Vec<(i64, Vec<Event>)>,
+) {
+    let all = RangeRequest {
+        key: vec![0],
+        range_end: vec![0],
+        ..Default::default()
+    };
+    (
+        store.revision(),
+        store.compact_revision(),
+        store.leases(),
+        store.range(&all).unwrap(),
+        store.hash_kv(0).unwrap(),
+        store.events(4, 100).unwrap(),
+    )
+}
+
 #[test]
 fn state_survives_reopen_and_meta_is_stored_with_the_batch() {
     let dir = tempfile::tempdir().unwrap();
@@ -233,36 +260,10 @@ fn state_survives_reopen_and_meta_is_stored_with_the_batch() {
             .unwrap();
         assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
         store.flush().unwrap();
-        before = (
-            store.revision(),
-            store.compact_revision(),
-            store.leases(),
-            store
-                .range(&RangeRequest {
-                    key: vec![0],
-                    range_end: vec![0],
-                    ..Default::default()
-                })
-                .unwrap(),
-            store.hash_kv(0).unwrap(),
-            store.events(4, 100).unwrap(),
-        );
+        before = observe(&store);
     }
     let store = Store::open(dir.path()).unwrap();
-    let after = (
-        store.revision(),
-        store.compact_revision(),
-        store.leases(),
-        store
-            .range(&RangeRequest {
-                key: vec![0],
-                range_end: vec![0],
-                ..Default::default()
-            })
-            .unwrap(),
-        store.hash_kv(0).unwrap(),
-        store.events(4, 100).unwrap(),
-    );
+    let after = observe(&store);
     assert_eq!(before, after);
     assert_eq!(store.revision(), 7);
     assert_eq!(store.compact_revision(), 4);
@@ -430,8 +431,10 @@ fn store_is_send_and_sync_and_reads_run_beside_writes() {
             }
         })
     };
-    // Every read sees a prefix of the writes: count equals revision - 1.
+    // Every read sees a whole prefix of the writes: the count lies between the revisions seen
+    // just before and just after it (each put adds one key and one revision).
     for _ in 0..200 {
+        let before = store.revision();
         let r = store
             .range(&RangeRequest {
                 key: b"k".to_vec(),
@@ -440,9 +443,53 @@ fn store_is_send_and_sync_and_reads_run_beside_writes() {
                 ..Default::default()
             })
             .unwrap();
-        let rev = store.revision();
-        assert!(r.count <= rev - 1, "count {} at revision {rev}", r.count);
+        let after = store.revision();
+        assert!(
+            before - 1 <= r.count && r.count < after,
+            "count {} between revisions {before} and {after}",
+            r.count
+        );
     }
     writer.join().unwrap();
     assert_eq!(store.revision(), 201);
+}
+
+/// What a crash in the middle of `import_snapshot` leaves behind: a half-filled tree of the next
+/// generation, never pointed at. Open must ignore it (and drop it), keeping the old state.
+#[test]
+fn half_written_import_is_dropped_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let all = RangeRequest {
+        key: vec![0],
+        range_end: vec![0],
+        ..Default::default()
+    };
+    let before = {
+        let store = Store::open(dir.path()).unwrap();
+        store.apply(&sample_commands(), &[]).unwrap();
+        store.flush().unwrap();
+        store.range(&all).unwrap()
+    };
+    {
+        // Same retry as Store::open: the dropped store's lock is released asynchronously.
+        let db = (0..100)
+            .find_map(|_| {
+                sled::open(dir.path())
+                    .map_err(|_| std::thread::sleep(std::time::Duration::from_millis(20)))
+                    .ok()
+            })
+            .expect("sled reopens");
+        let half = db.open_tree("eden-g1").unwrap();
+        half.insert(b"h-garbage", b"not a record").unwrap();
+        half.insert(b"mrev", &999i64.to_be_bytes()).unwrap();
+        db.flush().unwrap();
+    }
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.range(&all).unwrap(), before);
+    assert_eq!(store.revision(), 7);
+    // The next import reuses generation 1 from scratch.
+    let mut snap = Vec::new();
+    store.export_snapshot(&mut snap).unwrap();
+    store.import_snapshot(&mut snap.as_slice()).unwrap();
+    assert_eq!(store.range(&all).unwrap(), before);
 }
