@@ -29,7 +29,6 @@ use tokio_rustls::TlsAcceptor;
 
 use super::MAX_BODY;
 use crate::codec::{decode, encode};
-use crate::error::WireError;
 use crate::node::{MembershipChange, RaftNode};
 use crate::types::{NodeId, TypeConfig};
 
@@ -198,7 +197,7 @@ async fn route(
         }
         super::FORWARD_MEMBERSHIP => {
             handle(&path, &body, |c: MembershipChange| async move {
-                node.change_as_leader(c).await.map_err(WireError::from)
+                node.change_as_leader(c).await
             })
             .await
         }
