@@ -49,4 +49,16 @@ impl From<serde_json::Error> for Error {
     }
 }
 
+impl From<eden_raft::Error> for Error {
+    fn from(e: eden_raft::Error) -> Self {
+        match e {
+            eden_raft::Error::Store(s) => Error::InvalidInput(s.to_string()),
+            eden_raft::Error::Unavailable(m) => Error::Unavailable(m),
+            eden_raft::Error::InvalidInput(m) => Error::InvalidInput(m),
+            eden_raft::Error::Io(m) => Error::Io(m),
+            eden_raft::Error::Internal(m) => Error::Internal(m),
+        }
+    }
+}
+
 pub type Result<T> = std::result::Result<T, Error>;

@@ -4,7 +4,7 @@
 //!
 //! - [`cli`]: clap commands; talks to the cluster only through the etcd API.
 //! - `agent` (to come): per-node loop that watches assignments and runs the engine.
-//! - `cluster` (to come): PKI, join, gossip failure detection, the role controller.
+//! - [`cluster`]: PKI, data dir, join, `eden serve`; gossip and the role controller to come.
 //! - `etcd` (to come): the etcd v3 gRPC services and JSON gateway over `eden_raft`.
 //! - [`engine`]: the state language: render, parse, graph, order, run. Pure; no network, no store.
 //! - [`modules`]: `cmd`, `file`, `pkg`, `pkgrepo`, `test`, external: what changes a server.
@@ -13,6 +13,7 @@
 //! Below this crate: `eden_raft` (openraft on sled) and `eden_storage` (the MVCC keyspace).
 
 pub mod cli;
+pub mod cluster;
 pub mod engine;
 pub mod error;
 pub mod modules;

@@ -5,6 +5,8 @@
 
 use clap::{Parser, Subcommand};
 
+pub mod serve;
+
 use crate::error::{Error, Result};
 
 #[derive(Parser, Debug)]
@@ -21,7 +23,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run a node: the datastore (if eligible) and the agent.
-    Serve,
+    Serve(serve::ServeArgs),
     /// Apply states to targeted nodes, or to this machine with --local.
     Apply,
     /// Print the ordered plan for states without running them.
@@ -33,7 +35,8 @@ pub enum Command {
 /// Runs the parsed command and returns the process exit code.
 pub fn run(cli: Cli) -> Result<i32> {
     match cli.command {
-        Command::Serve | Command::Apply | Command::Plan | Command::Demo => {
+        Command::Serve(args) => serve::run(args),
+        Command::Apply | Command::Plan | Command::Demo => {
             Err(Error::Unavailable("this command is not built yet".into()))
         }
     }

@@ -26,12 +26,16 @@ const APPLIED: &[u8] = b"applied";
 /// compactions and some large values (to cross sled segment boundaries).
 fn op(n: u64, current_rev: Revision) -> Vec<Command> {
     let key = |i: u64| format!("key/{:02}", i % 40).into_bytes();
-    let value = if n % 9 == 0 {
+    let value = if n.is_multiple_of(9) {
         vec![b'L'; 5000 + (n % 7) as usize]
     } else {
         format!("v{n}").into_bytes()
     };
-    let lease = if n % 5 == 0 { (n / 5) % 3 + 1 } else { 0 } as i64;
+    let lease = if n.is_multiple_of(5) {
+        (n / 5) % 3 + 1
+    } else {
+        0
+    } as i64;
     let mut cmds = Vec::new();
     if n % 30 == 1 {
         for id in 1..=3 {
@@ -79,7 +83,7 @@ fn op(n: u64, current_rev: Revision) -> Vec<Command> {
         }),
         _ => {}
     }
-    if n % 25 == 0 && current_rev > 20 {
+    if n.is_multiple_of(25) && current_rev > 20 {
         cmds.push(Command::Compact(CompactionRequest {
             revision: current_rev - 10,
             physical: true,

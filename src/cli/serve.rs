@@ -1,0 +1,115 @@
+//! `eden serve`: run a node. See `cluster::serve` for what happens, in order.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::cluster::serve::{serve, ServeOptions};
+use crate::error::{Error, Result};
+
+/// Run a node: create a cluster (--init), join one (--join), or restart from --data-dir.
+///
+/// Examples:
+///   eden serve --name n1 --data-dir /var/lib/eden --peer-addr 10.0.0.1:2380 \
+///       --client-addr 10.0.0.1:2379 --init
+///   eden serve --name n2 --data-dir /var/lib/eden --peer-addr 10.0.0.2:2380 \
+///       --client-addr 10.0.0.2:2379 --join 10.0.0.1:2380 --token "$(cat join-token)"
+///   eden serve --data-dir /var/lib/eden        # restart
+///
+/// --init prints a join token and writes DATA/admin/{ca.crt,admin.crt,admin.key,join-token}.
+/// Logs go to stderr; set EDEN_LOG (e.g. EDEN_LOG=debug) for more.
+#[derive(Args, Debug)]
+#[command(verbatim_doc_comment)]
+pub struct ServeArgs {
+    /// This node's name (certificate name, KV key); needed with --init and --join.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Where the node keeps its keys, Raft log and keyspace. One process per dir.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: PathBuf,
+    /// host:port for peers (Raft, join). Default 127.0.0.1:2380.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub peer_addr: Option<String>,
+    /// host:port for etcd clients. Default 127.0.0.1:2379.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub client_addr: Option<String>,
+    /// Create a new cluster with this node as its first voter.
+    #[arg(long, conflicts_with_all = ["join", "token"])]
+    pub init: bool,
+    /// Join the cluster that has a datastore node at this peer address.
+    #[arg(long, value_name = "HOST:PORT", requires = "token")]
+    pub join: Option<String>,
+    /// The join token (eden1:<CA sha256>:<secret>) from `eden serve --init`.
+    #[arg(long, env = "EDEN_JOIN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// auto: may hold the datastore (voter or standby); never: agent only.
+    #[arg(long, value_name = "auto|never")]
+    pub datastore: Option<String>,
+    /// Labels for targeting, k=v,k=v.
+    #[arg(long, value_name = "K=V,...")]
+    pub labels: Option<String>,
+    /// Serve the etcd API without TLS (only on a loopback --client-addr).
+    #[arg(long)]
+    pub client_plaintext: bool,
+}
+
+fn parse_labels(s: &str) -> Result<BTreeMap<String, String>> {
+    let mut labels = BTreeMap::new();
+    for part in s.split(',').filter(|p| !p.is_empty()) {
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| Error::InvalidInput(format!("--labels: {part:?} is not key=value")))?;
+        labels.insert(k.trim().to_string(), v.trim().to_string());
+    }
+    Ok(labels)
+}
+
+pub fn run(args: ServeArgs) -> Result<i32> {
+    let opts = ServeOptions {
+        name: args.name,
+        data_dir: args.data_dir,
+        peer_addr: args.peer_addr,
+        client_addr: args.client_addr,
+        init: args.init,
+        join: args.join,
+        token: args.token,
+        datastore: args.datastore,
+        labels: parse_labels(args.labels.as_deref().unwrap_or(""))?,
+        client_plaintext: args.client_plaintext,
+    };
+    init_logging();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Internal(format!("tokio runtime: {e}")))?;
+    rt.block_on(serve(opts, shutdown_signal()))?;
+    Ok(0)
+}
+
+/// SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("cannot watch SIGTERM: {e}");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted"),
+    }
+}
+
+/// Logs to stderr; EDEN_LOG sets the filter (default info).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("EDEN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn,sled=warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

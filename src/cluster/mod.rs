@@ -1,0 +1,14 @@
+//! cluster: what makes a set of `eden serve` processes one cluster.
+//!
+//! - [`pki`]: the cluster CA, node and admin certificates, the join token, rustls configs.
+//! - [`datadir`]: a node's data dir: layout, lock, atomic writes, `node.json`.
+//! - [`join`]: the join exchange on the peer port (`/join`, `/join/admit`).
+//! - [`serve`]: `eden serve`: init, join or restart, then run Raft, the peer server and the
+//!   etcd API until shutdown.
+//!
+//! Still to come here: gossip failure detection and the role controller.
+
+pub mod datadir;
+pub mod join;
+pub mod pki;
+pub mod serve;

@@ -1,0 +1,470 @@
+//! `eden serve`: bring a node up from its data dir, creating or joining a cluster first if asked.
+//!
+//! ## Order of work (each step can refuse; nothing is left half-done)
+//! 1. [`serve`] locks the data dir ([`DataDir::lock`]); a dir in use is refused.
+//! 2. It decides what to do from the dir and the flags: a dir holding a node restarts it (and
+//!    refuses `--init`/`--join`: that dir belongs to a cluster already); an empty dir needs
+//!    `--init` or `--join`.
+//! 3. It binds the peer and client listeners before writing anything, so a port already taken
+//!    is refused with nothing written.
+//! 4. `--init` ([`init`]) makes the CA, the node and admin certificates and the join token;
+//!    `--join` ([`join`]) runs the exchange in `join.rs`. Both write `node.json` last and remove
+//!    what they wrote if a later step fails.
+//! 5. It starts Raft ([`RaftNode::start`]), the peer server (Raft routes + join routes) and the
+//!    etcd API on the client port, then waits for the shutdown signal (SIGTERM or Ctrl-C), and
+//!    stops them in reverse order.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use eden_raft::{NodeConfig, NodeInfo, PeerServer, RaftNode};
+
+use super::datadir::{DataDir, NodeFile};
+use super::join::{self, AdmitRequest, Admitted, JoinGrant, JoinRequest, JoinService};
+use super::pki::{self, ClusterCa, Identity, JoinToken};
+use crate::error::{Error, Result};
+
+/// Default peer and client addresses (etcd's ports).
+pub const DEFAULT_PEER_ADDR: &str = "127.0.0.1:2380";
+pub const DEFAULT_CLIENT_ADDR: &str = "127.0.0.1:2379";
+
+/// What `eden serve` was asked to do.
+#[derive(Debug, Clone, Default)]
+pub struct ServeOptions {
+    pub name: Option<String>,
+    pub data_dir: PathBuf,
+    pub peer_addr: Option<String>,
+    pub client_addr: Option<String>,
+    pub init: bool,
+    pub join: Option<String>,
+    pub token: Option<String>,
+    /// `auto` or `never`.
+    pub datastore: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub client_plaintext: bool,
+}
+
+/// What to do with the data dir.
+enum Mode {
+    Restart,
+    Init,
+    Join { via: String, token: String },
+}
+
+/// Serves until `shutdown` resolves. Returns after a clean stop.
+pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()>) -> Result<()> {
+    let existed = opts.data_dir.exists();
+    let dir = DataDir::lock(&opts.data_dir)?;
+    let remove_dir = |dir: DataDir| {
+        // Called only when `dir` holds nothing but the lock: a refused setup leaves the dir as
+        // it found it (gone if this call created it).
+        drop(dir);
+        if existed {
+            let _ = std::fs::remove_file(opts.data_dir.join("lock"));
+        } else {
+            let _ = std::fs::remove_dir_all(&opts.data_dir);
+        }
+    };
+    let (mut file, peer, client, mode) = match prepare(&dir, &opts).await {
+        Ok(x) => x,
+        Err(e) => {
+            if dir.is_empty().unwrap_or(false) {
+                remove_dir(dir);
+            }
+            return Err(e);
+        }
+    };
+    let started = match mode {
+        Mode::Restart => {
+            let tls = load_tls(&dir)?;
+            start(&dir, &file, &tls, peer).await?
+        }
+        Mode::Init | Mode::Join { .. } => {
+            let set_up = match &mode {
+                Mode::Join { via, token } => join(&dir, &mut file, peer, via, token).await,
+                _ => init(&dir, &mut file, peer).await,
+            };
+            match set_up {
+                Ok(s) => s,
+                Err(e) => {
+                    dir.discard_setup();
+                    remove_dir(dir);
+                    return Err(e);
+                }
+            }
+        }
+    };
+    serve_until(dir, file, started, client, shutdown).await
+}
+
+/// Steps 2-3: the node's record (ids still 0 for a new node), its bound listeners, and what
+/// to do.
+async fn prepare(
+    dir: &DataDir,
+    opts: &ServeOptions,
+) -> Result<(NodeFile, TcpListener, TcpListener, Mode)> {
+    if let Some(existing) = dir.node()? {
+        if opts.init || opts.join.is_some() {
+            return Err(Error::InvalidInput(format!(
+                "the data dir {} already holds node {:?} of cluster {:?} ({:016x}); restart it \
+                 with `eden serve --data-dir {}`, or use an empty --data-dir to {} another",
+                dir.path().display(),
+                existing.name,
+                existing.cluster_name,
+                existing.cluster_id,
+                dir.path().display(),
+                if opts.init { "create" } else { "join" },
+            )));
+        }
+        let (peer, client) = bind(&existing.peer_addr, &existing.client_addr).await?;
+        return Ok((existing, peer, client, Mode::Restart));
+    }
+    if !dir.is_empty()? {
+        return Err(Error::InvalidInput(format!(
+            "the data dir {} holds files but no node (no node.json); it is not an eden data dir \
+             or its setup did not finish: move its files away or use an empty --data-dir",
+            dir.path().display()
+        )));
+    }
+    let mode =
+        match (opts.init, &opts.join, &opts.token) {
+            (true, None, _) => Mode::Init,
+            (false, Some(via), Some(token)) => Mode::Join {
+                via: via.clone(),
+                token: token.clone(),
+            },
+            (false, Some(_), None) => return Err(Error::InvalidInput(
+                "--join needs --token (printed by `eden serve --init`, or `eden cluster token`)"
+                    .into(),
+            )),
+            (true, Some(_), _) => {
+                return Err(Error::InvalidInput(
+                    "--init and --join exclude each other: --init starts a new cluster".into(),
+                ))
+            }
+            (false, None, _) => {
+                return Err(Error::InvalidInput(format!(
+                    "the data dir {} holds no node yet: start a new cluster with --init, or join \
+                 one with --join HOST:PORT --token TOKEN",
+                    dir.path().display()
+                )))
+            }
+        };
+    if let Mode::Join { token, .. } = &mode {
+        JoinToken::parse(token)?;
+    }
+    let name = opts.name.clone().ok_or_else(|| {
+        Error::InvalidInput("--name is needed to create or join a cluster".into())
+    })?;
+    join::validate_name(&name)?;
+    let datastore = match opts.datastore.as_deref().unwrap_or("auto") {
+        "auto" => true,
+        "never" => false,
+        other => {
+            return Err(Error::InvalidInput(format!(
+                "--datastore {other:?}: use auto (may hold the datastore) or never (agent only)"
+            )))
+        }
+    };
+    if !datastore {
+        return Err(Error::Unavailable(
+            "--datastore never (agent-only nodes) needs the role controller, which this build \
+             does not have yet; start the node with --datastore auto"
+                .into(),
+        ));
+    }
+    let peer_addr = opts
+        .peer_addr
+        .clone()
+        .unwrap_or_else(|| DEFAULT_PEER_ADDR.into());
+    let client_addr = opts
+        .client_addr
+        .clone()
+        .unwrap_or_else(|| DEFAULT_CLIENT_ADDR.into());
+    if opts.client_plaintext && !is_loopback(&client_addr) {
+        return Err(Error::InvalidInput(format!(
+            "--client-plaintext serves the etcd API without TLS and is only allowed on a \
+             loopback --client-addr (127.0.0.1 or [::1]), not {client_addr}"
+        )));
+    }
+    let (peer, client) = bind(&peer_addr, &client_addr).await?;
+    // Record the ports actually bound (":0" picks one).
+    let peer_addr = peer.local_addr()?.to_string();
+    let client_addr = client.local_addr()?.to_string();
+    let file = NodeFile {
+        name,
+        raft_id: 0,
+        cluster_id: 0,
+        cluster_name: String::new(),
+        peer_addr,
+        client_addr,
+        client_plaintext: opts.client_plaintext,
+        datastore: "auto".into(),
+        labels: opts.labels.clone(),
+    };
+    Ok((file, peer, client, mode))
+}
+
+fn is_loopback(addr: &str) -> bool {
+    let host = join::host_of(addr);
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .map(|ip| ip.is_loopback())
+            .unwrap_or(false)
+}
+
+async fn bind(peer_addr: &str, client_addr: &str) -> Result<(TcpListener, TcpListener)> {
+    let peer = TcpListener::bind(peer_addr).await.map_err(|e| {
+        Error::Unavailable(format!(
+            "cannot listen on the peer address {peer_addr}: {e}; is another eden or etcd \
+             running there? pick another --peer-addr"
+        ))
+    })?;
+    let client = TcpListener::bind(client_addr).await.map_err(|e| {
+        Error::Unavailable(format!(
+            "cannot listen on the client address {client_addr}: {e}; is another eden or etcd \
+             running there? pick another --client-addr"
+        ))
+    })?;
+    Ok((peer, client))
+}
+
+/// TLS material a running node needs.
+struct NodeTls {
+    ca: Arc<ClusterCa>,
+    identity: Identity,
+    secret_sha256: String,
+}
+
+fn load_tls(dir: &DataDir) -> Result<NodeTls> {
+    let ca_pem = dir.read("tls/ca.crt")?;
+    let ca_key = dir.read("tls/ca.key")?;
+    Ok(NodeTls {
+        ca: Arc::new(ClusterCa::from_pem(&ca_pem, &ca_key)?),
+        identity: Identity {
+            cert_pem: dir.read("tls/node.crt")?,
+            key_pem: dir.read("tls/node.key")?,
+        },
+        secret_sha256: dir.read("tls/join.sha256")?.trim().to_string(),
+    })
+}
+
+fn node_info(file: &NodeFile) -> NodeInfo {
+    NodeInfo {
+        name: file.name.clone(),
+        peer_addr: file.peer_addr.clone(),
+        client_addr: file.client_addr.clone(),
+    }
+}
+
+fn node_config(dir: &DataDir, file: &NodeFile, tls: &NodeTls) -> Result<NodeConfig> {
+    Ok(NodeConfig::new(
+        file.raft_id,
+        node_info(file),
+        dir.raft(),
+        pki::client_config(tls.ca.cert_pem(), &tls.identity)?,
+    ))
+}
+
+/// A started Raft node with its peer server.
+struct Started {
+    node: Arc<RaftNode>,
+    peer_stop: tokio::sync::oneshot::Sender<()>,
+    peer_task: tokio::task::JoinHandle<std::result::Result<(), eden_raft::Error>>,
+}
+
+async fn start(
+    dir: &DataDir,
+    file: &NodeFile,
+    tls: &NodeTls,
+    peer: TcpListener,
+) -> Result<Started> {
+    let node = RaftNode::start(node_config(dir, file, tls)?)
+        .await
+        .map_err(|e| Error::Unavailable(format!("starting Raft: {e}")))?;
+    let service = Arc::new(JoinService {
+        ca: tls.ca.clone(),
+        secret_sha256: tls.secret_sha256.clone(),
+        cluster_id: file.cluster_id,
+        cluster_name: file.cluster_name.clone(),
+        node: node.clone(),
+    });
+    let server_tls = pki::server_config(tls.ca.cert_pem(), &tls.identity, true)?;
+    let (peer_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let peer_task = tokio::spawn(PeerServer::serve(
+        peer,
+        server_tls,
+        node.clone(),
+        Some(service.fallback()),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    Ok(Started {
+        node,
+        peer_stop,
+        peer_task,
+    })
+}
+
+impl Started {
+    async fn stop(self) {
+        let _ = self.peer_stop.send(());
+        let _ = self.peer_task.await;
+        if let Err(e) = self.node.shutdown().await {
+            tracing::warn!("Raft shutdown: {e}");
+        }
+    }
+}
+
+/// `--init`: a new cluster with this node as its only voter.
+async fn init(dir: &DataDir, file: &mut NodeFile, peer: TcpListener) -> Result<Started> {
+    file.raft_id = pki::random_id()?;
+    file.cluster_id = pki::random_id()?;
+    file.cluster_name = file.name.clone();
+    let ca = ClusterCa::create(&file.cluster_name)?;
+    let hosts = vec![
+        join::host_of(&file.peer_addr),
+        join::host_of(&file.client_addr),
+    ];
+    let identity = ca.issue_node(&file.name, &hosts)?;
+    let admin = ca.issue_client("admin")?;
+    let token = JoinToken::generate(&ca.fingerprint())?;
+    dir.write("tls/ca.crt", ca.cert_pem().as_bytes(), false)?;
+    dir.write("tls/ca.key", ca.key_pem().as_bytes(), true)?;
+    dir.write("tls/node.crt", identity.cert_pem.as_bytes(), false)?;
+    dir.write("tls/node.key", identity.key_pem.as_bytes(), true)?;
+    dir.write("tls/join.sha256", token.secret_sha256().as_bytes(), true)?;
+    dir.write("admin/ca.crt", ca.cert_pem().as_bytes(), false)?;
+    dir.write("admin/admin.crt", admin.cert_pem.as_bytes(), false)?;
+    dir.write("admin/admin.key", admin.key_pem.as_bytes(), true)?;
+    dir.write("admin/join-token", format!("{token}\n").as_bytes(), true)?;
+    let tls = load_tls(dir)?;
+    let started = start(dir, file, &tls, peer).await?;
+    let members = BTreeMap::from([(file.raft_id, node_info(file))]);
+    if let Err(e) = started.node.initialize(members).await {
+        started.stop().await;
+        return Err(e.into());
+    }
+    dir.commit_node(file)?;
+    println!(
+        "created cluster {:?} ({:016x})",
+        file.cluster_name, file.cluster_id
+    );
+    println!(
+        "join token (also in {}):",
+        dir.admin().join("join-token").display()
+    );
+    println!("{token}");
+    println!(
+        "admin credentials for etcdctl: {}/{{ca.crt,admin.crt,admin.key}}",
+        dir.admin().display()
+    );
+    Ok(started)
+}
+
+/// `--join`: the joining side of the exchange in `join.rs`.
+async fn join(
+    dir: &DataDir,
+    file: &mut NodeFile,
+    peer: TcpListener,
+    via: &str,
+    token: &str,
+) -> Result<Started> {
+    let token = JoinToken::parse(token)?;
+    let (key_pem, csr_pem) = pki::new_key_and_csr(&file.name)?;
+    let request = JoinRequest {
+        secret: token.secret.clone(),
+        name: file.name.clone(),
+        csr_pem,
+        peer_addr: file.peer_addr.clone(),
+        client_addr: file.client_addr.clone(),
+        datastore: true,
+    };
+    let grant: JoinGrant = join::post_json(
+        via,
+        pki::pinned_client_config(&token.ca_sha256)?,
+        join::JOIN,
+        &request,
+        Duration::from_secs(30),
+    )
+    .await?;
+    if pki::sha256_hex(pki::cert_der_from_pem(&grant.ca_pem, "CA certificate")?.as_ref())
+        != token.ca_sha256
+    {
+        return Err(Error::InvalidData(format!(
+            "{via} sent a CA that does not match the token's hash; refusing to join"
+        )));
+    }
+    let (Some(ca_key), Some(secret_sha256)) = (grant.ca_key_pem, grant.secret_sha256) else {
+        return Err(Error::InvalidData(format!(
+            "{via} did not send the CA key a datastore node needs"
+        )));
+    };
+    file.raft_id = grant.raft_id;
+    file.cluster_id = grant.cluster_id;
+    file.cluster_name = grant.cluster_name.clone();
+    dir.write("tls/ca.crt", grant.ca_pem.as_bytes(), false)?;
+    dir.write("tls/ca.key", ca_key.as_bytes(), true)?;
+    dir.write("tls/node.crt", grant.cert_pem.as_bytes(), false)?;
+    dir.write("tls/node.key", key_pem.as_bytes(), true)?;
+    dir.write("tls/join.sha256", secret_sha256.as_bytes(), true)?;
+    let tls = load_tls(dir)?;
+    let started = start(dir, file, &tls, peer).await?;
+    let admitted: Result<Admitted> = join::post_json(
+        via,
+        pki::client_config(tls.ca.cert_pem(), &tls.identity)?,
+        join::ADMIT,
+        &AdmitRequest {
+            raft_id: file.raft_id,
+            info: node_info(file),
+        },
+        Duration::from_secs(120),
+    )
+    .await;
+    match admitted {
+        Ok(a) => {
+            dir.commit_node(file)?;
+            println!(
+                "joined cluster {:?} ({:016x}) as {} with raft id {}",
+                file.cluster_name,
+                file.cluster_id,
+                if a.voter { "a voter" } else { "a learner" },
+                file.raft_id
+            );
+            Ok(started)
+        }
+        Err(e) => {
+            started.stop().await;
+            Err(e)
+        }
+    }
+}
+
+async fn serve_until(
+    dir: DataDir,
+    file: NodeFile,
+    started: Started,
+    client: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    tracing::info!(
+        name = %file.name,
+        raft_id = file.raft_id,
+        peer = %file.peer_addr,
+        client = %file.client_addr,
+        "serving"
+    );
+    let _ = client;
+    shutdown.await;
+    tracing::info!("shutting down");
+    started.stop().await;
+    drop(dir);
+    Ok(())
+}
