@@ -5,7 +5,7 @@
 //! - [`cli`]: clap commands; talks to the cluster only through the etcd API.
 //! - `agent` (to come): per-node loop that watches assignments and runs the engine.
 //! - [`cluster`]: PKI, data dir, join, `eden serve`; gossip and the role controller to come.
-//! - `etcd` (to come): the etcd v3 gRPC services and JSON gateway over `eden_raft`.
+//! - [`etcd`]: the etcd v3 gRPC services and JSON gateway over `eden_raft`.
 //! - [`engine`]: the state language: render, parse, graph, order, run. Pure; no network, no store.
 //! - [`modules`]: `cmd`, `file`, `pkg`, `pkgrepo`, `test`, external: what changes a server.
 //! - [`error`]: the one error type.
@@ -16,4 +16,5 @@ pub mod cli;
 pub mod cluster;
 pub mod engine;
 pub mod error;
+pub mod etcd;
 pub mod modules;

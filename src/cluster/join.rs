@@ -83,13 +83,15 @@ struct ErrorBody {
     error: String,
 }
 
-/// The serving side: answers `/join` and `/join/admit` on the peer port.
+/// The serving side: answers `/join` and `/join/admit` on the peer port, and hands the etcd
+/// layer's peer routes (`/etcd/...`, lease clock forwarding) to [`crate::etcd::Backend`].
 pub struct JoinService {
     pub ca: Arc<ClusterCa>,
     pub secret_sha256: String,
     pub cluster_id: u64,
     pub cluster_name: String,
     pub node: Arc<RaftNode>,
+    pub etcd: Arc<crate::etcd::Backend>,
 }
 
 /// The host part of `host:port` (IPv6 in brackets allowed).
@@ -129,6 +131,9 @@ impl JoinService {
 
     async fn route(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
         let path = req.uri().path().to_string();
+        if path.starts_with("/etcd/") {
+            return self.etcd.peer_route(req).await;
+        }
         if req.method() != Method::POST {
             return refuse(StatusCode::METHOD_NOT_ALLOWED, format!("{path} takes POST"));
         }

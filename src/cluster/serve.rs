@@ -275,6 +275,11 @@ fn node_config(dir: &DataDir, file: &NodeFile, tls: &NodeTls) -> Result<NodeConf
 /// A started Raft node with its peer server.
 struct Started {
     node: Arc<RaftNode>,
+    /// The etcd API's shared state; the peer port's lease routes use it too.
+    etcd: Arc<crate::etcd::Backend>,
+    /// TLS for the etcd client port: the node certificate, clients must present one signed by
+    /// the cluster CA (for example `DATA/admin/admin.crt`).
+    client_tls: Arc<rustls::ServerConfig>,
     peer_stop: tokio::sync::oneshot::Sender<()>,
     peer_task: tokio::task::JoinHandle<std::result::Result<(), eden_raft::Error>>,
 }
@@ -288,7 +293,9 @@ async fn start(
     let node = RaftNode::start(node_config(dir, file, tls)?)
         .await
         .map_err(|e| Error::Unavailable(format!("starting Raft: {e}")))?;
+    let etcd = crate::etcd::Backend::new(node.clone(), file.cluster_id);
     let service = Arc::new(JoinService {
+        etcd: etcd.clone(),
         ca: tls.ca.clone(),
         secret_sha256: tls.secret_sha256.clone(),
         cluster_id: file.cluster_id,
@@ -296,6 +303,7 @@ async fn start(
         node: node.clone(),
     });
     let server_tls = pki::server_config(tls.ca.cert_pem(), &tls.identity, true)?;
+    let client_tls = pki::server_config(tls.ca.cert_pem(), &tls.identity, false)?;
     let (peer_stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let peer_task = tokio::spawn(PeerServer::serve(
         peer,
@@ -308,6 +316,8 @@ async fn start(
     ));
     Ok(Started {
         node,
+        etcd,
+        client_tls,
         peer_stop,
         peer_task,
     })
@@ -461,9 +471,22 @@ async fn serve_until(
         client = %file.client_addr,
         "serving"
     );
-    let _ = client;
+    let backend = started.etcd.clone();
+    let tls = if file.client_plaintext {
+        None
+    } else {
+        Some(started.client_tls.clone())
+    };
+    let (client_stop, client_stopped) = tokio::sync::oneshot::channel::<()>();
+    let client_task = tokio::spawn(crate::etcd::serve(client, tls, backend, async {
+        let _ = client_stopped.await;
+    }));
     shutdown.await;
     tracing::info!("shutting down");
+    let _ = client_stop.send(());
+    if let Ok(Err(e)) = client_task.await {
+        tracing::warn!("etcd client port: {e}");
+    }
     started.stop().await;
     drop(dir);
     Ok(())

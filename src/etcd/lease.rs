@@ -1,0 +1,366 @@
+//! The Lease service (Grant, Revoke, KeepAlive stream, TimeToLive, Leases) and the lease clock.
+//!
+//! The store knows each lease's granted TTL and its keys, never a deadline: time stays out of
+//! the replicated state. Deadlines live in [`LeaseKeeper`], in memory on each node:
+//! - Grant and KeepAlive set `deadline = now + ttl` on the node that served them.
+//! - [`run_keeper`] acts only on the Raft leader. When it expires a lease it replicates
+//!   `Command::LeaseRevoke`, so every replica deletes the lease's keys at the same revision.
+//! - When a node becomes leader it extends every lease to `now + ttl`, as etcd's lessor
+//!   `Promote` does, so a leader change never expires a lease early.
+//! - TTLs below etcd's minimum (3/2 of the election timeout, rounded up: 2 s) are raised to it.
+//!
+//! - The leader's clock is the one that counts. A follower forwards KeepAlive and the remaining
+//!   TTL of TimeToLive to the leader over the peer link ([`RENEW_PATH`], [`REMAINING_PATH`],
+//!   served by [`Backend::peer_request`]), as etcd forwards them.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use eden_storage as st;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::errors::ApiError;
+use super::kv::unexpected;
+use super::pb::etcdserverpb as pb;
+use super::Backend;
+
+/// etcd's minimum lease TTL with its default election timeout, in seconds.
+pub const MIN_LEASE_TTL: i64 = 2;
+/// How often the leader looks for expired leases.
+const KEEPER_TICK: Duration = Duration::from_millis(250);
+
+/// Peer route (on the leader): renew a lease's deadline; answers the granted TTL, 0 if unknown.
+pub const RENEW_PATH: &str = "/etcd/lease/renew";
+/// Peer route (on the leader): seconds left on a lease; -1 if unknown.
+pub const REMAINING_PATH: &str = "/etcd/lease/remaining";
+/// How long a follower waits for the leader to answer a forwarded lease request.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Lease deadlines on this node. A std mutex: held only for map operations, never across an
+/// await.
+#[derive(Default)]
+pub struct LeaseKeeper {
+    deadlines: Mutex<HashMap<st::LeaseId, Instant>>,
+}
+
+impl LeaseKeeper {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<st::LeaseId, Instant>> {
+        self.deadlines.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn refresh(&self, id: st::LeaseId, ttl: i64) {
+        self.lock()
+            .insert(id, Instant::now() + Duration::from_secs(ttl.max(0) as u64));
+    }
+
+    fn forget(&self, id: st::LeaseId) {
+        self.lock().remove(&id);
+    }
+
+    /// Seconds left before `id` expires, if this node has a deadline for it.
+    fn remaining(&self, id: st::LeaseId) -> Option<i64> {
+        let deadline = *self.lock().get(&id)?;
+        Some(deadline.saturating_duration_since(Instant::now()).as_secs() as i64)
+    }
+}
+
+/// Expires leases while this node leads. Runs until aborted (by [`super::serve`]).
+pub async fn run_keeper(backend: Arc<Backend>) {
+    let mut was_leader = false;
+    let mut tick = tokio::time::interval(KEEPER_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if !backend.node.is_leader() {
+            was_leader = false;
+            continue;
+        }
+        let leases = backend.node.store().leases();
+        let now = Instant::now();
+        let expired: Vec<st::LeaseId> = {
+            let mut deadlines = backend.leases.lock();
+            if !was_leader {
+                // Newly elected: every lease gets its full TTL again (etcd's Promote).
+                deadlines.clear();
+            }
+            let live: HashMap<st::LeaseId, i64> = leases.iter().map(|l| (l.id, l.ttl)).collect();
+            deadlines.retain(|id, _| live.contains_key(id));
+            for (id, ttl) in &live {
+                deadlines
+                    .entry(*id)
+                    .or_insert_with(|| now + Duration::from_secs((*ttl).max(0) as u64));
+            }
+            let mut expired: Vec<_> = deadlines
+                .iter()
+                .filter(|(_, deadline)| **deadline <= now)
+                .map(|(id, _)| *id)
+                .collect();
+            expired.sort_unstable();
+            expired
+        };
+        was_leader = true;
+        for id in expired {
+            match backend.node.write(st::Command::LeaseRevoke { id }).await {
+                Ok(_) | Err(eden_raft::Error::Store(st::Error::LeaseNotFound)) => {
+                    backend.leases.forget(id)
+                }
+                Err(e) => tracing::warn!("expiring lease {id:x} failed, will retry: {e}"),
+            }
+        }
+    }
+}
+
+impl Backend {
+    pub async fn lease_grant(
+        &self,
+        r: pb::LeaseGrantRequest,
+    ) -> Result<pb::LeaseGrantResponse, ApiError> {
+        let ttl = r.ttl.max(MIN_LEASE_TTL);
+        let applied = self
+            .node
+            .write(st::Command::LeaseGrant { id: r.id, ttl })
+            .await?;
+        match applied.response {
+            st::CommandResponse::LeaseGrant { id, ttl } => {
+                self.leases.refresh(id, ttl);
+                Ok(pb::LeaseGrantResponse {
+                    header: self.header(applied.revision),
+                    id,
+                    ttl,
+                    error: String::new(),
+                })
+            }
+            other => Err(unexpected("lease grant", &other)),
+        }
+    }
+
+    pub async fn lease_revoke(
+        &self,
+        r: pb::LeaseRevokeRequest,
+    ) -> Result<pb::LeaseRevokeResponse, ApiError> {
+        let applied = self
+            .node
+            .write(st::Command::LeaseRevoke { id: r.id })
+            .await?;
+        self.leases.forget(r.id);
+        Ok(pb::LeaseRevokeResponse {
+            header: self.header(applied.revision),
+        })
+    }
+
+    /// On the leader: restart `id`'s clock. The granted TTL, or 0 if there is no such lease.
+    fn renew_local(&self, id: st::LeaseId) -> i64 {
+        match self.node.store().lease(id) {
+            Some(l) => {
+                self.leases.refresh(id, l.ttl);
+                l.ttl
+            }
+            None => 0,
+        }
+    }
+
+    /// On the leader: seconds left on `id`, or -1 if there is no such lease.
+    fn remaining_local(&self, id: st::LeaseId) -> i64 {
+        match self.node.store().lease(id) {
+            Some(l) => self.leases.remaining(id).unwrap_or(l.ttl),
+            None => -1,
+        }
+    }
+
+    /// Runs a lease clock request on the leader: here if this node leads, else over the peer
+    /// link. Both sides first confirm leadership with a linearizable read.
+    async fn on_leader(&self, path: &str, id: st::LeaseId) -> Result<i64, ApiError> {
+        self.node.linearizable_read().await?;
+        let leader = match self.node.leader() {
+            Some((leader, _)) if leader == self.node.id() => None,
+            Some((_, info)) => Some(info.peer_addr),
+            None => return Err(ApiError::Unavailable("etcdserver: no leader".into())),
+        };
+        let Some(addr) = leader else {
+            return Ok(self.local_lease_request(path, id));
+        };
+        let body = serde_json::to_vec(&id).map_err(|e| ApiError::Internal(e.to_string()))?;
+        let answer = self
+            .node
+            .peer_pool()
+            .call(&addr, path, body, FORWARD_TIMEOUT)
+            .await
+            .map_err(|e| {
+                ApiError::Unavailable(format!(
+                    "etcdserver: forwarding a lease request to the leader failed: {e}"
+                ))
+            })?;
+        serde_json::from_slice(&answer).map_err(|e| {
+            ApiError::Internal(format!(
+                "the leader's answer to {path} is not a number: {e}"
+            ))
+        })
+    }
+
+    fn local_lease_request(&self, path: &str, id: st::LeaseId) -> i64 {
+        if path == RENEW_PATH {
+            self.renew_local(id)
+        } else {
+            self.remaining_local(id)
+        }
+    }
+
+    /// Serves the lease routes of the peer port (a JSON lease id in, a JSON number out).
+    /// `None` if `path` is not one of them. Refuses when this node is no longer the leader, so
+    /// a stale follower view never renews on the wrong clock.
+    pub async fn peer_request(&self, path: &str, body: &[u8]) -> Option<Result<Vec<u8>, String>> {
+        if path != RENEW_PATH && path != REMAINING_PATH {
+            return None;
+        }
+        let id: st::LeaseId = match serde_json::from_slice(body) {
+            Ok(id) => id,
+            Err(e) => return Some(Err(format!("{path}: the body must be a lease id: {e}"))),
+        };
+        if let Err(e) = self.node.linearizable_read().await {
+            return Some(Err(format!("{path}: {e}")));
+        }
+        if !self.node.is_leader() {
+            return Some(Err(format!("{path}: this node is not the leader")));
+        }
+        let answer = self.local_lease_request(path, id);
+        Some(serde_json::to_vec(&answer).map_err(|e| e.to_string()))
+    }
+
+    /// One keep-alive: the lease's TTL, or TTL 0 if it does not exist (etcd answers so rather
+    /// than failing the stream).
+    pub async fn lease_keep_alive(
+        &self,
+        r: pb::LeaseKeepAliveRequest,
+    ) -> Result<pb::LeaseKeepAliveResponse, ApiError> {
+        let ttl = self.on_leader(RENEW_PATH, r.id).await?;
+        Ok(pb::LeaseKeepAliveResponse {
+            header: self.header_now(),
+            id: r.id,
+            ttl,
+        })
+    }
+
+    pub async fn lease_time_to_live(
+        &self,
+        r: pb::LeaseTimeToLiveRequest,
+    ) -> Result<pb::LeaseTimeToLiveResponse, ApiError> {
+        let remaining = self.on_leader(REMAINING_PATH, r.id).await?;
+        let header = self.header_now();
+        Ok(match self.node.store().lease(r.id) {
+            // etcd answers an unknown lease with TTL -1, not an error.
+            None => pb::LeaseTimeToLiveResponse {
+                header,
+                id: r.id,
+                ttl: -1,
+                ..Default::default()
+            },
+            Some(l) => pb::LeaseTimeToLiveResponse {
+                header,
+                id: r.id,
+                ttl: remaining.max(0),
+                granted_ttl: l.ttl,
+                keys: if r.keys { l.keys } else { Vec::new() },
+            },
+        })
+    }
+
+    pub async fn lease_leases(&self) -> Result<pb::LeaseLeasesResponse, ApiError> {
+        self.node.linearizable_read().await?;
+        // etcd lists leases by expiry, soonest first. Leases this node has no clock for (a
+        // follower that never served them) sort by their TTL after the clocked ones.
+        let mut leases: Vec<(Option<Instant>, i64, st::LeaseId)> = {
+            let deadlines = self.leases.lock();
+            self.node
+                .store()
+                .leases()
+                .into_iter()
+                .map(|l| (deadlines.get(&l.id).copied(), l.ttl, l.id))
+                .collect()
+        };
+        leases.sort_by_key(|(deadline, ttl, id)| (deadline.is_none(), *deadline, *ttl, *id));
+        Ok(pb::LeaseLeasesResponse {
+            header: self.header_now(),
+            leases: leases
+                .into_iter()
+                .map(|(_, _, id)| pb::LeaseStatus { id })
+                .collect(),
+        })
+    }
+}
+
+pub struct LeaseService {
+    backend: Arc<Backend>,
+}
+
+impl LeaseService {
+    pub fn new(backend: Arc<Backend>) -> LeaseService {
+        LeaseService { backend }
+    }
+}
+
+type KeepAliveStream =
+    Pin<Box<dyn Stream<Item = Result<pb::LeaseKeepAliveResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::lease_server::Lease for LeaseService {
+    async fn lease_grant(
+        &self,
+        req: Request<pb::LeaseGrantRequest>,
+    ) -> Result<Response<pb::LeaseGrantResponse>, Status> {
+        Ok(Response::new(
+            self.backend.lease_grant(req.into_inner()).await?,
+        ))
+    }
+
+    async fn lease_revoke(
+        &self,
+        req: Request<pb::LeaseRevokeRequest>,
+    ) -> Result<Response<pb::LeaseRevokeResponse>, Status> {
+        Ok(Response::new(
+            self.backend.lease_revoke(req.into_inner()).await?,
+        ))
+    }
+
+    type LeaseKeepAliveStream = KeepAliveStream;
+
+    async fn lease_keep_alive(
+        &self,
+        req: Request<Streaming<pb::LeaseKeepAliveRequest>>,
+    ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
+        let mut requests = req.into_inner();
+        let backend = self.backend.clone();
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            while let Some(Ok(r)) = requests.next().await {
+                let resp = backend.lease_keep_alive(r).await.map_err(Status::from);
+                let failed = resp.is_err();
+                if tx.send(resp).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn lease_time_to_live(
+        &self,
+        req: Request<pb::LeaseTimeToLiveRequest>,
+    ) -> Result<Response<pb::LeaseTimeToLiveResponse>, Status> {
+        Ok(Response::new(
+            self.backend.lease_time_to_live(req.into_inner()).await?,
+        ))
+    }
+
+    async fn lease_leases(
+        &self,
+        _req: Request<pb::LeaseLeasesRequest>,
+    ) -> Result<Response<pb::LeaseLeasesResponse>, Status> {
+        Ok(Response::new(self.backend.lease_leases().await?))
+    }
+}

@@ -1,0 +1,270 @@
+//! The etcd v3 API on every datastore node: gRPC (KV, Watch, Lease, Cluster, Maintenance) and
+//! the JSON gateway, on one client port, over TLS or (loopback only) plaintext.
+//!
+//! ## What this module owns
+//! - The wire: protos in `proto/` with etcd's field numbers, compiled by protox in `build.rs`
+//!   into [`pb`]. etcd clients (etcdctl, clientv3, `etcd-client`) work unchanged.
+//! - Thin handlers, one file per service: validate → call [`eden_raft::RaftNode`] → map the
+//!   error through [`errors`] (the one table) → fill the header ([`Backend::header`]).
+//! - Lease deadlines ([`lease::LeaseKeeper`]): the clock lives here, never in storage. Only the
+//!   leader expires leases, by replicating `Command::LeaseRevoke`.
+//!
+//! ## The data path of `etcdctl put k v`
+//! 1. [`serve`] accepts the TCP connection, completes TLS (ALPN `h2`), and hyper hands the
+//!    HTTP/2 request to the router: `/etcdserverpb.*` paths go to tonic, `/v3/*`, `/version`
+//!    and `/health` to [`gateway`].
+//! 2. [`kv::KvService::put`] converts the protobuf into `eden_storage::PutRequest` and calls
+//!    `RaftNode::write(Command::Put)`, which forwards to the leader if needed; the proposer
+//!    batches it with concurrent writes into one Raft entry.
+//! 3. The entry is appended and fsynced on a quorum, then `StateMachine::apply` runs
+//!    `Store::apply` on every replica and publishes the revision's events on the feed.
+//! 4. The handler gets the `Applied { revision, .. }` and answers with the header
+//!    (cluster_id, member_id, revision, raft_term). [`watch`] sessions on every node wake on the
+//!    feed and stream the new events from their local store.
+//!
+//! ## What it does not do
+//! No auth service (etcd's users and roles): access control is the client certificate.
+//! No storage semantics: those are `eden_storage`'s, shared with the tests and fuzzers.
+
+pub mod cluster;
+pub mod errors;
+pub mod gateway;
+pub mod kv;
+pub mod lease;
+pub mod maintenance;
+pub mod watch;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use eden_raft::RaftNode;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+
+pub use errors::ApiError;
+
+/// Generated protobuf types, servers and clients (etcd's packages `etcdserverpb` and `mvccpb`).
+pub mod pb {
+    #![allow(clippy::all, missing_docs)]
+    pub mod mvccpb {
+        tonic::include_proto!("mvccpb");
+    }
+    pub mod etcdserverpb {
+        tonic::include_proto!("etcdserverpb");
+    }
+}
+
+use pb::etcdserverpb::ResponseHeader;
+
+/// The etcd server version eden reports (Status, `/version`). Clients gate features on it; eden
+/// implements the 3.4 API.
+pub const ETCD_VERSION: &str = "3.4.23";
+/// The cluster version reported by `/version`.
+pub const ETCD_CLUSTER_VERSION: &str = "3.4.0";
+
+/// What the etcd services share: the node, the cluster identity, the lease clock.
+pub struct Backend {
+    node: Arc<RaftNode>,
+    cluster_id: u64,
+    leases: lease::LeaseKeeper,
+    keeper_running: AtomicBool,
+}
+
+impl Backend {
+    /// `cluster_id` goes into every response header; use a stable value derived from the
+    /// cluster (for example the first 8 bytes of the CA certificate's SHA-256).
+    pub fn new(node: Arc<RaftNode>, cluster_id: u64) -> Arc<Backend> {
+        Arc::new(Backend {
+            node,
+            cluster_id,
+            leases: lease::LeaseKeeper::default(),
+            keeper_running: AtomicBool::new(false),
+        })
+    }
+
+    pub fn node(&self) -> &Arc<RaftNode> {
+        &self.node
+    }
+
+    pub fn cluster_id(&self) -> u64 {
+        self.cluster_id
+    }
+
+    /// A response header at `revision`, with this node's id and the current Raft term.
+    pub fn header(&self, revision: i64) -> Option<ResponseHeader> {
+        let raft_term = self.node.raft().metrics().borrow().current_term;
+        Some(ResponseHeader {
+            cluster_id: self.cluster_id,
+            member_id: self.node.id(),
+            revision,
+            raft_term,
+        })
+    }
+
+    /// A header at the local store's current revision.
+    pub fn header_now(&self) -> Option<ResponseHeader> {
+        self.header(self.node.store().revision())
+    }
+}
+
+/// Largest body accepted on the etcd peer routes.
+const MAX_PEER_BODY: usize = 4096;
+
+impl Backend {
+    /// Serves the etcd layer's routes on the peer port (`/etcd/...`: lease clock forwarding).
+    /// Only cluster members may call them: the request must carry a peer certificate.
+    pub async fn peer_route(
+        &self,
+        req: hyper::Request<hyper::body::Incoming>,
+    ) -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
+        use http_body_util::BodyExt;
+        let reply = |status: hyper::StatusCode, body: Vec<u8>| {
+            let mut resp =
+                hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(body)));
+            *resp.status_mut() = status;
+            resp
+        };
+        let path = req.uri().path().to_string();
+        if req
+            .extensions()
+            .get::<eden_raft::PeerCertificate>()
+            .is_none()
+        {
+            let msg = format!("{path} is for cluster members: present a node certificate");
+            return reply(hyper::StatusCode::FORBIDDEN, msg.into_bytes());
+        }
+        let body = match http_body_util::Limited::new(req.into_body(), MAX_PEER_BODY)
+            .collect()
+            .await
+        {
+            Ok(b) => b.to_bytes(),
+            Err(e) => {
+                let msg = format!("reading {path}: {e}");
+                return reply(hyper::StatusCode::BAD_REQUEST, msg.into_bytes());
+            }
+        };
+        match self.peer_request(&path, &body).await {
+            Some(Ok(answer)) => reply(hyper::StatusCode::OK, answer),
+            Some(Err(e)) => reply(hyper::StatusCode::SERVICE_UNAVAILABLE, e.into_bytes()),
+            None => reply(
+                hyper::StatusCode::NOT_FOUND,
+                format!("no route {path}").into_bytes(),
+            ),
+        }
+    }
+
+    /// The peer server fallback for a node that serves only the etcd layer's peer routes (no
+    /// join service): test harnesses and embedded uses.
+    pub fn peer_fallback(self: Arc<Self>) -> eden_raft::Fallback {
+        Arc::new(move |req| {
+            let backend = self.clone();
+            Box::pin(async move { backend.peer_route(req).await })
+        })
+    }
+}
+
+/// The router for one client port: the five gRPC services plus the JSON gateway.
+pub fn router(backend: Arc<Backend>) -> axum::Router {
+    use pb::etcdserverpb::{
+        cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer,
+        maintenance_server::MaintenanceServer, watch_server::WatchServer,
+    };
+    let routes = tonic::service::Routes::new(KvServer::new(kv::KvService::new(backend.clone())))
+        .add_service(WatchServer::new(watch::WatchService::new(backend.clone())))
+        .add_service(LeaseServer::new(lease::LeaseService::new(backend.clone())))
+        .add_service(ClusterServer::new(cluster::ClusterService::new(
+            backend.clone(),
+        )))
+        .add_service(MaintenanceServer::new(
+            maintenance::MaintenanceService::new(backend.clone()),
+        ));
+    routes.into_axum_router().merge(gateway::router(backend))
+}
+
+/// Serves the etcd v3 API (gRPC and the JSON gateway) on `listener` until `shutdown` completes.
+///
+/// - `tls`: the client-port TLS config (with a client-certificate verifier for the cluster CA).
+///   ALPN `h2` and `http/1.1` are added if it has none. `None` serves plaintext; the caller
+///   must allow that only on a loopback address (DESIGN §9, `--client-plaintext`).
+/// - Also runs the lease keeper (expiry on the leader) while it serves; several `serve` calls
+///   on one [`Backend`] share one keeper.
+///
+/// On shutdown it stops accepting and drops open connections (watch streams end).
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    backend: Arc<Backend>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> std::io::Result<()> {
+    let router = router(backend.clone());
+    let keeper = if backend.keeper_running.swap(true, Ordering::SeqCst) {
+        None
+    } else {
+        Some(tokio::spawn(lease::run_keeper(backend.clone())))
+    };
+    let acceptor = tls.map(|config| {
+        let mut config = (*config).clone();
+        if config.alpn_protocols.is_empty() {
+            config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        }
+        tokio_rustls::TlsAcceptor::from(Arc::new(config))
+    });
+    let mut conns = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => {
+                let (tcp, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!("etcd client port: accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = tcp.set_nodelay(true);
+                let router = router.clone();
+                let acceptor = acceptor.clone();
+                conns.spawn(async move {
+                    if let Err(e) = serve_connection(tcp, acceptor, router).await {
+                        tracing::debug!("etcd client connection from {peer} ended: {e}");
+                    }
+                });
+            }
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+    conns.shutdown().await;
+    if let Some(k) = keeper {
+        k.abort();
+        backend.keeper_running.store(false, Ordering::SeqCst);
+    }
+    Ok(())
+}
+
+async fn serve_connection(
+    tcp: tokio::net::TcpStream,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+    router: axum::Router,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let service = hyper_util::service::TowerToHyperService::new(router);
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    match acceptor {
+        Some(acceptor) => {
+            let stream = acceptor.accept(tcp).await?;
+            builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .await
+        }
+        None => {
+            builder
+                .serve_connection_with_upgrades(TokioIo::new(tcp), service)
+                .await
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! etcdctl 3.4 (the real binary) against a 3-node eden cluster over TLS with client
+//! certificates, using the admin credentials layout of `DATA/admin/`.
+
+mod etcd_common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+
+use etcd_common::EdenCluster;
+
+fn stdout(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "etcdctl failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+fn json(out: &std::process::Output) -> serde_json::Value {
+    serde_json::from_str(&stdout(out)).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn etcdctl_kv_txn_compact_over_tls_on_every_node() {
+    let c = EdenCluster::start(3, true).await;
+    let (e1, e2, e3) = (c.endpoint(0), c.endpoint(1), c.endpoint(2));
+
+    assert_eq!(stdout(&c.etcdctl(&e1, &["put", "foo", "bar"])), "OK\n");
+    // Linearizable read on a follower sees the write made through another node.
+    assert_eq!(stdout(&c.etcdctl(&e2, &["get", "foo"])), "foo\nbar\n");
+    // A serializable read is served by the follower's replica: current or not yet applied.
+    let local = stdout(&c.etcdctl(
+        &e3,
+        &["get", "foo", "--consistency=s", "--print-value-only"],
+    ));
+    assert!(local == "bar\n" || local.is_empty(), "{local:?}");
+    stdout(&c.etcdctl(&e3, &["put", "foo2", "baz"]));
+    let got = json(&c.etcdctl(&e1, &["get", "foo", "--prefix", "-w", "json"]));
+    assert_eq!(got["count"], 2);
+    assert_eq!(got["header"]["revision"], 3);
+    assert_eq!(got["kvs"][0]["create_revision"], 2);
+    assert_eq!(got["kvs"][1]["mod_revision"], 3);
+
+    // txn: compare succeeds, success branch runs.
+    let mut txn = Command::new("/usr/bin/etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={e2}"))
+        .arg(format!("--cacert={}", c.creds.join("ca.crt").display()))
+        .arg(format!("--cert={}", c.creds.join("admin.crt").display()))
+        .arg(format!("--key={}", c.creds.join("admin.key").display()))
+        .args(["txn", "--interactive=false"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    txn.stdin
+        .take()
+        .unwrap()
+        .write_all(b"value(\"foo\") = \"bar\"\n\nput foo qux\n\nput foo nope\n\n")
+        .unwrap();
+    let out = txn.wait_with_output().unwrap();
+    assert_eq!(stdout(&out), "SUCCESS\n\nOK\n");
+    assert_eq!(
+        stdout(&c.etcdctl(&e1, &["get", "foo", "--print-value-only"])),
+        "qux\n"
+    );
+
+    assert_eq!(stdout(&c.etcdctl(&e3, &["del", "foo2"])), "1\n");
+    assert_eq!(stdout(&c.etcdctl(&e3, &["del", "nothing"])), "0\n");
+
+    // compact, then reading the old revision fails with etcd's message.
+    assert_eq!(
+        stdout(&c.etcdctl(&e1, &["compact", "4"])),
+        "compacted revision 4\n"
+    );
+    let old = c.etcdctl(&e2, &["get", "foo", "--rev=2"]);
+    assert!(!old.status.success());
+    assert!(
+        String::from_utf8_lossy(&old.stderr)
+            .contains("etcdserver: mvcc: required revision has been compacted"),
+        "{}",
+        String::from_utf8_lossy(&old.stderr)
+    );
+    let future = c.etcdctl(&e2, &["get", "foo", "--rev=99"]);
+    assert!(String::from_utf8_lossy(&future.stderr)
+        .contains("etcdserver: mvcc: required revision is a future revision"));
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn etcdctl_watch_lease_members_status() {
+    let c = EdenCluster::start(3, true).await;
+    let (e1, e3) = (c.endpoint(0), c.endpoint(2));
+
+    // watch on a follower, write on the leader.
+    let mut watch = Command::new("/usr/bin/etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={e3}"))
+        .arg(format!("--cacert={}", c.creds.join("ca.crt").display()))
+        .arg(format!("--cert={}", c.creds.join("admin.crt").display()))
+        .arg(format!("--key={}", c.creds.join("admin.key").display()))
+        .args(["watch", "w", "--prefix", "--prev-kv"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(watch.stdout.take().unwrap()).lines();
+    // The watch is registered once etcdctl connected; keep writing until it reports.
+    let writer = {
+        let c_creds = c.creds.clone();
+        let e1 = e1.clone();
+        std::thread::spawn(move || {
+            for i in 0..3 {
+                std::thread::sleep(std::time::Duration::from_millis(700));
+                Command::new("/usr/bin/etcdctl")
+                    .env("ETCDCTL_API", "3")
+                    .arg(format!("--endpoints={e1}"))
+                    .arg(format!("--cacert={}", c_creds.join("ca.crt").display()))
+                    .arg(format!("--cert={}", c_creds.join("admin.crt").display()))
+                    .arg(format!("--key={}", c_creds.join("admin.key").display()))
+                    .args(["put", "w1", &format!("v{i}")])
+                    .output()
+                    .unwrap();
+            }
+        })
+    };
+    let first: Vec<String> = (0..3).map(|_| lines.next().unwrap().unwrap()).collect();
+    assert_eq!(first[0], "PUT");
+    assert_eq!(first[1], "w1");
+    assert!(first[2].starts_with('v'), "{first:?}");
+    let _ = watch.kill();
+    let _ = watch.wait();
+    writer.join().unwrap();
+
+    // lease grant, attach, keep-alive once, time-to-live with keys, revoke.
+    let granted = stdout(&c.etcdctl(&e1, &["lease", "grant", "60"]));
+    let id = granted.split_whitespace().nth(1).unwrap().to_string();
+    assert!(granted.ends_with("granted with TTL(60s)\n"), "{granted}");
+    stdout(&c.etcdctl(&e1, &["put", "leased", "x", &format!("--lease={id}")]));
+    let ka = stdout(&c.etcdctl(&e1, &["lease", "keep-alive", "--once", &id]));
+    assert!(ka.contains("keepalived with TTL(60)"), "{ka}");
+    let ttl = stdout(&c.etcdctl(&e1, &["lease", "timetolive", &id, "--keys"]));
+    assert!(ttl.contains("granted with TTL(60s)"), "{ttl}");
+    assert!(ttl.contains("attached keys([leased])"), "{ttl}");
+    let list = stdout(&c.etcdctl(&e3, &["lease", "list"]));
+    assert!(list.contains(&id), "{list}");
+    stdout(&c.etcdctl(&e1, &["lease", "revoke", &id]));
+    assert_eq!(stdout(&c.etcdctl(&e3, &["get", "leased"])), "");
+    let gone = c.etcdctl(&e1, &["lease", "revoke", &id]);
+    assert!(String::from_utf8_lossy(&gone.stderr).contains("etcdserver: requested lease not found"));
+
+    // member list: three voters with their URLs.
+    let members = json(&c.etcdctl(&e1, &["member", "list", "-w", "json"]));
+    let members = members["members"].as_array().unwrap();
+    assert_eq!(members.len(), 3);
+    for (i, m) in members.iter().enumerate() {
+        assert_eq!(m["ID"], i as u64 + 1);
+        assert_eq!(m["name"], format!("node{}", i + 1));
+        assert_eq!(m["clientURLs"][0], c.endpoint(i));
+        assert!(m.get("isLearner").is_none());
+    }
+
+    // endpoint status on every node agrees on the leader.
+    let status = json(&c.etcdctl(&c.endpoints(), &["endpoint", "status", "-w", "json"]));
+    let status = status.as_array().unwrap();
+    assert_eq!(status.len(), 3);
+    let leaders: Vec<u64> = status
+        .iter()
+        .map(|s| s["Status"]["leader"].as_u64().unwrap())
+        .collect();
+    assert_eq!(leaders, vec![1, 1, 1]);
+    assert_eq!(status[0]["Status"]["version"], eden::etcd::ETCD_VERSION);
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn etcdctl_without_client_certificate_is_refused() {
+    let c = EdenCluster::start(1, true).await;
+    let out = Command::new("/usr/bin/etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={}", c.endpoint(0)))
+        .arg(format!("--cacert={}", c.creds.join("ca.crt").display()))
+        .args(["--dial-timeout=2s", "--command-timeout=3s", "put", "a", "b"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert_eq!(stdout(&c.etcdctl(&c.endpoint(0), &["get", "a"])), "");
+    c.stop().await;
+}
