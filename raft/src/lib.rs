@@ -23,6 +23,7 @@ pub use node::{
     default_raft_config, MembershipChange, NodeConfig, NodeMetrics, PeerProgress, RaftNode,
     RaftRole,
 };
+pub use openraft;
 pub use state_machine::{EventFeed, RevisionEvents, StateMachine};
 pub use transport::{Fallback, NetworkFactory, PeerCertificate, PeerPool, PeerServer, RemoteAddr};
 pub use types::*;

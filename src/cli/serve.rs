@@ -52,6 +52,11 @@ pub struct ServeArgs {
     /// Serve the etcd API without TLS (only on a loopback --client-addr).
     #[arg(long)]
     pub client_plaintext: bool,
+    /// Raft entries between snapshots (as etcd's flag). A follower that falls further behind
+    /// than a tenth of this catches up from a snapshot instead of the log.
+    #[arg(long, value_name = "N", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(10..))]
+    pub snapshot_count: u64,
 }
 
 fn parse_labels(s: &str) -> Result<BTreeMap<String, String>> {
@@ -77,6 +82,7 @@ pub fn run(args: ServeArgs) -> Result<i32> {
         datastore: args.datastore,
         labels: parse_labels(args.labels.as_deref().unwrap_or(""))?,
         client_plaintext: args.client_plaintext,
+        snapshot_count: args.snapshot_count,
     };
     init_logging();
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -47,6 +47,8 @@ pub struct ServeOptions {
     pub datastore: Option<String>,
     pub labels: BTreeMap<String, String>,
     pub client_plaintext: bool,
+    /// Raft entries between snapshots; 0 means eden's default (10 000).
+    pub snapshot_count: u64,
 }
 
 /// What to do with the data dir.
@@ -82,12 +84,14 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()>) -> Re
     let started = match mode {
         Mode::Restart => {
             let tls = load_tls(&dir)?;
-            start(&dir, &file, &tls, peer).await?
+            start(&dir, &file, &tls, peer, opts.snapshot_count).await?
         }
         Mode::Init | Mode::Join { .. } => {
             let set_up = match &mode {
-                Mode::Join { via, token } => join(&dir, &mut file, peer, via, token).await,
-                _ => init(&dir, &mut file, peer).await,
+                Mode::Join { via, token } => {
+                    join(&dir, &mut file, peer, via, token, opts.snapshot_count).await
+                }
+                _ => init(&dir, &mut file, peer, opts.snapshot_count).await,
             };
             match set_up {
                 Ok(s) => s,
@@ -263,13 +267,26 @@ fn node_info(file: &NodeFile) -> NodeInfo {
     }
 }
 
-fn node_config(dir: &DataDir, file: &NodeFile, tls: &NodeTls) -> Result<NodeConfig> {
-    Ok(NodeConfig::new(
+fn node_config(
+    dir: &DataDir,
+    file: &NodeFile,
+    tls: &NodeTls,
+    snapshot_count: u64,
+) -> Result<NodeConfig> {
+    let mut config = NodeConfig::new(
         file.raft_id,
         node_info(file),
         dir.raft(),
         pki::client_config(tls.ca.cert_pem(), &tls.identity)?,
-    ))
+    );
+    if snapshot_count > 0 {
+        // Keep a tenth of a snapshot's worth of log behind it, for followers that are only
+        // a little behind.
+        config.raft.snapshot_policy =
+            eden_raft::openraft::SnapshotPolicy::LogsSinceLast(snapshot_count);
+        config.raft.max_in_snapshot_log_to_keep = snapshot_count / 10;
+    }
+    Ok(config)
 }
 
 /// A started Raft node with its peer server.
@@ -289,8 +306,9 @@ async fn start(
     file: &NodeFile,
     tls: &NodeTls,
     peer: TcpListener,
+    snapshot_count: u64,
 ) -> Result<Started> {
-    let node = RaftNode::start(node_config(dir, file, tls)?)
+    let node = RaftNode::start(node_config(dir, file, tls, snapshot_count)?)
         .await
         .map_err(|e| Error::Unavailable(format!("starting Raft: {e}")))?;
     let etcd = crate::etcd::Backend::new(node.clone(), file.cluster_id);
@@ -334,7 +352,12 @@ impl Started {
 }
 
 /// `--init`: a new cluster with this node as its only voter.
-async fn init(dir: &DataDir, file: &mut NodeFile, peer: TcpListener) -> Result<Started> {
+async fn init(
+    dir: &DataDir,
+    file: &mut NodeFile,
+    peer: TcpListener,
+    snapshot_count: u64,
+) -> Result<Started> {
     file.raft_id = pki::random_id()?;
     file.cluster_id = pki::random_id()?;
     file.cluster_name = file.name.clone();
@@ -356,7 +379,7 @@ async fn init(dir: &DataDir, file: &mut NodeFile, peer: TcpListener) -> Result<S
     dir.write("admin/admin.key", admin.key_pem.as_bytes(), true)?;
     dir.write("admin/join-token", format!("{token}\n").as_bytes(), true)?;
     let tls = load_tls(dir)?;
-    let started = start(dir, file, &tls, peer).await?;
+    let started = start(dir, file, &tls, peer, snapshot_count).await?;
     let members = BTreeMap::from([(file.raft_id, node_info(file))]);
     if let Err(e) = started.node.initialize(members).await {
         started.stop().await;
@@ -386,6 +409,7 @@ async fn join(
     peer: TcpListener,
     via: &str,
     token: &str,
+    snapshot_count: u64,
 ) -> Result<Started> {
     let token = JoinToken::parse(token)?;
     let (key_pem, csr_pem) = pki::new_key_and_csr(&file.name)?;
@@ -426,7 +450,7 @@ async fn join(
     dir.write("tls/node.key", key_pem.as_bytes(), true)?;
     dir.write("tls/join.sha256", secret_sha256.as_bytes(), true)?;
     let tls = load_tls(dir)?;
-    let started = start(dir, file, &tls, peer).await?;
+    let started = start(dir, file, &tls, peer, snapshot_count).await?;
     let admitted: Result<Admitted> = join::post_json(
         via,
         pki::client_config(tls.ca.cert_pem(), &tls.identity)?,

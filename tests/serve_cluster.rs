@@ -1,0 +1,598 @@
+//! `eden serve` as real processes on loopback: a cluster formed with --init and --join, the
+//! leader killed with SIGKILL, a follower that catches up from a snapshot, a peer with a
+//! certificate from another CA, and joins with bad tokens.
+//!
+//! The nodes serve the etcd API in plaintext on loopback (`--client-plaintext`) so the test can
+//! drive them with the generated etcd clients; one test also runs etcdctl over TLS with the
+//! admin credentials from `DATA/admin/`.
+
+use std::net::TcpListener as StdListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use eden::etcd::pb::etcdserverpb as pb;
+use tonic::transport::Channel;
+
+type Kv = pb::kv_client::KvClient<Channel>;
+
+/// A loopback address with a port that was free a moment ago.
+fn free_addr() -> String {
+    let l = StdListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+/// One `eden serve` process. Killed (SIGKILL) when dropped.
+struct Node {
+    name: String,
+    dir: PathBuf,
+    peer: String,
+    client: String,
+    log: PathBuf,
+    child: Option<Child>,
+    restarts: usize,
+}
+
+impl Node {
+    fn new(root: &Path, name: &str) -> Node {
+        Node {
+            name: name.to_string(),
+            dir: root.join(name),
+            peer: free_addr(),
+            client: free_addr(),
+            log: root.join(format!("{name}.log")),
+            child: None,
+            restarts: 0,
+        }
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_eden"));
+        cmd.arg("serve").arg("--data-dir").arg(&self.dir);
+        cmd.env("EDEN_LOG", "info,openraft=warn,sled=warn");
+        cmd
+    }
+
+    fn spawn(&mut self, mut cmd: Command) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = cmd
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    /// Starts a new node: `--init`, or `--join VIA --token T`.
+    fn create(&mut self, join: Option<(&str, &str)>, extra: &[&str]) {
+        let mut cmd = self.command();
+        cmd.args(["--name", &self.name, "--peer-addr", &self.peer])
+            .args(["--client-addr", &self.client, "--client-plaintext"])
+            .args(extra);
+        match join {
+            None => cmd.arg("--init"),
+            Some((via, token)) => cmd.args(["--join", via, "--token", token]),
+        };
+        self.spawn(cmd);
+    }
+
+    /// Restarts from the data dir alone.
+    fn restart(&mut self, extra: &[&str]) {
+        assert!(self.child.is_none(), "{} is still running", self.name);
+        self.restarts += 1;
+        let mut cmd = self.command();
+        cmd.args(extra);
+        self.spawn(cmd);
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    fn terminate(&mut self) {
+        let mut c = self.child.take().expect("node is running");
+        let pid = c.id().to_string();
+        let st = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(st.success());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = c.try_wait().unwrap() {
+                assert!(
+                    status.success(),
+                    "{} exited with {status} after SIGTERM:\n{}",
+                    self.name,
+                    self.log_text()
+                );
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not stop within 20 s of SIGTERM",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://{}", self.client)
+    }
+
+    fn token(&self) -> String {
+        std::fs::read_to_string(self.dir.join("admin/join-token"))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    /// Waits until the client port answers Status, and returns it.
+    async fn ready(&mut self) -> pb::StatusResponse {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(c) = self.child.as_mut() {
+                if let Some(status) = c.try_wait().unwrap() {
+                    panic!("{} exited with {status}:\n{}", self.name, self.log_text());
+                }
+            }
+            if let Ok(s) = status(&self.endpoint()).await {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not serve within 60 s:\n{}",
+                self.name,
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+async fn channel(endpoint: &str) -> Result<Channel, tonic::transport::Error> {
+    Channel::from_shared(endpoint.to_string())
+        .unwrap()
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(15))
+        .connect()
+        .await
+}
+
+async fn status(endpoint: &str) -> Result<pb::StatusResponse, String> {
+    let ch = channel(endpoint).await.map_err(|e| e.to_string())?;
+    pb::maintenance_client::MaintenanceClient::new(ch)
+        .status(pb::StatusRequest {})
+        .await
+        .map(|r| r.into_inner())
+        .map_err(|e| e.to_string())
+}
+
+async fn members(endpoint: &str) -> Vec<pb::Member> {
+    let ch = channel(endpoint).await.unwrap();
+    pb::cluster_client::ClusterClient::new(ch)
+        .member_list(pb::MemberListRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .members
+}
+
+async fn put(endpoint: &str, key: &str, value: &str) -> Result<i64, String> {
+    let ch = channel(endpoint).await.map_err(|e| e.to_string())?;
+    Kv::new(ch)
+        .put(pb::PutRequest {
+            key: key.into(),
+            value: value.into(),
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner().header.unwrap().revision)
+        .map_err(|e| e.to_string())
+}
+
+/// A put that retries while the cluster elects a leader; gives up after 30 s.
+async fn put_retrying(endpoint: &str, key: &str, value: &str) -> i64 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match put(endpoint, key, value).await {
+            Ok(rev) => return rev,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("put {key} via {endpoint}: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("put {key} via {endpoint} kept failing for 30 s: {e}"),
+        }
+    }
+}
+
+/// The local replica's value of `key` (a serializable read: what this node has applied).
+async fn local_get(endpoint: &str, key: &str) -> Option<Vec<u8>> {
+    let ch = channel(endpoint).await.ok()?;
+    let resp = Kv::new(ch)
+        .range(pb::RangeRequest {
+            key: key.into(),
+            serializable: true,
+            ..Default::default()
+        })
+        .await
+        .ok()?
+        .into_inner();
+    resp.kvs.into_iter().next().map(|kv| kv.value)
+}
+
+async fn wait_local_value(node: &Node, key: &str, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if local_get(&node.endpoint(), key).await.as_deref() == Some(want.as_bytes()) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} did not apply {key}={want} within 60 s:\n{}",
+            node.name,
+            node.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until the cluster has `n` voters and no learners, as `node` reports it.
+async fn wait_voters(node: &Node, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let m = members(&node.endpoint()).await;
+        if m.len() == n && m.iter().all(|m| !m.is_learner) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "cluster did not reach {n} voters within 60 s: {m:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Three nodes: n1 --init, n2 joins through n1, n3 joins through n2 (a follower).
+async fn three_nodes(root: &Path, extra: &[&str]) -> Vec<Node> {
+    let mut n1 = Node::new(root, "n1");
+    n1.create(None, extra);
+    n1.ready().await;
+    let token = n1.token();
+    let mut n2 = Node::new(root, "n2");
+    n2.create(Some((&n1.peer.clone(), &token)), extra);
+    n2.ready().await;
+    let mut n3 = Node::new(root, "n3");
+    n3.create(Some((&n2.peer.clone(), &token)), extra);
+    n3.ready().await;
+    wait_voters(&n1, 3).await;
+    vec![n1, n2, n3]
+}
+
+fn leader_index(nodes: &[Node], leader_id: u64, ids: &[u64]) -> usize {
+    let i = ids.iter().position(|id| *id == leader_id);
+    i.unwrap_or_else(|| {
+        panic!(
+            "leader {leader_id:x} is not one of {ids:x?} ({})",
+            nodes.len()
+        )
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_survive_a_killed_leader_and_it_catches_up() {
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = three_nodes(root.path(), &[]).await;
+
+    // Every node serves the API; a write through one is visible on all.
+    let rev = put_retrying(&nodes[1].endpoint(), "before", "1").await;
+    assert!(rev >= 2, "first write got revision {rev}");
+    for n in &nodes {
+        wait_local_value(n, "before", "1").await;
+    }
+    // The members know each other's URLs.
+    let m = members(&nodes[2].endpoint()).await;
+    let mut names: Vec<_> = m.iter().map(|m| m.name.clone()).collect();
+    names.sort();
+    assert_eq!(names, ["n1", "n2", "n3"]);
+    for member in &m {
+        let node = nodes.iter().find(|n| n.name == member.name).unwrap();
+        assert_eq!(member.peer_ur_ls, [format!("https://{}", node.peer)]);
+        assert_eq!(member.client_ur_ls, [format!("https://{}", node.client)]);
+    }
+
+    // Kill the leader with SIGKILL.
+    let mut ids = Vec::new();
+    for n in nodes.iter_mut() {
+        ids.push(n.ready().await.header.unwrap().member_id);
+    }
+    let leader = nodes[0].ready().await.leader;
+    let li = leader_index(&nodes, leader, &ids);
+    nodes[li].kill9();
+    let survivors: Vec<usize> = (0..3).filter(|i| *i != li).collect();
+
+    // Writes go on through either survivor once a new leader is elected.
+    for i in 0..20 {
+        let via = &nodes[survivors[i % 2]];
+        put_retrying(&via.endpoint(), &format!("after/{i:02}"), &i.to_string()).await;
+    }
+    let new_leader = nodes[survivors[0]].ready().await.leader;
+    assert_ne!(
+        new_leader, leader,
+        "the killed node is still reported as leader"
+    );
+    assert!(ids.contains(&new_leader));
+
+    // The killed node restarts from its data dir and catches up.
+    nodes[li].restart(&[]);
+    nodes[li].ready().await;
+    wait_local_value(&nodes[li], "after/19", "19").await;
+    wait_local_value(&nodes[li], "before", "1").await;
+    // And it takes writes again (forwarded to the new leader).
+    put_retrying(&nodes[li].endpoint(), "rejoined", "yes").await;
+    for n in &nodes {
+        wait_local_value(n, "rejoined", "yes").await;
+    }
+    // All three agree on the revision.
+    let mut revisions = Vec::new();
+    for n in nodes.iter_mut() {
+        revisions.push(n.ready().await.header.unwrap().revision);
+    }
+    assert!(
+        revisions.windows(2).all(|w| w[0] == w[1]),
+        "revisions differ after catch-up: {revisions:?}"
+    );
+
+    // SIGTERM stops every node cleanly.
+    for n in nodes.iter_mut() {
+        n.terminate();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_follower_catches_up_from_a_snapshot() {
+    let root = tempfile::tempdir().unwrap();
+    let extra = ["--snapshot-count", "50"];
+    let mut nodes = three_nodes(root.path(), &extra).await;
+    let mut ids = Vec::new();
+    for n in nodes.iter_mut() {
+        ids.push(n.ready().await.header.unwrap().member_id);
+    }
+    let leader = nodes[0].ready().await.leader;
+    let li = leader_index(&nodes, leader, &ids);
+    let fi = (li + 1) % 3;
+    let writer = (li + 2) % 3;
+    assert!(
+        !nodes[fi].log_text().contains("installed snapshot"),
+        "the follower installed a snapshot before it lagged"
+    );
+    nodes[fi].terminate();
+
+    // 300 writes: six snapshots' worth, and far more than the 5 entries of log kept behind one.
+    for i in 0..300 {
+        put_retrying(
+            &nodes[writer].endpoint(),
+            &format!("lag/{i:03}"),
+            &i.to_string(),
+        )
+        .await;
+    }
+    nodes[fi].restart(&extra);
+    nodes[fi].ready().await;
+    wait_local_value(&nodes[fi], "lag/299", "299").await;
+    wait_local_value(&nodes[fi], "lag/000", "0").await;
+    let log = nodes[fi].log_text();
+    assert!(
+        log.contains("installed snapshot"),
+        "the follower caught up without installing a snapshot:\n{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joins_with_a_wrong_secret_or_ca_are_refused_and_change_nothing() {
+    let root = tempfile::tempdir().unwrap();
+    let mut n1 = Node::new(root.path(), "n1");
+    n1.create(None, &[]);
+    n1.ready().await;
+    let token = n1.token();
+    let (prefix, _secret) = token.rsplit_once(':').unwrap();
+    let wrong_secret = format!("{prefix}:{}", "A".repeat(43));
+    let wrong_ca = format!(
+        "eden1:{}:{}",
+        "0".repeat(64),
+        token.rsplit(':').next().unwrap()
+    );
+
+    for (case, bad, expect) in [
+        ("wrong secret", wrong_secret.as_str(), "token"),
+        ("wrong CA hash", wrong_ca.as_str(), "CA"),
+    ] {
+        let mut n2 = Node::new(root.path(), "n2");
+        let out = n2
+            .command()
+            .args(["--name", "n2", "--peer-addr", &n2.peer])
+            .args(["--client-addr", &n2.client, "--client-plaintext"])
+            .args(["--join", &n1.peer, "--token", bad])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{case}: the join succeeded");
+        assert!(
+            stderr.contains(expect),
+            "{case}: the error does not mention {expect:?}: {stderr}"
+        );
+        assert!(
+            !n2.dir.exists(),
+            "{case}: the refused join left {} behind",
+            n2.dir.display()
+        );
+        n2.child = None;
+    }
+    // The cluster still has one member, and n1 still serves.
+    let m = members(&n1.endpoint()).await;
+    assert_eq!(m.len(), 1, "{m:?}");
+    put_retrying(&n1.endpoint(), "still", "here").await;
+}
+
+/// Raw TLS to `addr` presenting `cert`/`key`; returns what the server answered to an HTTP/1.1
+/// request (empty if the connection was refused or closed without an answer).
+async fn probe_peer_port(addr: &str, ca_pem: &str, cert_pem: &str, key_pem: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in certs(ca_pem) {
+        roots.add(c).unwrap();
+    }
+    let chain = certs(cert_pem);
+    let key = {
+        use rustls::pki_types::pem::PemObject;
+        rustls::pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap()
+    };
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut tls = match connector.connect(name, tcp).await {
+        Ok(t) => t,
+        Err(_) => return String::new(),
+    };
+    let req = format!(
+        "POST /etcd/lease/remaining HTTP/1.1\r\nhost: {addr}\r\ncontent-length: 1\r\n\
+         connection: close\r\n\r\n1"
+    );
+    if tls.write_all(req.as_bytes()).await.is_err() {
+        return String::new();
+    }
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).to_string()
+}
+
+fn certs(pem: &str) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
+        .map(|c| c.unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_with_a_certificate_from_another_ca_is_refused() {
+    let root = tempfile::tempdir().unwrap();
+    let mut ours = Node::new(root.path(), "ours");
+    ours.create(None, &[]);
+    ours.ready().await;
+    let mut other = Node::new(root.path(), "other");
+    other.create(None, &[]);
+    other.ready().await;
+    let read = |n: &Node, f: &str| std::fs::read_to_string(n.dir.join(f)).unwrap();
+    let ca = read(&ours, "tls/ca.crt");
+
+    // Control: a certificate of this cluster's CA reaches the route (which then answers).
+    let answer = probe_peer_port(
+        &ours.peer,
+        &ca,
+        &read(&ours, "tls/node.crt"),
+        &read(&ours, "tls/node.key"),
+    )
+    .await;
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "a node certificate of this cluster was not served: {answer:?}"
+    );
+    // A node certificate of another cluster is refused before any route answers.
+    let answer = probe_peer_port(
+        &ours.peer,
+        &ca,
+        &read(&other, "tls/node.crt"),
+        &read(&other, "tls/node.key"),
+    )
+    .await;
+    assert!(
+        !answer.contains("HTTP/"),
+        "a certificate from another CA got an HTTP answer: {answer:?}"
+    );
+    assert!(
+        ours.log_text().contains("peer TLS handshake refused"),
+        "the node did not log the refused handshake:\n{}",
+        ours.log_text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcdctl_over_tls_with_the_admin_credentials() {
+    let root = tempfile::tempdir().unwrap();
+    let mut n1 = Node::new(root.path(), "n1");
+    // This node serves TLS on its client port (no --client-plaintext).
+    let mut cmd = n1.command();
+    cmd.args(["--name", "n1", "--peer-addr", &n1.peer]).args([
+        "--client-addr",
+        &n1.client,
+        "--init",
+    ]);
+    n1.spawn(cmd);
+    let admin = n1.dir.join("admin");
+    let etcdctl = |args: &[&str]| {
+        Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints=https://{}", n1.client))
+            .arg(format!("--cacert={}", admin.join("ca.crt").display()))
+            .arg(format!("--cert={}", admin.join("admin.crt").display()))
+            .arg(format!("--key={}", admin.join("admin.key").display()))
+            .args(args)
+            .output()
+            .expect("etcdctl is installed (scripts/test installs etcd-client)")
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = etcdctl(&["put", "tls-key", "tls-value"]);
+        if out.status.success() {
+            assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "OK");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "etcdctl put over TLS kept failing: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            n1.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = etcdctl(&["get", "tls-key", "--print-value-only"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "tls-value");
+    // Plaintext is not served on a TLS client port.
+    let out = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args([
+            &format!("--endpoints=http://{}", n1.client),
+            "--dial-timeout=2s",
+            "--command-timeout=3s",
+            "get",
+            "tls-key",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a plaintext client was served");
+}
