@@ -1,0 +1,151 @@
+//! The `etcd-client` crate (a clientv3-style Rust client) against a 3-node eden cluster: KV,
+//! txn, watch, leases with keep-alive through a follower, members and status. The client is
+//! given every endpoint, as applications are.
+
+mod etcd_common;
+
+use std::time::Duration;
+
+use etcd_client::{
+    Client, Compare, CompareOp, EventType, GetOptions, LeaseTimeToLiveOptions, PutOptions, Txn,
+    TxnOp, WatchOptions,
+};
+
+use etcd_common::EdenCluster;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn etcd_client_crate_on_a_three_node_cluster() {
+    let eden = EdenCluster::start(3, false).await;
+    let endpoints: Vec<String> = (0..3).map(|i| eden.endpoint(i)).collect();
+    let mut client = Client::connect(&endpoints, None).await.unwrap();
+
+    // KV.
+    let put = client.put("app/a", "1", None).await.unwrap();
+    let first = put.header().unwrap().revision();
+    client.put("app/b", "2", None).await.unwrap();
+    let prev = client
+        .put("app/a", "3", Some(PutOptions::new().with_prev_key()))
+        .await
+        .unwrap();
+    assert_eq!(prev.prev_key().unwrap().value(), b"1");
+    let got = client
+        .get("app/", Some(GetOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    let kvs: Vec<(&[u8], &[u8])> = got.kvs().iter().map(|kv| (kv.key(), kv.value())).collect();
+    assert_eq!(
+        kvs,
+        [(&b"app/a"[..], &b"3"[..]), (&b"app/b"[..], &b"2"[..])]
+    );
+    assert_eq!(got.kvs()[0].version(), 2);
+    assert_eq!(got.kvs()[0].create_revision(), first);
+
+    // Txn: the failure branch runs when the compare fails.
+    let txn = Txn::new()
+        .when([Compare::value("app/a", CompareOp::Equal, "1")])
+        .and_then([TxnOp::put("app/c", "never", None)])
+        .or_else([TxnOp::get("app/a", None)]);
+    let resp = client.txn(txn).await.unwrap();
+    assert!(!resp.succeeded());
+    assert_eq!(
+        client.get("app/c", None).await.unwrap().count(),
+        0,
+        "the success branch ran"
+    );
+
+    // Watch from a past revision replays history, then streams new events.
+    let mut watch = client
+        .watch(
+            "app/a",
+            Some(WatchOptions::new().with_start_revision(first)),
+        )
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let msg = tokio::time::timeout(Duration::from_secs(10), watch.message())
+            .await
+            .expect("watch replay within 10 s")
+            .unwrap()
+            .unwrap();
+        for e in msg.events() {
+            seen.push(e.kv().unwrap().value().to_vec());
+        }
+    }
+    assert_eq!(seen, [b"1".to_vec(), b"3".to_vec()]);
+    client.delete("app/a", None).await.unwrap();
+    let msg = tokio::time::timeout(Duration::from_secs(10), watch.message())
+        .await
+        .expect("delete event within 10 s")
+        .unwrap()
+        .unwrap();
+    assert_eq!(msg.events()[0].event_type(), EventType::Delete);
+
+    // Leases: grant, attach, keep alive through a client that talks to a follower only.
+    let lease = client.lease_grant(5, None).await.unwrap();
+    client
+        .put(
+            "app/leased",
+            "x",
+            Some(PutOptions::new().with_lease(lease.id())),
+        )
+        .await
+        .unwrap();
+    let leader = client.status().await.unwrap().leader();
+    let mut follower_endpoint = None;
+    for e in &endpoints {
+        let mut c = Client::connect([e], None).await.unwrap();
+        if c.status().await.unwrap().header().unwrap().member_id() != leader {
+            follower_endpoint = Some(e.clone());
+            break;
+        }
+    }
+    let mut follower = Client::connect([follower_endpoint.unwrap()], None)
+        .await
+        .unwrap();
+    let (mut keeper, mut answers) = follower.lease_keep_alive(lease.id()).await.unwrap();
+    // Keep it alive past its TTL: 8 s of keep-alives every second on a 5 s lease.
+    for _ in 0..8 {
+        keeper.keep_alive().await.unwrap();
+        let a = answers.message().await.unwrap().unwrap();
+        assert_eq!(a.ttl(), 5);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert_eq!(
+        client.get("app/leased", None).await.unwrap().count(),
+        1,
+        "the lease expired although a follower kept it alive"
+    );
+    let ttl = client
+        .lease_time_to_live(lease.id(), Some(LeaseTimeToLiveOptions::new().with_keys()))
+        .await
+        .unwrap();
+    assert_eq!(ttl.granted_ttl(), 5);
+    assert!(ttl.ttl() > 0 && ttl.ttl() <= 5, "ttl {}", ttl.ttl());
+    assert_eq!(ttl.keys(), [b"app/leased".to_vec()]);
+    // Without keep-alives the leader expires it and the key goes.
+    drop(keeper);
+    drop(answers);
+    let mut gone = false;
+    for _ in 0..100 {
+        if client.get("app/leased", None).await.unwrap().count() == 0 {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        gone,
+        "the lease's key was still there 20 s after keep-alives stopped"
+    );
+
+    // Members and status.
+    let members = client.member_list().await.unwrap();
+    assert_eq!(members.members().len(), 3);
+    assert!(members.members().iter().all(|m| !m.is_learner()));
+    let status = client.status().await.unwrap();
+    assert_eq!(status.version(), eden::etcd::ETCD_VERSION);
+    assert!(status.raft_index() > 0);
+
+    eden.stop().await;
+}
