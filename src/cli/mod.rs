@@ -5,6 +5,7 @@
 
 use clap::{Parser, Subcommand};
 
+pub mod bench;
 pub mod serve;
 
 use crate::error::{Error, Result};
@@ -32,12 +33,15 @@ pub enum Command {
     Plan,
     /// Start a 5-node cluster on loopback and show a live failover.
     Demo,
+    /// Load an etcd v3 endpoint (eden or etcd) and report throughput and latency.
+    Bench(bench::BenchArgs),
 }
 
 /// Runs the parsed command and returns the process exit code.
 pub fn run(cli: Cli) -> Result<i32> {
     match cli.command {
         Command::Serve(args) => serve::run(args),
+        Command::Bench(args) => bench::run(args),
         Command::Apply | Command::Plan | Command::Demo => {
             Err(Error::Unavailable("this command is not built yet".into()))
         }
