@@ -5,6 +5,8 @@
 
 use clap::{Parser, Subcommand};
 
+pub mod apply;
+pub mod plan;
 pub mod serve;
 
 use crate::error::{Error, Result};
@@ -25,9 +27,9 @@ pub enum Command {
     /// Run a node: the datastore (if eligible) and the agent.
     Serve(serve::ServeArgs),
     /// Apply states to targeted nodes, or to this machine with --local.
-    Apply,
+    Apply(apply::ApplyArgs),
     /// Print the ordered plan for states without running them.
-    Plan,
+    Plan(plan::PlanArgs),
     /// Start a 5-node cluster on loopback and show a live failover.
     Demo,
 }
@@ -36,8 +38,8 @@ pub enum Command {
 pub fn run(cli: Cli) -> Result<i32> {
     match cli.command {
         Command::Serve(args) => serve::run(args),
-        Command::Apply | Command::Plan | Command::Demo => {
-            Err(Error::Unavailable("this command is not built yet".into()))
-        }
+        Command::Apply(args) => apply::run(args),
+        Command::Plan(args) => plan::run(args),
+        Command::Demo => Err(Error::Unavailable("this command is not built yet".into())),
     }
 }
