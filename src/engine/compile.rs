@@ -356,21 +356,6 @@ impl Graph {
         put(&mut self.inn[to], from, kind);
     }
 
-    fn has_path(&self, from: usize, to: usize) -> bool {
-        let mut seen = vec![false; self.nodes.len()];
-        let mut stack = vec![from];
-        while let Some(n) = stack.pop() {
-            if n == to {
-                return true;
-            }
-            if std::mem::replace(&mut seen[n], true) {
-                continue;
-            }
-            stack.extend(self.out[n].iter().map(|(t, _)| *t));
-        }
-        false
-    }
-
     /// One cycle, as the nodes along it, found by depth-first search.
     fn find_cycle(&self) -> Vec<(usize, usize, ReqKind)> {
         #[derive(Clone, Copy, PartialEq)]
