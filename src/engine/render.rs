@@ -61,13 +61,17 @@ const MARK_OPEN: &str = "\u{1}EDENREF";
 const MARK_CLOSE: &str = "\u{2}";
 
 /// Replaces each `${{ ... }}` by a marker Jinja leaves alone.
-fn protect(text: &str) -> (String, Vec<String>) {
+fn protect(file: &str, text: &str) -> Result<(String, Vec<String>)> {
     let mut out = String::with_capacity(text.len());
     let mut saved = Vec::new();
     let mut rest = text;
     while let Some(start) = rest.find("${{") {
         let Some(len) = rest[start..].find("}}") else {
-            break;
+            let line = text.len() - rest.len() + start;
+            let line = text[..line].matches('\n').count() + 1;
+            return Err(Error::InvalidInput(format!(
+                "{file}:{line}: unclosed ${{{{: a step reference looks like ${{{{ steps.ID.stdout }}}}"
+            )));
         };
         out.push_str(&rest[..start]);
         out.push_str(&format!("{MARK_OPEN}{}{MARK_CLOSE}", saved.len()));
@@ -75,7 +79,7 @@ fn protect(text: &str) -> (String, Vec<String>) {
         rest = &rest[start + len + 2..];
     }
     out.push_str(rest);
-    (out, saved)
+    Ok((out, saved))
 }
 
 fn restore(text: &str, saved: &[String]) -> String {
@@ -94,7 +98,7 @@ pub fn render(
     source: &str,
     ctx: &Context,
 ) -> Result<String> {
-    let (protected, saved) = protect(source);
+    let (protected, saved) = protect(file, source)?;
     let mut env = Environment::new();
     env.set_undefined_behavior(UndefinedBehavior::Lenient);
     env.set_keep_trailing_newline(true);
