@@ -769,8 +769,8 @@ pub fn compile(high: &High, registry: &Registry, mode: Mode) -> Result<Plan> {
             node,
         ))
     };
-    for node in 0..n {
-        if indegree[node] == 0 {
+    for (node, &deg) in indegree.iter().enumerate() {
+        if deg == 0 {
             let k = key_of(&mut b, node);
             heap.push(k);
         }

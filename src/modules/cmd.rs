@@ -146,15 +146,34 @@ struct Ran {
     timed_out: bool,
 }
 
+/// True when `command` is plain words with nothing a shell would interpret, so running it
+/// directly behaves exactly like `sh -c` and saves starting a shell.
+/// The program must be given by path: a bare word may be a shell builtin (`exit`, `cd`).
+fn is_plain(command: &str) -> bool {
+    command.trim_start().starts_with('/')
+        && command.chars().all(|c| {
+            c.is_ascii_alphanumeric()
+                || matches!(c, ' ' | '/' | '.' | '-' | '_' | ',' | ':' | '+' | '@')
+        })
+}
+
 fn run_shell(command: &str, args: &Args, timeout: Option<Duration>) -> Result<Ran> {
-    let shell = args
-        .get("shell")
-        .and_then(Value::as_str)
-        .unwrap_or("/bin/sh");
-    let mut cmd = Command::new(shell);
-    cmd.arg("-c")
-        .arg(command)
-        .stdin(Stdio::null())
+    let shell = args.get("shell").and_then(Value::as_str);
+    let mut cmd = match shell {
+        None if is_plain(command) => {
+            let mut words = command.split_whitespace();
+            let mut c = Command::new(words.next().expect("not empty"));
+            c.args(words);
+            c
+        }
+        _ => {
+            let mut c = Command::new(shell.unwrap_or("/bin/sh"));
+            c.arg("-c").arg(command);
+            c
+        }
+    };
+    let shell = shell.unwrap_or("/bin/sh");
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     if let Some(cwd) = args.get("cwd").and_then(Value::as_str) {
@@ -185,43 +204,74 @@ fn run_shell(command: &str, args: &Args, timeout: Option<Duration>) -> Result<Ra
             )))
         }
     }
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| Error::Io(format!("cmd.run: cannot start {shell}: {e}")))?;
+    if timeout.is_some() {
+        // Its own process group, so a timeout kills what the command started too (a shell's
+        // children would otherwise keep running and hold the output pipes open).
+        use std::os::unix::process::CommandExt;
+        cmd.process_group(0);
+    }
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        // A plain command that is not a program: report it as `sh -c` would.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let prog = command.split_whitespace().next().unwrap_or("");
+            return Ok(Ran {
+                stdout: String::new(),
+                stderr: format!("{shell}: {prog}: not found"),
+                retcode: 127,
+                pid: 0,
+                timed_out: false,
+            });
+        }
+        Err(e) => return Err(Error::Io(format!("cmd.run: cannot start {command:?}: {e}"))),
+    };
     let pid = child.id();
-    // Drain both pipes on threads so a chatty command cannot block on a full pipe.
-    let mut out_pipe = child.stdout.take().expect("piped stdout");
-    let mut err_pipe = child.stderr.take().expect("piped stderr");
-    let out_t = std::thread::spawn(move || {
-        let mut b = Vec::new();
-        let _ = out_pipe.read_to_end(&mut b);
-        b
-    });
-    let err_t = std::thread::spawn(move || {
-        let mut b = Vec::new();
-        let _ = err_pipe.read_to_end(&mut b);
-        b
-    });
     let mut timed_out = false;
-    let status = match timeout {
-        None => child.wait()?,
+    let (status, stdout, stderr) = match timeout {
+        // Without a timeout std reads both pipes without extra threads.
+        None => {
+            let out = child.wait_with_output()?;
+            (out.status, out.stdout, out.stderr)
+        }
         Some(limit) => {
+            // Drain both pipes on threads so a chatty command cannot block on a full pipe
+            // while we poll for the deadline.
+            let mut out_pipe = child.stdout.take().expect("piped stdout");
+            let mut err_pipe = child.stderr.take().expect("piped stderr");
+            let out_t = std::thread::spawn(move || {
+                let mut b = Vec::new();
+                let _ = out_pipe.read_to_end(&mut b);
+                b
+            });
+            let err_t = std::thread::spawn(move || {
+                let mut b = Vec::new();
+                let _ = err_pipe.read_to_end(&mut b);
+                b
+            });
             let start = Instant::now();
-            loop {
+            let status = loop {
                 if let Some(st) = child.try_wait()? {
                     break st;
                 }
                 if start.elapsed() >= limit {
+                    // SAFETY: kill(2) with a negative pid signals the process group we created
+                    // for this child; it touches no memory.
+                    unsafe {
+                        libc::kill(-(pid as libc::pid_t), libc::SIGKILL);
+                    }
                     let _ = child.kill();
                     timed_out = true;
                     break child.wait()?;
                 }
                 std::thread::sleep(Duration::from_millis(5));
-            }
+            };
+            (
+                status,
+                out_t.join().unwrap_or_default(),
+                err_t.join().unwrap_or_default(),
+            )
         }
     };
-    let stdout = out_t.join().unwrap_or_default();
-    let stderr = err_t.join().unwrap_or_default();
     use std::os::unix::process::ExitStatusExt;
     let retcode = status
         .code()
