@@ -15,7 +15,7 @@
 //! Errors name the file, the line (and column where YAML reports one), the state ID and what was
 //! expected. This module does no ordering; see `compile`.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use serde_json::{Map, Value};
@@ -153,18 +153,25 @@ fn key_string(k: &Yaml) -> String {
     }
 }
 
-/// The line of a top-level key in the rendered text (YAML gives no positions for keys).
-fn locate(text: &str, key: &str) -> usize {
+/// Lines of the top-level keys in the rendered text (YAML gives no positions for keys), found
+/// in one pass: a line that starts at column 0 with `key:`, `"key":` or `'key':`.
+fn top_level_lines(text: &str) -> HashMap<String, usize> {
+    let mut out = HashMap::new();
     for (i, line) in text.lines().enumerate() {
-        for candidate in [key.to_string(), format!("\"{key}\""), format!("'{key}'")] {
-            if let Some(rest) = line.strip_prefix(&candidate) {
-                if rest.trim_start().starts_with(':') {
-                    return i + 1;
-                }
-            }
+        if line.starts_with([' ', '\t', '-', '#']) || line.is_empty() {
+            continue;
+        }
+        let key = if let Some(q) = line.strip_prefix(['"', '\'']) {
+            let quote = line.as_bytes()[0] as char;
+            q.find(quote).map(|end| &q[..end])
+        } else {
+            line.rfind(':').map(|end| line[..end].trim_end())
+        };
+        if let Some(k) = key {
+            out.entry(k.to_string()).or_insert(i + 1);
         }
     }
-    0
+    out
 }
 
 /// Parses one rendered SLS.
@@ -177,6 +184,7 @@ pub fn parse(file: &str, sls: &str, text: &str) -> Result<SlsDoc> {
         Error::InvalidInput(format!("{at}: not valid YAML after rendering: {e}"))
     })?;
     let mut doc = SlsDoc::default();
+    let lines = top_level_lines(text);
     let map = match root {
         Yaml::Null => return Ok(doc),
         Yaml::Mapping(m) => m,
@@ -189,7 +197,7 @@ pub fn parse(file: &str, sls: &str, text: &str) -> Result<SlsDoc> {
     };
     for (k, v) in &map {
         let key = key_string(k);
-        let line = locate(text, &key);
+        let line = lines.get(&key).copied().unwrap_or(0);
         let at = if line > 0 {
             format!("{file}:{line}:1")
         } else {
