@@ -5,7 +5,9 @@
 
 use clap::{Parser, Subcommand};
 
+pub mod apply;
 pub mod bench;
+pub mod plan;
 pub mod serve;
 
 use crate::error::{Error, Result};
@@ -28,9 +30,9 @@ pub enum Command {
     /// Run a node: the datastore (if eligible) and the agent.
     Serve(serve::ServeArgs),
     /// Apply states to targeted nodes, or to this machine with --local.
-    Apply,
+    Apply(apply::ApplyArgs),
     /// Print the ordered plan for states without running them.
-    Plan,
+    Plan(plan::PlanArgs),
     /// Start a 5-node cluster on loopback and show a live failover.
     Demo,
     /// Load an etcd v3 endpoint (eden or etcd) and report throughput and latency.
@@ -42,8 +44,8 @@ pub fn run(cli: Cli) -> Result<i32> {
     match cli.command {
         Command::Serve(args) => serve::run(args),
         Command::Bench(args) => bench::run(args),
-        Command::Apply | Command::Plan | Command::Demo => {
-            Err(Error::Unavailable("this command is not built yet".into()))
-        }
+        Command::Apply(args) => apply::run(args),
+        Command::Plan(args) => plan::run(args),
+        Command::Demo => Err(Error::Unavailable("this command is not built yet".into())),
     }
 }

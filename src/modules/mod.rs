@@ -26,6 +26,8 @@ use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
 
+pub mod cmd;
+pub mod file;
 pub mod test;
 
 /// A step's arguments after rendering, `name` included. Keys are Salt's argument names.
@@ -61,6 +63,8 @@ pub struct Call<'a> {
     pub test: bool,
     /// Files that travel with the states.
     pub tree: &'a dyn SourceTree,
+    /// For a watch action: the watched states that reported changes, as `module: id`.
+    pub changed_watches: &'a [String],
 }
 
 impl Call<'_> {
@@ -147,6 +151,8 @@ impl Registry {
     pub fn builtin() -> Self {
         let mut r = Registry::default();
         r.register(Arc::new(test::Test));
+        r.register(Arc::new(cmd::Cmd));
+        r.register(Arc::new(file::File));
         r
     }
 

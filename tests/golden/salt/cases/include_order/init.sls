@@ -1,0 +1,5 @@
+include:
+  - include_order.second
+  - include_order.first
+own:
+  test.nop: []

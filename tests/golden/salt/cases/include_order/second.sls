@@ -1,0 +1,4 @@
+include:
+  - .first
+second_state:
+  test.nop: []

@@ -1,0 +1,4 @@
+in_extra:
+  test.nop:
+    - require:
+      - in_init

@@ -1,0 +1,2 @@
+in_init:
+  test.nop: []

@@ -1,0 +1,6 @@
+deploy:
+  test.succeed_with_changes: []
+prepare:
+  test.fail_without_changes:
+    - prereq:
+      - test: deploy

@@ -1,0 +1,6 @@
+include:
+  - sls_requisite.lib
+top_state:
+  test.succeed_without_changes:
+    - require:
+      - sls: sls_requisite.lib
