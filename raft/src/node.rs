@@ -159,6 +159,27 @@ pub struct RaftNode {
     flusher: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
     request_timeout: Duration,
     membership_timeout: Duration,
+    /// Linearizable reads waiting for the next read-index round (see [`RaftNode::read_index`]).
+    reads: Mutex<ReadRounds>,
+    /// Writes a follower is about to forward to the leader (see [`RaftNode::write`]).
+    forwards: Mutex<ForwardRounds>,
+}
+
+/// Writes waiting to be forwarded, and whether a forwarding task is running.
+#[derive(Default)]
+struct ForwardRounds {
+    running: bool,
+    waiting: Vec<(Command, oneshot::Sender<Result<Applied, Error>>)>,
+}
+
+/// Most writes forwarded in one call.
+const MAX_FORWARD_BATCH: usize = 1024;
+
+/// The reads waiting for a read index, and whether a round task is running.
+#[derive(Default)]
+struct ReadRounds {
+    running: bool,
+    waiting: Vec<oneshot::Sender<Result<Option<LogId>, Error>>>,
 }
 
 fn fatal_error(e: &Fatal<NodeId>) -> WireError {
@@ -213,6 +234,8 @@ impl RaftNode {
             flusher,
             request_timeout: config.request_timeout,
             membership_timeout: config.membership_timeout,
+            reads: Mutex::new(ReadRounds::default()),
+            forwards: Mutex::new(ForwardRounds::default()),
         }))
     }
 
@@ -393,15 +416,127 @@ impl RaftNode {
 
     /// Commits `cmd` through Raft and returns its result. Store refusals come back as
     /// [`Error::Store`] with etcd's message.
-    pub async fn write(&self, cmd: Command) -> Result<Applied, Error> {
-        self.on_leader(
-            "write",
-            transport::server_paths::FORWARD_WRITE,
-            cmd,
-            self.request_timeout,
-            |c| self.write_as_leader(c),
-        )
-        .await
+    pub async fn write(self: &Arc<Self>, cmd: Command) -> Result<Applied, Error> {
+        if self.is_leader() {
+            return self
+                .on_leader(
+                    "write",
+                    transport::server_paths::FORWARD_WRITE,
+                    cmd,
+                    self.request_timeout,
+                    |c| self.write_as_leader(c),
+                )
+                .await;
+        }
+        self.forward_write(cmd).await
+    }
+
+    /// On a follower, concurrent writes travel to the leader together: a caller joins the
+    /// waiting list, and one task sends everything waiting in one call (the leader's proposer
+    /// then batches them into one entry). Under load this turns one peer call per write into
+    /// one per round trip.
+    async fn forward_write(self: &Arc<Self>, cmd: Command) -> Result<Applied, Error> {
+        let (tx, rx) = oneshot::channel();
+        let start_task = {
+            let mut fw = self.forwards.lock().unwrap_or_else(|p| p.into_inner());
+            fw.waiting.push((cmd, tx));
+            !std::mem::replace(&mut fw.running, true)
+        };
+        if start_task {
+            let node = self.clone();
+            tokio::spawn(async move { node.forward_rounds().await });
+        }
+        rx.await.map_err(|_| {
+            Error::Unavailable(
+                "this node stopped before the leader answered; the outcome is unknown".into(),
+            )
+        })?
+    }
+
+    async fn forward_rounds(self: Arc<Self>) {
+        loop {
+            let waiting = {
+                let mut fw = self.forwards.lock().unwrap_or_else(|p| p.into_inner());
+                if fw.waiting.is_empty() {
+                    fw.running = false;
+                    return;
+                }
+                let n = fw.waiting.len().min(MAX_FORWARD_BATCH);
+                fw.waiting.drain(..n).collect::<Vec<_>>()
+            };
+            let (cmds, replies): (Vec<Command>, Vec<_>) = waiting.into_iter().unzip();
+            let n = cmds.len();
+            let node: &RaftNode = &self;
+            let outcome: Result<Vec<Result<Applied, WireError>>, Error> = node
+                .on_leader(
+                    "write",
+                    transport::server_paths::FORWARD_WRITES,
+                    cmds,
+                    self.request_timeout,
+                    |c| async move { Ok(node.write_many_as_leader(c).await) },
+                )
+                .await;
+            match outcome {
+                Ok(results) if results.len() == n => {
+                    for (reply, r) in replies.into_iter().zip(results) {
+                        let r = match r {
+                            // Leadership moved while this entry was proposed: it was not
+                            // applied. etcd answers the same situation so, and clients retry.
+                            Err(WireError::NotLeader(_)) => {
+                                Err(Error::Unavailable("leader changed".into()))
+                            }
+                            other => other.map_err(Error::from),
+                        };
+                        let _ = reply.send(r);
+                    }
+                }
+                Ok(results) => {
+                    let e = Error::Internal(format!(
+                        "the leader answered {} of {n} forwarded writes",
+                        results.len()
+                    ));
+                    for reply in replies {
+                        let _ = reply.send(Err(e.clone()));
+                    }
+                }
+                Err(e) => {
+                    for reply in replies {
+                        let _ = reply.send(Err(e.clone()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Proposes every command through the local proposer at once (so they share entries) and
+    /// answers each, in order.
+    pub(crate) async fn write_many_as_leader(
+        &self,
+        cmds: Vec<Command>,
+    ) -> Vec<Result<Applied, WireError>> {
+        let mut pending = Vec::with_capacity(cmds.len());
+        for cmd in cmds {
+            let (tx, rx) = oneshot::channel();
+            let sent = self
+                .proposals
+                .send(Proposal { cmd, reply: tx })
+                .await
+                .is_ok();
+            pending.push(sent.then_some(rx));
+        }
+        let mut out = Vec::with_capacity(pending.len());
+        for rx in pending {
+            out.push(match rx {
+                None => Err(WireError::Unavailable("this node is shutting down".into())),
+                Some(rx) => rx.await.unwrap_or_else(|_| {
+                    Err(WireError::Unavailable(
+                        "this node stopped before the write committed; the outcome is unknown"
+                            .into(),
+                    ))
+                }),
+            });
+        }
+        out
     }
 
     /// Proposes through the local proposer; `NotLeader` if this node does not lead.
@@ -425,17 +560,9 @@ impl RaftNode {
 
     /// Returns once reading the local store is linearizable: it then reflects every write that
     /// completed before this call began.
-    pub async fn linearizable_read(&self) -> Result<(), Error> {
+    pub async fn linearizable_read(self: &Arc<Self>) -> Result<(), Error> {
         let started = Instant::now();
-        let read_log_id: Option<LogId> = self
-            .on_leader(
-                "linearizable read",
-                transport::server_paths::FORWARD_READ_INDEX,
-                (),
-                self.request_timeout,
-                |()| self.read_index_as_leader(),
-            )
-            .await?;
+        let read_log_id = self.read_index().await?;
         let Some(read_log_id) = read_log_id else {
             return Ok(());
         };
@@ -451,6 +578,55 @@ impl RaftNode {
                 ))
             })?;
         Ok(())
+    }
+
+    /// A read index obtained **after** this call began, shared with every concurrent caller.
+    ///
+    /// Confirming leadership costs a heartbeat round to a quorum (and, on a follower, a call to
+    /// the leader), so concurrent reads share rounds, as etcd's read-index loop does: a caller
+    /// joins the waiting list; one task takes the whole list, asks for one read index, and
+    /// answers everyone on it. A round only serves callers that were waiting when it started,
+    /// so each gets a read index confirmed after its read began. The task runs while callers
+    /// keep arriving and then ends; a caller that goes away does not stop it.
+    async fn read_index(self: &Arc<Self>) -> Result<Option<LogId>, Error> {
+        let (tx, rx) = oneshot::channel();
+        let start_task = {
+            let mut reads = self.reads.lock().unwrap_or_else(|p| p.into_inner());
+            reads.waiting.push(tx);
+            !std::mem::replace(&mut reads.running, true)
+        };
+        if start_task {
+            let node = self.clone();
+            tokio::spawn(async move { node.read_rounds().await });
+        }
+        rx.await.map_err(|_| {
+            Error::Unavailable("this node stopped before the read index was known".into())
+        })?
+    }
+
+    async fn read_rounds(self: Arc<Self>) {
+        loop {
+            let waiting = {
+                let mut reads = self.reads.lock().unwrap_or_else(|p| p.into_inner());
+                if reads.waiting.is_empty() {
+                    reads.running = false;
+                    return;
+                }
+                std::mem::take(&mut reads.waiting)
+            };
+            let result: Result<Option<LogId>, Error> = self
+                .on_leader(
+                    "linearizable read",
+                    transport::server_paths::FORWARD_READ_INDEX,
+                    (),
+                    self.request_timeout,
+                    |()| self.read_index_as_leader(),
+                )
+                .await;
+            for w in waiting {
+                let _ = w.send(result.clone());
+            }
+        }
     }
 
     /// The leader's read index, after confirming leadership with a quorum.

@@ -20,7 +20,8 @@ pub mod server;
 /// The route paths, for logs and tests.
 pub mod server_paths {
     pub use super::{
-        APPEND, FORWARD_MEMBERSHIP, FORWARD_READ_INDEX, FORWARD_WRITE, SNAPSHOT, VOTE,
+        APPEND, FORWARD_MEMBERSHIP, FORWARD_READ_INDEX, FORWARD_WRITE, FORWARD_WRITES, SNAPSHOT,
+        VOTE,
     };
 }
 
@@ -34,6 +35,8 @@ pub const SNAPSHOT: &str = "/raft/snapshot";
 /// Leader forwarding: a follower hands a client write, a read-index request or a membership
 /// change to the leader.
 pub const FORWARD_WRITE: &str = "/raft/forward/write";
+/// Several client writes from one follower in one call (see `RaftNode::write`).
+pub const FORWARD_WRITES: &str = "/raft/forward/writes";
 pub const FORWARD_READ_INDEX: &str = "/raft/forward/read-index";
 pub const FORWARD_MEMBERSHIP: &str = "/raft/forward/membership";
 

@@ -192,6 +192,12 @@ async fn route(
             })
             .await
         }
+        super::FORWARD_WRITES => {
+            handle(&path, &body, |cmds: Vec<eden_storage::Command>| async move {
+                Ok::<_, crate::error::WireError>(node.write_many_as_leader(cmds).await)
+            })
+            .await
+        }
         super::FORWARD_READ_INDEX => {
             handle(&path, &body, |(): ()| async move { node.read_index_as_leader().await }).await
         }
