@@ -6,8 +6,12 @@
 //! - [`serve`]: `eden serve`: init, join or restart, then run Raft, the peer server and the
 //!   etcd API until shutdown.
 //!
-//! Still to come here: gossip failure detection and the role controller.
+//! - [`controller`]: the role controller (promotes standbys, replaces dead voters) and the
+//!   member prober it reads health from.
+//!
+//! Still to come here: SWIM gossip failure detection.
 
+pub mod controller;
 pub mod datadir;
 pub mod join;
 pub mod pki;

@@ -29,6 +29,9 @@ use super::join::{self, AdmitRequest, Admitted, JoinGrant, JoinRequest, JoinServ
 use super::pki::{self, ClusterCa, Identity, JoinToken};
 use crate::error::{Error, Result};
 
+/// How often every node pings every other member's peer port.
+const PROBE_PERIOD: Duration = Duration::from_millis(500);
+
 /// Default peer and client addresses (etcd's ports).
 pub const DEFAULT_PEER_ADDR: &str = "127.0.0.1:2380";
 pub const DEFAULT_CLIENT_ADDR: &str = "127.0.0.1:2379";
@@ -299,6 +302,8 @@ struct Started {
     client_tls: Arc<rustls::ServerConfig>,
     peer_stop: tokio::sync::oneshot::Sender<()>,
     peer_task: tokio::task::JoinHandle<std::result::Result<(), eden_raft::Error>>,
+    /// The member prober and the role controller; aborted on stop.
+    background: Vec<tokio::task::JoinHandle<()>>,
 }
 
 async fn start(
@@ -332,7 +337,13 @@ async fn start(
             let _ = stopped.await;
         },
     ));
+    let prober = super::controller::Prober::new(node.clone());
+    let background = vec![
+        tokio::spawn(prober.clone().run(PROBE_PERIOD)),
+        tokio::spawn(super::controller::run(node.clone(), prober)),
+    ];
     Ok(Started {
+        background,
         node,
         etcd,
         client_tls,
@@ -343,6 +354,9 @@ async fn start(
 
 impl Started {
     async fn stop(self) {
+        for task in &self.background {
+            task.abort();
+        }
         let _ = self.peer_stop.send(());
         let _ = self.peer_task.await;
         if let Err(e) = self.node.shutdown().await {
@@ -469,7 +483,11 @@ async fn join(
                 "joined cluster {:?} ({:016x}) as {} with raft id {}",
                 file.cluster_name,
                 file.cluster_id,
-                if a.voter { "a voter" } else { "a learner" },
+                if a.voter {
+                    "a voter"
+                } else {
+                    "a standby (the role controller promotes it when a voter is needed)"
+                },
                 file.raft_id
             );
             Ok(started)

@@ -1,0 +1,223 @@
+//! Datastore takeover with real processes: five `eden serve` nodes (3 voters, 2 standbys). The
+//! leader, then a follower voter, is killed with SIGKILL while a client writes; each time the
+//! role controller promotes a standby and removes the dead voter, the cluster is back to three
+//! voters, and no acknowledged write is lost.
+
+mod serve_common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serve_common::*;
+
+/// Writes `w/<n>` keys through the endpoints in `targets` until stopped; records what was
+/// acknowledged, and when.
+struct Writer {
+    targets: Arc<Mutex<Vec<String>>>,
+    acked: Arc<Mutex<Vec<(String, Instant)>>>,
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Writer {
+    fn start(targets: Vec<String>) -> Writer {
+        let targets = Arc::new(Mutex::new(targets));
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let task = {
+            let (targets, acked, stop) = (targets.clone(), acked.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let ep = {
+                        let t = targets.lock().unwrap();
+                        t[(n as usize) % t.len()].clone()
+                    };
+                    let key = format!("w/{n:06}");
+                    if put(&ep, &key, "x").await.is_ok() {
+                        acked.lock().unwrap().push((key, Instant::now()));
+                    } else {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    n += 1;
+                }
+            })
+        };
+        Writer {
+            targets,
+            acked,
+            stop,
+            task,
+        }
+    }
+
+    fn avoid(&self, endpoint: &str) {
+        self.targets.lock().unwrap().retain(|e| e != endpoint);
+    }
+
+    fn first_ack_after(&self, t: Instant) -> Option<Duration> {
+        self.acked
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(_, at)| *at > t)
+            .map(|(_, at)| *at - t)
+    }
+
+    async fn finish(self) -> Vec<String> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.unwrap();
+        let acked = self.acked.lock().unwrap();
+        acked.iter().map(|(k, _)| k.clone()).collect()
+    }
+}
+
+/// The membership as `endpoint` reports it: (voter ids, learner ids), or None if unreachable.
+async fn shape(endpoint: &str) -> Option<(Vec<u64>, Vec<u64>)> {
+    let ch = channel(endpoint).await.ok()?;
+    let m = eden::etcd::pb::etcdserverpb::cluster_client::ClusterClient::new(ch)
+        .member_list(eden::etcd::pb::etcdserverpb::MemberListRequest::default())
+        .await
+        .ok()?
+        .into_inner()
+        .members;
+    let voters = m.iter().filter(|m| !m.is_learner).map(|m| m.id).collect();
+    let learners = m.iter().filter(|m| m.is_learner).map(|m| m.id).collect();
+    Some((voters, learners))
+}
+
+/// Waits until `endpoint` reports `voters` voters and `learners` learners, none of them `gone`.
+async fn wait_shape(endpoint: &str, voters: usize, learners: usize, gone: &[u64]) -> Duration {
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(60);
+    let mut last = None;
+    loop {
+        if let Some((v, l)) = shape(endpoint).await {
+            let ok = v.len() == voters
+                && l.len() == learners
+                && !v.iter().chain(&l).any(|id| gone.contains(id));
+            if ok {
+                return start.elapsed();
+            }
+            last = Some((v, l));
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {voters} voters + {learners} standbys without {gone:x?} within 60 s; last seen \
+             {last:x?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn five_nodes_replace_a_killed_leader_and_a_killed_voter_and_lose_no_write() {
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes: Vec<Node> = Vec::new();
+    let mut n1 = Node::new(root.path(), "n1");
+    n1.create(None, &[]);
+    n1.ready().await;
+    let token = n1.token();
+    let via = n1.peer.clone();
+    nodes.push(n1);
+    for i in 2..=5 {
+        let mut n = Node::new(root.path(), &format!("n{i}"));
+        n.create(Some((&via, &token)), &[]);
+        n.ready().await;
+        nodes.push(n);
+    }
+    wait_shape(&nodes[0].endpoint(), 3, 2, &[]).await;
+    let mut ids = Vec::new();
+    for n in nodes.iter_mut() {
+        ids.push(n.ready().await.header.unwrap().member_id);
+    }
+
+    let writer = Writer::start(nodes.iter().map(|n| n.endpoint()).collect());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Round 1: the leader dies.
+    let leader = nodes[0].ready().await.leader;
+    let li = leader_index(&nodes, leader, &ids);
+    writer.avoid(&nodes[li].endpoint());
+    let killed_at = Instant::now();
+    nodes[li].kill9();
+    let alive = (0..5).find(|i| *i != li).unwrap();
+    let replaced = wait_shape(&nodes[alive].endpoint(), 3, 1, &[leader]).await;
+    let first_write = writer
+        .first_ack_after(killed_at)
+        .expect("a write succeeded after the leader was killed");
+    eprintln!(
+        "leader killed: first write after {first_write:?}, dead voter replaced after {replaced:?}"
+    );
+
+    // Round 2: a follower voter dies.
+    let (voters, _) = shape(&nodes[alive].endpoint()).await.unwrap();
+    let new_leader = nodes[alive].ready().await.leader;
+    let victim_id = *voters.iter().find(|id| **id != new_leader).unwrap();
+    let vi = leader_index(&nodes, victim_id, &ids);
+    writer.avoid(&nodes[vi].endpoint());
+    let killed_at = Instant::now();
+    nodes[vi].kill9();
+    let alive = (0..5).find(|i| *i != li && *i != vi).unwrap();
+    let replaced = wait_shape(&nodes[alive].endpoint(), 3, 0, &[leader, victim_id]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let first_write = writer
+        .first_ack_after(killed_at)
+        .expect("a write succeeded after a voter was killed");
+    eprintln!(
+        "follower voter killed: first write after {first_write:?}, replaced after {replaced:?}"
+    );
+
+    // No acknowledged write is lost, on any survivor.
+    let acked = writer.finish().await;
+    assert!(
+        acked.len() > 10,
+        "only {} writes were acknowledged",
+        acked.len()
+    );
+    for (i, n) in nodes.iter().enumerate() {
+        if i == li || i == vi {
+            continue;
+        }
+        // A linearizable read first, so the survivor has applied everything committed.
+        put_retrying(&n.endpoint(), "barrier", &i.to_string()).await;
+        wait_local_value(n, "barrier", &i.to_string()).await;
+        for key in &acked {
+            assert_eq!(
+                local_get(&n.endpoint(), key).await.as_deref(),
+                Some(&b"x"[..]),
+                "{} lost the acknowledged write {key}",
+                n.name
+            );
+        }
+    }
+    // The controller recorded what it did and why.
+    let ch = channel(&nodes[alive].endpoint()).await.unwrap();
+    let events = Kv::new(ch)
+        .range(eden::etcd::pb::etcdserverpb::RangeRequest {
+            key: b"/eden/events/".to_vec(),
+            range_end: b"/eden/events0".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .kvs;
+    let texts: Vec<String> = events
+        .iter()
+        .map(|kv| String::from_utf8_lossy(&kv.value).to_string())
+        .collect();
+    assert!(
+        texts
+            .iter()
+            .any(|t| t.contains("\"remove\"") && t.contains(&leader.to_string())),
+        "no event records the removal of the dead leader: {texts:#?}"
+    );
+    assert!(
+        texts
+            .iter()
+            .any(|t| t.contains("\"promote\"") && t.contains("unreachable")),
+        "no event records a promotion with its reason: {texts:#?}"
+    );
+}
