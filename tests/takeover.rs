@@ -221,3 +221,23 @@ async fn five_nodes_replace_a_killed_leader_and_a_killed_voter_and_lose_no_write
         "no event records a promotion with its reason: {texts:#?}"
     );
 }
+
+#[test]
+fn eden_demo_runs_a_takeover_and_loses_nothing() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_eden"))
+        .args(["demo", "--nodes", "4"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "eden demo failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("kill -9 the leader"), "{stdout}");
+    assert!(
+        stdout.contains("acknowledged writes lost       0"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("3 voters again"), "{stdout}");
+}

@@ -7,10 +7,11 @@ use clap::{Parser, Subcommand};
 
 pub mod apply;
 pub mod bench;
+pub mod demo;
 pub mod plan;
 pub mod serve;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -34,7 +35,7 @@ pub enum Command {
     /// Print the ordered plan for states without running them.
     Plan(plan::PlanArgs),
     /// Start a 5-node cluster on loopback and show a live failover.
-    Demo,
+    Demo(demo::DemoArgs),
     /// Load an etcd v3 endpoint (eden or etcd) and report throughput and latency.
     Bench(bench::BenchArgs),
 }
@@ -46,6 +47,6 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Bench(args) => bench::run(args),
         Command::Apply(args) => apply::run(args),
         Command::Plan(args) => plan::run(args),
-        Command::Demo => Err(Error::Unavailable("this command is not built yet".into())),
+        Command::Demo(args) => demo::run(args),
     }
 }
