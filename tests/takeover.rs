@@ -73,6 +73,27 @@ impl Writer {
     }
 }
 
+/// `eden cluster status --output json` against `endpoint`.
+fn cluster_status(endpoint: &str) -> serde_json::Value {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_eden"))
+        .args([
+            "cluster",
+            "status",
+            "--endpoints",
+            endpoint,
+            "--output",
+            "json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "eden cluster status failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 /// The membership as `endpoint` reports it: (voter ids, learner ids), or None if unreachable.
 async fn shape(endpoint: &str) -> Option<(Vec<u64>, Vec<u64>)> {
     let ch = channel(endpoint).await.ok()?;
@@ -151,6 +172,19 @@ async fn five_nodes_replace_a_killed_leader_and_a_killed_voter_and_lose_no_write
         "leader killed: first write after {first_write:?}, dead voter replaced after {replaced:?}"
     );
 
+    // `eden cluster status` agrees: a leader, 3 voters and 1 standby, all alive.
+    let st = cluster_status(&nodes[alive].endpoint());
+    let members = st["members"].as_array().unwrap();
+    let count = |role: &str| members.iter().filter(|m| m["role"] == role).count();
+    assert_eq!((count("voter"), count("standby")), (3, 1), "{st:#}");
+    assert!(members.iter().all(|m| m["health"] == "alive"), "{st:#}");
+    assert_eq!(
+        members.iter().filter(|m| m["leader"] == true).count(),
+        1,
+        "{st:#}"
+    );
+    assert!(st["leader"].is_string(), "{st:#}");
+
     // Round 2: a follower voter dies.
     let (voters, _) = shape(&nodes[alive].endpoint()).await.unwrap();
     let new_leader = nodes[alive].ready().await.leader;
@@ -160,6 +194,33 @@ async fn five_nodes_replace_a_killed_leader_and_a_killed_voter_and_lose_no_write
     let killed_at = Instant::now();
     nodes[vi].kill9();
     let alive = (0..5).find(|i| *i != li && *i != vi).unwrap();
+    // Status shows the dead voter as not alive before the controller replaces it.
+    let victim_name = nodes[vi].name.clone();
+    let mut seen = None;
+    for _ in 0..50 {
+        let st = cluster_status(&nodes[alive].endpoint());
+        let health = st["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == victim_name.as_str())
+            .map(|m| m["health"].as_str().unwrap().to_string());
+        match health.as_deref() {
+            Some("alive") => tokio::time::sleep(Duration::from_millis(100)).await,
+            other => {
+                seen = Some(other.map(str::to_string));
+                break;
+            }
+        }
+    }
+    let seen = seen.expect("cluster status kept showing the killed voter alive for 5 s");
+    assert!(
+        matches!(
+            seen.as_deref(),
+            Some("suspect") | Some("dead") | Some("unreachable") | None
+        ),
+        "{seen:?}"
+    );
     let replaced = wait_shape(&nodes[alive].endpoint(), 3, 0, &[leader, victim_id]).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let first_write = writer

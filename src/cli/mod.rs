@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 pub mod apply;
 pub mod bench;
+pub mod cluster;
 pub mod demo;
 pub mod plan;
 pub mod serve;
@@ -36,6 +37,8 @@ pub enum Command {
     Plan(plan::PlanArgs),
     /// Start a 5-node cluster on loopback and show a live failover.
     Demo(demo::DemoArgs),
+    /// Inspect the cluster: `eden cluster status`.
+    Cluster(cluster::ClusterArgs),
     /// Load an etcd v3 endpoint (eden or etcd) and report throughput and latency.
     Bench(bench::BenchArgs),
 }
@@ -45,6 +48,7 @@ pub fn run(cli: Cli) -> Result<i32> {
     match cli.command {
         Command::Serve(args) => serve::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Cluster(args) => cluster::run(args),
         Command::Apply(args) => apply::run(args),
         Command::Plan(args) => plan::run(args),
         Command::Demo(args) => demo::run(args),

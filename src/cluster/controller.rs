@@ -29,6 +29,10 @@ use serde::{Deserialize, Serialize};
 pub const CONFIG_KEY: &str = "/eden/cluster/config";
 /// Prefix of the controller's event records.
 pub const EVENTS_PREFIX: &str = "/eden/events/";
+/// Where the leader publishes every member's health, as its prober sees it (JSON
+/// [`HealthReport`]); written only when a state changes.
+pub const HEALTH_KEY: &str = "/eden/cluster/health";
+
 /// The peer route a node answers to show it is alive.
 pub const PING_PATH: &str = "/eden/ping";
 /// How often the controller looks.
@@ -163,6 +167,46 @@ impl Health for Prober {
     }
 }
 
+/// A member's health as the leader sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthState {
+    Alive,
+    /// Unreachable for less than `failover_after`.
+    Suspect,
+    /// Unreachable for `failover_after` or longer.
+    Dead,
+}
+
+/// The value of [`HEALTH_KEY`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthReport {
+    /// The leader that wrote it.
+    pub leader: NodeId,
+    /// Health by Raft id (as a decimal string, for JSON).
+    pub members: BTreeMap<String, HealthState>,
+}
+
+fn health_report(view: &View, config: &ClusterConfig) -> HealthReport {
+    let members = view
+        .voters
+        .keys()
+        .chain(view.learners.keys())
+        .map(|id| {
+            let state = match view.dead_for.get(id) {
+                None => HealthState::Alive,
+                Some(d) if *d < config.failover_after() => HealthState::Suspect,
+                Some(_) => HealthState::Dead,
+            };
+            (id.to_string(), state)
+        })
+        .collect();
+    HealthReport {
+        leader: view.leader,
+        members,
+    }
+}
+
 /// One membership change the controller decided on.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "action", rename_all = "kebab-case")]
@@ -272,9 +316,11 @@ pub fn decide(view: &View, config: &ClusterConfig) -> Option<Decision> {
 pub async fn run(node: Arc<RaftNode>, health: Arc<dyn Health>) {
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut published: Option<HealthReport> = None;
     loop {
         tick.tick().await;
         if !node.is_leader() {
+            published = None;
             continue;
         }
         let m = node.metrics();
@@ -295,6 +341,18 @@ pub async fn run(node: Arc<RaftNode>, health: Arc<dyn Health>) {
             learners: m.learners,
             dead_for,
         };
+        let report = health_report(&view, &config);
+        if published.as_ref() != Some(&report) {
+            let cmd = eden_storage::Command::Put(eden_storage::PutRequest {
+                key: HEALTH_KEY.as_bytes().to_vec(),
+                value: serde_json::to_vec(&report).unwrap_or_default(),
+                ..Default::default()
+            });
+            match node.write(cmd).await {
+                Ok(_) => published = Some(report),
+                Err(e) => tracing::warn!("publishing member health failed: {e}"),
+            }
+        }
         let Some(decision) = decide(&view, &config) else {
             continue;
         };
