@@ -96,6 +96,8 @@ impl ClusterConfig {
 pub trait Health: Send + Sync {
     /// How long `id` has been considered dead, or `None` if it is alive (or unknown yet).
     fn dead_for(&self, id: NodeId, info: &NodeInfo) -> Option<Duration>;
+    /// `id` left the membership: if it is admitted again, its health starts afresh.
+    fn forget(&self, id: NodeId);
 }
 
 /// A direct prober: pings every member's peer port and counts how long each has failed.
@@ -105,7 +107,25 @@ pub trait Health: Send + Sync {
 pub struct Prober {
     node: Arc<RaftNode>,
     pool: Arc<PeerPool>,
-    failing: Mutex<BTreeMap<NodeId, Instant>>,
+    /// Members whose latest probes failed: since when, and the latest failure.
+    failing: Mutex<BTreeMap<NodeId, Streak>>,
+    period: Mutex<Duration>,
+    /// On the leader: each member's matched log index at the last round. Replication that moved
+    /// on is evidence of life too (a member that was removed and admitted again catches up).
+    matched: Mutex<BTreeMap<NodeId, Option<u64>>>,
+}
+
+/// Consecutive failed probes of one member.
+#[derive(Debug, Clone, Copy)]
+struct Streak {
+    since: Instant,
+    last: Instant,
+}
+
+/// A failure this long after the previous one starts a new streak: probes of that member
+/// stopped in between (it left the membership, and may have come back since).
+fn streak_gap(period: Duration) -> Duration {
+    period * 3
 }
 
 impl Prober {
@@ -115,16 +135,34 @@ impl Prober {
             node,
             pool,
             failing: Mutex::new(BTreeMap::new()),
+            period: Mutex::new(Duration::from_millis(500)),
+            matched: Mutex::new(BTreeMap::new()),
         })
     }
 
     /// Probes every member every `period` until the task is aborted.
     pub async fn run(self: Arc<Self>, period: Duration) {
+        *self.period.lock().unwrap_or_else(|p| p.into_inner()) = period;
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
             let m = self.node.metrics();
+            let replicated: Vec<NodeId> = {
+                let mut last = self.matched.lock().unwrap_or_else(|p| p.into_inner());
+                let moved = m
+                    .replication
+                    .iter()
+                    .filter(|(id, p)| last.get(id).is_some_and(|prev| *prev != p.matched_index))
+                    .map(|(id, _)| *id)
+                    .collect();
+                *last = m
+                    .replication
+                    .iter()
+                    .map(|(id, p)| (*id, p.matched_index))
+                    .collect();
+                moved
+            };
             let members: Vec<(NodeId, NodeInfo)> = m
                 .voters
                 .into_iter()
@@ -149,11 +187,28 @@ impl Prober {
             }
             let now = Instant::now();
             let mut failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
+            // A node that left the membership starts afresh if it is admitted again, and so
+            // does one whose replication moved on since the last round.
+            failing.retain(|id, _| results.iter().any(|(r, _)| r == id));
+            for id in &replicated {
+                failing.remove(id);
+            }
             for (id, ok) in results {
                 if ok {
                     failing.remove(&id);
-                } else {
-                    failing.entry(id).or_insert(now);
+                    continue;
+                }
+                match failing.get_mut(&id) {
+                    Some(s) if now.duration_since(s.last) <= streak_gap(period) => s.last = now,
+                    _ => {
+                        failing.insert(
+                            id,
+                            Streak {
+                                since: now,
+                                last: now,
+                            },
+                        );
+                    }
                 }
             }
         }
@@ -161,9 +216,19 @@ impl Prober {
 }
 
 impl Health for Prober {
+    fn forget(&self, id: NodeId) {
+        self.failing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+    }
+
     fn dead_for(&self, id: NodeId, _info: &NodeInfo) -> Option<Duration> {
+        let period = *self.period.lock().unwrap_or_else(|p| p.into_inner());
         let failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
-        failing.get(&id).map(|since| since.elapsed())
+        let s = failing.get(&id)?;
+        // Only a streak that is still going counts.
+        (s.last.elapsed() <= streak_gap(period)).then(|| s.since.elapsed())
     }
 }
 
@@ -361,6 +426,9 @@ pub async fn run(node: Arc<RaftNode>, health: Arc<dyn Health>) {
             Decision::Promote { id, .. } => node.promote(*id).await,
             Decision::Remove { id, .. } => node.remove(*id).await,
         };
+        if let (Decision::Remove { id, .. }, Ok(())) = (&decision, &result) {
+            health.forget(*id);
+        }
         let outcome = match &result {
             Ok(()) => "done".to_string(),
             Err(e) => format!("failed: {e}"),

@@ -224,6 +224,14 @@ impl JoinService {
 
     /// Step 3: adds the node as a learner, then promotes it while voters are short.
     pub async fn admit(&self, req: AdmitRequest) -> Result<Admitted> {
+        // Idempotent: a restarted member asks again (see `serve::rejoin`).
+        let m = self.node.metrics();
+        if m.voters.contains_key(&req.raft_id) {
+            return Ok(Admitted { voter: true });
+        }
+        if m.learners.contains_key(&req.raft_id) {
+            return Ok(Admitted { voter: false });
+        }
         tracing::info!(id = req.raft_id, node = %req.info, "adding learner");
         self.node
             .add_learner(req.raft_id, req.info.clone())

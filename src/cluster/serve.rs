@@ -87,7 +87,17 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()>) -> Re
     let started = match mode {
         Mode::Restart => {
             let tls = load_tls(&dir)?;
-            start(&dir, &file, &tls, peer, opts.snapshot_count).await?
+            let mut started = start(&dir, &file, &tls, peer, opts.snapshot_count).await?;
+            let client_tls = pki::client_config(tls.ca.cert_pem(), &tls.identity)?;
+            started.background.push(tokio::spawn(rejoin(
+                started.node.clone(),
+                client_tls,
+                AdmitRequest {
+                    raft_id: file.raft_id,
+                    info: node_info(&file),
+                },
+            )));
+            started
         }
         Mode::Init | Mode::Join { .. } => {
             let set_up = match &mode {
@@ -361,6 +371,40 @@ impl Started {
         let _ = self.peer_task.await;
         if let Err(e) = self.node.shutdown().await {
             tracing::warn!("Raft shutdown: {e}");
+        }
+    }
+}
+
+/// After a restart: asks a member, every few seconds, to admit this node again. For a node that
+/// is still a member this changes nothing; a node the role controller removed while it was down
+/// comes back as a standby, with its intact log and its id (a node whose data was wiped has no
+/// id and must `--join` again, so ids are never reused).
+async fn rejoin(node: Arc<RaftNode>, tls: Arc<rustls::ClientConfig>, req: AdmitRequest) {
+    let mut tick = tokio::time::interval(Duration::from_secs(3));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let m = node.metrics();
+        let peers: Vec<String> = m
+            .voters
+            .values()
+            .chain(m.learners.values())
+            .filter(|i| i.peer_addr != req.info.peer_addr)
+            .map(|i| i.peer_addr.clone())
+            .collect();
+        for peer in peers {
+            let r: Result<Admitted> = join::post_json(
+                &peer,
+                tls.clone(),
+                join::ADMIT,
+                &req,
+                Duration::from_secs(120),
+            )
+            .await;
+            match r {
+                Ok(_) => break,
+                Err(e) => tracing::debug!(%peer, "asking to be admitted again: {e}"),
+            }
         }
     }
 }
