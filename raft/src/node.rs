@@ -94,15 +94,15 @@ impl NodeConfig {
     }
 }
 
-/// eden's openraft settings. Elections wait 0.5-1 s (an fsync on a slow disk must not look like
+/// eden's openraft settings. Elections wait 0.4-0.8 s (an fsync on a slow disk must not look like
 /// a dead leader); snapshots are taken every 10 000 entries and sent in 1 MiB chunks, each with
 /// 10 s to arrive, so a slow link still gets them through.
 pub fn default_raft_config() -> openraft::Config {
     openraft::Config {
         cluster_name: "eden".into(),
         heartbeat_interval: 100,
-        election_timeout_min: 500,
-        election_timeout_max: 1000,
+        election_timeout_min: 400,
+        election_timeout_max: 800,
         install_snapshot_timeout: 10_000,
         snapshot_max_chunk_size: 1 << 20,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(10_000),
