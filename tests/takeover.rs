@@ -361,3 +361,72 @@ fn eden_demo_runs_a_takeover_and_loses_nothing() {
     );
     assert!(stdout.contains("3 voters again"), "{stdout}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_recover_rebuilds_a_one_voter_cluster_from_a_survivor() {
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = three_nodes(root.path(), &[]).await;
+    for i in 0..20 {
+        put_retrying(&nodes[0].endpoint(), &format!("r/{i:02}"), "kept").await;
+    }
+    let mut ids = Vec::new();
+    for n in nodes.iter_mut() {
+        ids.push(n.ready().await.header.unwrap().member_id);
+    }
+    // Two of three voters are lost for good.
+    let survivor = 2;
+    wait_local_value(&nodes[survivor], "r/19", "kept").await;
+    nodes[0].kill9();
+    nodes[1].kill9();
+    let refused = tokio::time::timeout(
+        Duration::from_secs(3),
+        put(&nodes[survivor].endpoint(), "r/lonely", "x"),
+    )
+    .await;
+    assert!(
+        !matches!(refused, Ok(Ok(_))),
+        "a write succeeded without a quorum"
+    );
+    nodes[survivor].terminate();
+
+    let recover = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_eden"))
+            .args(["cluster", "recover", "--data-dir"])
+            .arg(&nodes[survivor].dir)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = recover(&[]);
+    assert_eq!(out.status.code(), Some(2), "recover ran without --yes");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--yes"));
+    let out = recover(&["--yes", "--output", "json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        report["old_voters"].as_array().unwrap().len(),
+        3,
+        "{report}"
+    );
+    assert!(report["last_log"][0].as_u64().unwrap() > 20, "{report}");
+
+    nodes[survivor].restart(&[]);
+    nodes[survivor].ready().await;
+    let rev = put_retrying(&nodes[survivor].endpoint(), "r/after", "yes").await;
+    assert!(rev > 20);
+    for i in 0..20 {
+        assert_eq!(
+            local_get(&nodes[survivor].endpoint(), &format!("r/{i:02}"))
+                .await
+                .as_deref(),
+            Some(&b"kept"[..])
+        );
+    }
+    let (voters, learners) = shape(&nodes[survivor].endpoint()).await.unwrap();
+    assert_eq!(voters, [ids[survivor]]);
+    assert!(learners.is_empty());
+}

@@ -17,6 +17,7 @@ pub mod state_machine;
 pub mod transport;
 pub mod types;
 
+pub mod recover;
 pub use error::Error;
 pub use log_store::LogStore;
 pub use node::{

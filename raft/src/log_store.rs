@@ -117,6 +117,18 @@ impl LogStore {
         }
     }
 
+    /// Writes one entry and fsyncs, outside openraft (offline recovery only).
+    pub(crate) fn append_and_flush(&self, entry: &Entry) -> Result<(), crate::Error> {
+        let bytes = encode(entry).map_err(crate::Error::Internal)?;
+        self.tree()
+            .insert(entry_key(entry.log_id.index), bytes)
+            .map_err(|e| crate::Error::Io(e.to_string()))?;
+        self.db
+            .flush()
+            .map_err(|e| crate::Error::Io(e.to_string()))?;
+        Ok(())
+    }
+
     async fn flush(&self) -> Result<(), StorageError> {
         self.db.flush_async().await.map_err(write_err)?;
         Ok(())

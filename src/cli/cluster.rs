@@ -32,6 +32,105 @@ pub enum ClusterCommand {
     ///       --cert admin.crt --key admin.key --output json
     #[command(verbatim_doc_comment)]
     Status(ConnectArgs),
+    /// After quorum is lost for good: make this stopped node the only voter.
+    ///
+    /// Use it only when a majority of voters is gone and will not come back (for example two
+    /// of three destroyed). Stop the surviving node first, run this on its data dir, then start
+    /// it again with `eden serve --data-dir DIR`: it is a one-voter cluster with every entry its
+    /// log held, and new nodes can --join it. Writes the lost voters had and this replica did
+    /// not (after the last log index it prints) are gone. Other survivors must be wiped and
+    /// --join again.
+    ///
+    /// Example:
+    ///   eden cluster recover --data-dir /var/lib/eden --yes
+    #[command(verbatim_doc_comment)]
+    Recover(RecoverArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct RecoverArgs {
+    /// The data dir of a stopped node (voter or standby) of the broken cluster.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: PathBuf,
+    /// Confirm: this rewrites the cluster's membership.
+    #[arg(long)]
+    pub yes: bool,
+    /// text or json.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    pub output: String,
+}
+
+fn recover(a: &RecoverArgs, rt: &tokio::runtime::Runtime) -> Result<i32> {
+    let dir = crate::cluster::datadir::DataDir::lock(&a.data_dir)?;
+    let node = dir.node()?.ok_or_else(|| {
+        Error::InvalidInput(format!(
+            "{} holds no eden node (no node.json); give the data dir of a surviving node",
+            a.data_dir.display()
+        ))
+    })?;
+    if !a.yes {
+        return Err(Error::InvalidInput(format!(
+            "this makes {} the only voter of cluster {:?}; the other members are dropped and \
+             writes only they had are lost. Stop every other survivor, then run again with --yes",
+            node.name, node.cluster_name
+        )));
+    }
+    let info = eden_raft::NodeInfo {
+        name: node.name.clone(),
+        peer_addr: node.peer_addr.clone(),
+        client_addr: node.client_addr.clone(),
+    };
+    let report = rt
+        .block_on(eden_raft::recover::recover_as_single_voter(
+            &dir.raft(),
+            node.raft_id,
+            info,
+        ))
+        .map_err(|e| Error::Unavailable(format!("recovery failed, nothing was changed: {e}")))?;
+    if a.output == "json" {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).map_err(|e| Error::Internal(e.to_string()))?
+        );
+        return Ok(0);
+    }
+    let opt = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_else(|| "none".into());
+    println!(
+        "{} is now the only voter of cluster {:?}.",
+        node.name, node.cluster_name
+    );
+    println!(
+        "  old voters: {}; old standbys: {}",
+        report.old_voters.join(", "),
+        if report.old_learners.is_empty() {
+            "none".into()
+        } else {
+            report.old_learners.join(", ")
+        }
+    );
+    println!(
+        "  this replica's log ended at index {} (term {}); it knew entries up to {} were \
+         committed and had applied up to {} (revision {}).",
+        opt(report.last_log.map(|l| l.0)),
+        opt(report.last_log.map(|l| l.1)),
+        opt(report.known_committed),
+        opt(report.applied),
+        report.revision
+    );
+    println!(
+        "  may be lost: entries after index {} that the lost voters had committed.",
+        opt(report.last_log.map(|l| l.0))
+    );
+    println!(
+        "  entries {}..{} were not known committed here; they are committed now.",
+        report.known_committed.map(|c| c + 1).unwrap_or(0),
+        opt(report.last_log.map(|l| l.0))
+    );
+    println!(
+        "Start it with `eden serve --data-dir {}`; wipe the other survivors and --join them.",
+        a.data_dir.display()
+    );
+    Ok(0)
 }
 
 /// How to reach the etcd API.
@@ -278,5 +377,6 @@ pub fn run(args: ClusterArgs) -> Result<i32> {
             }
             Ok(0)
         }
+        ClusterCommand::Recover(a) => recover(&a, &rt),
     }
 }
