@@ -3,12 +3,14 @@
 //! - [`pki`]: the cluster CA, node and admin certificates, the join token, rustls configs.
 //! - [`datadir`]: a node's data dir: layout, lock, atomic writes, `node.json`.
 //! - [`join`]: the join exchange on the peer port (`/join`, `/join/admit`).
+//! - [`gossip`]: SWIM failure detection (foca) over the peer port: who is alive, suspect, dead.
 //! - [`serve`]: `eden serve`: init, join or restart, then run Raft, the peer server and the
 //!   etcd API until shutdown.
 //!
-//! Still to come here: gossip failure detection and the role controller.
+//! Still to come here: the role controller.
 
 pub mod datadir;
+pub mod gossip;
 pub mod join;
 pub mod pki;
 pub mod serve;
