@@ -65,8 +65,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use eden_raft::{PeerCertificate, PeerPool};
 use foca::{
-    AccumulatingRuntime, Foca, NoCustomBroadcast, OwnedNotification, PeriodicParams,
-    PostcardCodec, Runtime, Timer, TimerToken,
+    AccumulatingRuntime, Foca, NoCustomBroadcast, OwnedNotification, PeriodicParams, PostcardCodec,
+    Runtime, Timer, TimerToken,
 };
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -585,13 +585,7 @@ impl Gossip {
             }
             let effects = self.settle(inner);
             let generation = inner.foca.identity().generation;
-            fold_health(
-                &mut inner.health,
-                &self.me,
-                generation,
-                State::Dead,
-                now(),
-            );
+            fold_health(&mut inner.health, &self.me, generation, State::Dead, now());
             effects
         };
         self.stopped.store(true, Ordering::Release);
@@ -676,7 +670,13 @@ impl Gossip {
         let now = now();
         let me = inner.foca.identity().clone();
         if !self.stopped.load(Ordering::Acquire) {
-            fold_health(&mut inner.health, &me.member, me.generation, State::Alive, now);
+            fold_health(
+                &mut inner.health,
+                &me.member,
+                me.generation,
+                State::Alive,
+                now,
+            );
         }
         for m in inner.foca.iter_membership_state() {
             let id = m.id();
@@ -949,7 +949,9 @@ mod tests {
             }
         }
         until(Duration::from_secs(10), "isolated n2 dead", || {
-            [0, 1, 3].iter().all(|&i| state(&nodes[i], "n2") == Some(State::Dead))
+            [0, 1, 3]
+                .iter()
+                .all(|&i| state(&nodes[i], "n2") == Some(State::Dead))
         })
         .await;
     }
@@ -1066,7 +1068,10 @@ mod tests {
         fold_health(&mut health, &b.member, b.generation, State::Alive, t1);
         assert_eq!(health["n1"].since, t0, "same state keeps its since");
         fold_health(&mut health, &b.member, b.generation, State::Suspect, t1);
-        assert_eq!((health["n1"].state, health["n1"].since), (State::Suspect, t1));
+        assert_eq!(
+            (health["n1"].state, health["n1"].since),
+            (State::Suspect, t1)
+        );
     }
 
     #[test]
