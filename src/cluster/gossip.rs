@@ -311,7 +311,9 @@ struct Effects {
 
 /// The failure detector of one node. See the module docs.
 pub struct Gossip {
-    me: Member,
+    /// This node's peer address; fixed for the life of the detector (the rest of its
+    /// [`Member`] record lives in foca's identity and may change, see [`Gossip::set_raft_id`]).
+    peer_addr: String,
     config: GossipConfig,
     transport: Arc<dyn Transport>,
     inner: Mutex<Inner>,
@@ -405,7 +407,7 @@ impl Gossip {
         fold_health(&mut health, &me, generation, State::Alive, now());
         let seeds: BTreeSet<String> = seeds.into_iter().filter(|s| *s != me.peer_addr).collect();
         let gossip = Arc::new_cyclic(|this| Gossip {
-            me,
+            peer_addr: me.peer_addr,
             config,
             transport,
             inner: Mutex::new(Inner {
@@ -424,9 +426,35 @@ impl Gossip {
         Ok(gossip)
     }
 
-    /// This node's member record.
-    pub fn me(&self) -> &Member {
-        &self.me
+    /// This node's member record as gossip currently tells it.
+    pub fn me(&self) -> Member {
+        self.lock().foca.identity().member.clone()
+    }
+
+    /// Changes the Raft id this node advertises (an agent admitted as a learner, a node
+    /// re-admitted under a new id). The node takes a new generation, so every view replaces
+    /// the old record instead of keeping two.
+    pub fn set_raft_id(&self, raft_id: u64) {
+        if self.stopped.load(Ordering::Acquire) {
+            return;
+        }
+        let r = self.with_foca(|foca, rt| {
+            let current = foca.identity().clone();
+            if current.member.raft_id == raft_id {
+                return Ok(());
+            }
+            let renewed = NodeIdentity {
+                member: Member {
+                    raft_id,
+                    ..current.member
+                },
+                generation: current.generation.saturating_add(1),
+            };
+            foca.change_identity(renewed, rt)
+        });
+        if let Err(e) = r {
+            tracing::warn!(raft_id, "gossip: advertising the new raft id: {e}");
+        }
     }
 
     /// The settings this detector runs with.
@@ -563,7 +591,7 @@ impl Gossip {
 
     /// Adds a peer address to announce to (now, and whenever this node knows no live member).
     pub fn add_seed(&self, peer_addr: &str) {
-        if peer_addr == self.me.peer_addr {
+        if peer_addr == self.peer_addr {
             return;
         }
         self.lock().seeds.insert(peer_addr.to_string());
@@ -584,8 +612,14 @@ impl Gossip {
                 tracing::debug!("gossip leave: {e}");
             }
             let effects = self.settle(inner);
-            let generation = inner.foca.identity().generation;
-            fold_health(&mut inner.health, &self.me, generation, State::Dead, now());
+            let me = inner.foca.identity().clone();
+            fold_health(
+                &mut inner.health,
+                &me.member,
+                me.generation,
+                State::Dead,
+                now(),
+            );
             effects
         };
         self.stopped.store(true, Ordering::Release);
@@ -1031,6 +1065,32 @@ mod tests {
         })
         .await;
         assert!(took < Duration::from_secs(5));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn new_raft_id_replaces_the_record_everywhere() {
+        let net = Arc::new(MemNet::default());
+        let nodes = cluster(&net, 3);
+        until(Duration::from_secs(10), "convergence", || {
+            nodes.iter().all(|g| g.health().len() == 3)
+        })
+        .await;
+        let before = nodes[0].health()["n1"].generation;
+        nodes[1].set_raft_id(42);
+        assert_eq!(nodes[1].me().raft_id, 42);
+        until(
+            Duration::from_secs(5),
+            "everyone sees n1 as raft 42",
+            || {
+                nodes.iter().all(|g| {
+                    let h = &g.health()["n1"];
+                    assert_ne!(h.state, State::Dead, "n1 went dead while changing its id");
+                    h.member.raft_id == 42 && h.state == State::Alive && h.generation > before
+                })
+            },
+        )
+        .await;
+        assert_eq!(nodes[0].health().len(), 3);
     }
 
     #[tokio::test(start_paused = true)]
