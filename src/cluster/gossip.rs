@@ -119,8 +119,11 @@ pub struct Health {
 }
 
 /// Tuning. The defaults suit loopback and a LAN: a killed node is declared dead by every other
-/// node within about 1.5 s (one probe period to be picked, one to fail, then `suspect_to_dead`),
-/// under the cluster's default `failover-after` of 3 s.
+/// node about 1.5 s after it dies (up to a few probe periods until someone probes it, one period
+/// for the probe to fail, then `suspect_to_dead`, then a gossip round), well under the cluster's
+/// default `failover-after` of 3 s. Failure detection is a trade: shorter periods find deaths
+/// sooner and suspect live-but-slow nodes more often (they refute, at the cost of a few
+/// messages).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GossipConfig {
     /// How often this node probes one member.
@@ -138,9 +141,9 @@ pub struct GossipConfig {
 impl Default for GossipConfig {
     fn default() -> GossipConfig {
         GossipConfig {
-            probe_period: Duration::from_millis(300),
+            probe_period: Duration::from_millis(250),
             probe_timeout: Duration::from_millis(100),
-            suspect_to_dead: Duration::from_millis(1000),
+            suspect_to_dead: Duration::from_millis(800),
             indirect_probes: 3,
         }
     }
