@@ -48,6 +48,19 @@
 //! becomes Suspect at once (gossiped, so it can refute if it is in fact alive) and is declared
 //! Dead after `suspect_to_dead` unless it refutes.
 //!
+//! ## Wiring (what `eden serve` does with it)
+//!
+//! 1. `Gossip::start(Member { name, raft_id, peer_addr }, pool, seeds, GossipConfig::default())`
+//!    once the node knows its name and peer address; `seeds` are the peer addresses of the node
+//!    it joined through and of the members it knows. A pool of its own keeps gossip off the
+//!    HTTP/2 connections that carry Raft snapshots, whose bulk could delay a probe's ack.
+//! 2. The peer server's fallback sends [`GOSSIP_PATH`] to [`Gossip::serve_request`].
+//! 3. The Raft leader's failed appends go to [`Gossip::report_unreachable`].
+//! 4. When the node's Raft id changes, [`Gossip::set_raft_id`].
+//! 5. The role controller reads [`Gossip::health`] / [`Gossip::dead_for`], and
+//!    [`Gossip::forget`]s a node it removed for good.
+//! 6. On shutdown, [`Gossip::leave`].
+//!
 //! ## What this module does not do
 //!
 //! It decides nothing about roles, Raft membership or failover: it only reports health. It does
@@ -303,6 +316,9 @@ struct Inner {
     /// (peer_addr, generation, incarnation) already suspected on Raft's word, so a burst of
     /// replication errors schedules one timer, not hundreds.
     reported: HashSet<(String, u64, u16)>,
+    /// Names dropped by `forget`, with the generation dropped: foca still remembers that
+    /// identity as down, and only a later generation may bring the name back.
+    forgotten: BTreeMap<String, u64>,
 }
 
 /// What one interaction with foca asked us to do once the lock is released.
@@ -376,6 +392,7 @@ impl Gossip {
     /// spelled exactly as those nodes advertise their `peer_addr`). Spawns its tasks on the
     /// current tokio runtime; they end when the returned `Arc` and its clones are dropped, or
     /// after [`Gossip::leave`]. An empty `seeds` is fine for the first node: the others find it.
+    /// Must be called inside a tokio runtime (it spawns).
     pub fn start(
         me: Member,
         pool: Arc<PeerPool>,
@@ -420,6 +437,7 @@ impl Gossip {
                 token: TimerToken::default(),
                 seeds,
                 reported: HashSet::new(),
+                forgotten: BTreeMap::new(),
             }),
             stopped: AtomicBool::new(false),
             this: this.clone(),
@@ -592,6 +610,22 @@ impl Gossip {
         self.dispatch(effects);
     }
 
+    /// Drops a Dead member from [`Gossip::health`] (the role controller calls this once it has
+    /// removed the node for good). Returns whether it was there and dead; live members stay.
+    /// If the node comes back, it reappears as soon as it is heard from.
+    pub fn forget(&self, name: &str) -> bool {
+        let mut inner = self.lock();
+        match inner.health.get(name) {
+            Some(h) if h.state == State::Dead && name != inner.foca.identity().member.name => {
+                let generation = h.generation;
+                inner.health.remove(name);
+                inner.forgotten.insert(name.to_string(), generation);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Adds a peer address to announce to (now, and whenever this node knows no live member).
     pub fn add_seed(&self, peer_addr: &str) {
         if peer_addr == self.peer_addr {
@@ -720,6 +754,13 @@ impl Gossip {
             if id.member.name == me.member.name && id.generation <= me.generation {
                 // A former process of this node, or a stale rumour about it.
                 continue;
+            }
+            match inner.forgotten.get(&id.member.name) {
+                Some(&g) if id.generation <= g => continue,
+                Some(_) => {
+                    inner.forgotten.remove(&id.member.name);
+                }
+                None => {}
             }
             fold_health(
                 &mut inner.health,
@@ -954,6 +995,14 @@ mod tests {
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert!(nodes[0].dead_for("n3").unwrap() >= Duration::from_secs(2));
+        assert!(!nodes[0].forget("n1"), "a live member is not forgotten");
+        assert!(nodes[0].forget("n3"));
+        assert!(!nodes[0].health().contains_key("n3"));
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(
+            !nodes[0].health().contains_key("n3"),
+            "n3 came back from gossip"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -1007,6 +1056,8 @@ mod tests {
             all_see(&nodes, "n2", State::Dead)
         })
         .await;
+        // One view forgot n2 meanwhile; it must come back there too.
+        assert!(nodes[1].forget("n2"));
         tokio::time::sleep(Duration::from_millis(5)).await;
         nodes.push(start(&net, 2, vec![member(0).peer_addr]));
         until(Duration::from_secs(10), "n2 alive again", || {
