@@ -1,16 +1,15 @@
 //! Gossip failure detection over real mutual TLS on loopback.
 //!
-//! Each member is a `Gossip` behind a small HTTP/2 + TLS server that does what the peer server
-//! does for `/gossip`: verify the client certificate against the cluster CA, put it in the
-//! request's extensions, and hand the request to `Gossip::serve_request`. Messages travel over
-//! `PeerPool`, as in production. Certificates come from eden's own PKI (`cluster::pki`).
+//! Each member is a `Gossip` behind the real peer server (`eden_raft::PeerServer`, in front of
+//! an idle, uninitialized Raft node), whose fallback routes `/gossip` to
+//! `Gossip::serve_request`, as `eden serve` does. Messages travel over `PeerPool`, as in
+//! production. Certificates come from eden's own PKI (`cluster::pki`).
 //!
 //! Time is real here (TLS over sockets does not run on tokio's paused clock), so bounds are
 //! generous and measured figures are printed; the protocol's timing on virtual time is tested
 //! in `src/cluster/gossip.rs`.
 
 use std::collections::HashSet;
-use std::convert::Infallible;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -20,60 +19,28 @@ use eden::cluster::gossip::{
     Gossip, GossipConfig, Member, PeerTransport, SendFuture, State, Transport, GOSSIP_PATH,
 };
 use eden::cluster::pki::{self, ClusterCa};
-use eden_raft::{PeerCertificate, PeerPool};
+use eden_raft::{Fallback, NodeConfig, NodeInfo, PeerPool, PeerServer, RaftNode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
-use tokio::task::{JoinHandle, JoinSet};
-use tokio_rustls::TlsAcceptor;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 
-/// Serves `/gossip` for one member until the task is aborted (which drops every connection).
-async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, gossip: Arc<Gossip>) {
-    let mut config = (*tls).clone();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let acceptor = TlsAcceptor::from(Arc::new(config));
-    let mut conns = JoinSet::new();
-    loop {
-        let Ok((tcp, _)) = listener.accept().await else {
-            continue;
-        };
-        let acceptor = acceptor.clone();
+/// The peer server's fallback as `eden serve` wires it for gossip: `/gossip` to the detector.
+fn gossip_fallback(gossip: Arc<Gossip>) -> Fallback {
+    Arc::new(move |req: Request<Incoming>| {
         let gossip = gossip.clone();
-        conns.spawn(async move {
-            let Ok(tls) = acceptor.accept(tcp).await else {
-                return;
-            };
-            let cert = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .map(|c| PeerCertificate(c.clone().into_owned()));
-            let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
-                let gossip = gossip.clone();
-                let cert = cert.clone();
-                async move {
-                    if let Some(c) = cert {
-                        req.extensions_mut().insert(c);
-                    }
-                    let resp = if req.uri().path() == GOSSIP_PATH {
-                        gossip.serve_request(req).await
-                    } else {
-                        let mut r = Response::new(Full::new(Bytes::from("no such route")));
-                        *r.status_mut() = StatusCode::NOT_FOUND;
-                        r
-                    };
-                    Ok::<_, Infallible>(resp)
-                }
-            });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(tls), service)
-                .await;
-        });
-        while conns.try_join_next().is_some() {}
-    }
+        Box::pin(async move {
+            if req.uri().path() == GOSSIP_PATH {
+                gossip.serve_request(req).await
+            } else {
+                let mut r = Response::new(Full::new(Bytes::from("no such route")));
+                *r.status_mut() = StatusCode::NOT_FOUND;
+                r
+            }
+        })
+    })
 }
 
 /// Drops every message to the addresses in `blocked`; counts what it dropped.
@@ -95,6 +62,7 @@ impl Transport for FaultyTransport {
 }
 
 struct Cluster {
+    dir: tempfile::TempDir,
     ca: ClusterCa,
     config: GossipConfig,
     faulty: bool,
@@ -105,12 +73,15 @@ struct Node {
     addr: String,
     gossip: Arc<Gossip>,
     transport: Option<Arc<FaultyTransport>>,
+    raft: Arc<RaftNode>,
+    stop: oneshot::Sender<()>,
     server: JoinHandle<()>,
 }
 
 impl Cluster {
     fn new(config: GossipConfig, faulty: bool) -> Cluster {
         Cluster {
+            dir: tempfile::tempdir().unwrap(),
             ca: ClusterCa::create("gossip-test").unwrap(),
             config,
             faulty,
@@ -127,7 +98,16 @@ impl Cluster {
             .unwrap();
         let server_tls = pki::server_config(self.ca.cert_pem(), &identity, true).unwrap();
         let client_tls = pki::client_config(self.ca.cert_pem(), &identity).unwrap();
-        let pool = Arc::new(PeerPool::new(client_tls));
+        let pool = Arc::new(PeerPool::new(client_tls.clone()));
+        let info = NodeInfo {
+            name: name.to_string(),
+            peer_addr: addr.clone(),
+            client_addr: "127.0.0.1:0".to_string(),
+        };
+        let data = tempfile::tempdir_in(self.dir.path()).unwrap().keep();
+        let raft = RaftNode::start(NodeConfig::new(1, info, data, client_tls))
+            .await
+            .unwrap();
         let me = Member {
             name: name.to_string(),
             raft_id: 0,
@@ -146,12 +126,24 @@ impl Cluster {
             let g = Gossip::start(me, pool, seeds, self.config.clone()).unwrap();
             (g, None)
         };
-        let server = tokio::spawn(serve(listener, server_tls, gossip.clone()));
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(PeerServer::serve(
+            listener,
+            server_tls,
+            raft.clone(),
+            Some(gossip_fallback(gossip.clone())),
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        let server = tokio::spawn(async move { server.await.unwrap().unwrap() });
         Node {
             name: name.to_string(),
             addr,
             gossip,
             transport,
+            raft,
+            stop,
             server,
         }
     }
@@ -171,10 +163,12 @@ impl Cluster {
 }
 
 impl Node {
-    /// Kills the member: its server and every connection to it go, its gossip is dropped.
+    /// Kills the member without a goodbye: its peer server and every connection to it go, its
+    /// gossip is dropped.
     async fn kill(self) -> (String, String) {
-        self.server.abort();
-        let _ = self.server.await;
+        let _ = self.stop.send(());
+        self.server.await.unwrap();
+        self.raft.shutdown().await.unwrap();
         (self.name, self.addr)
     }
 }
@@ -334,6 +328,14 @@ async fn restarted_member_is_alive_again_under_a_new_generation() {
     }
 }
 
+/// POSTs a body that is no gossip message; returns the error it must cause.
+async fn post_junk(pool: &PeerPool, addr: &str) -> String {
+    pool.call(addr, GOSSIP_PATH, b"junk".to_vec(), Duration::from_secs(5))
+        .await
+        .unwrap_err()
+        .to_string()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gossip_route_refuses_a_caller_without_a_cluster_certificate() {
     let cluster = Cluster::new(GossipConfig::default(), false);
@@ -341,16 +343,7 @@ async fn gossip_route_refuses_a_caller_without_a_cluster_certificate() {
     // Trusts the cluster CA (pinned by hash) but presents no client certificate.
     let tls = pki::pinned_client_config(&cluster.ca.fingerprint()).unwrap();
     let pool = PeerPool::new(tls);
-    let err = pool
-        .call(
-            &nodes[0].addr,
-            GOSSIP_PATH,
-            b"junk".to_vec(),
-            Duration::from_secs(5),
-        )
-        .await
-        .unwrap_err()
-        .to_string();
+    let err = post_junk(&pool, &nodes[0].addr).await;
     assert!(
         err.contains("403") && err.contains("client certificate"),
         "{err}"
@@ -361,16 +354,7 @@ async fn gossip_route_refuses_a_caller_without_a_cluster_certificate() {
         .issue_node("probe", &["127.0.0.1".to_string()])
         .unwrap();
     let pool = PeerPool::new(pki::client_config(cluster.ca.cert_pem(), &identity).unwrap());
-    let err = pool
-        .call(
-            &nodes[0].addr,
-            GOSSIP_PATH,
-            b"junk".to_vec(),
-            Duration::from_secs(5),
-        )
-        .await
-        .unwrap_err()
-        .to_string();
+    let err = post_junk(&pool, &nodes[0].addr).await;
     assert!(
         err.contains("400") && err.contains("gossip message"),
         "{err}"

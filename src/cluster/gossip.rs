@@ -914,14 +914,14 @@ mod tests {
         }
     }
 
-    fn start(net: &Arc<MemNet>, i: usize, seeds: Vec<String>) -> Arc<Gossip> {
+    fn start(net: &Arc<MemNet>, i: usize, config: &GossipConfig) -> Arc<Gossip> {
         let me = member(i);
         let transport = Arc::new(MemTransport {
             net: net.clone(),
             from: me.peer_addr.clone(),
         });
-        let g = Gossip::start_with_transport(me.clone(), transport, seeds, GossipConfig::default())
-            .unwrap();
+        let seeds = vec![member(0).peer_addr];
+        let g = Gossip::start_with_transport(me.clone(), transport, seeds, config.clone()).unwrap();
         net.nodes
             .lock()
             .unwrap()
@@ -929,10 +929,16 @@ mod tests {
         g
     }
 
-    fn cluster(net: &Arc<MemNet>, n: usize) -> Vec<Arc<Gossip>> {
-        (0..n)
-            .map(|i| start(net, i, vec![member(0).peer_addr]))
-            .collect()
+    /// `n` members seeded with the first, once every one knows every other.
+    async fn converged(n: usize, config: GossipConfig) -> (Arc<MemNet>, Vec<Arc<Gossip>>) {
+        let net = Arc::new(MemNet::default());
+        let nodes: Vec<_> = (0..n).map(|i| start(&net, i, &config)).collect();
+        // Generous: with slow probing, discovery waits for periodic gossip.
+        until(Duration::from_secs(120), "convergence", || {
+            nodes.iter().all(|g| g.health().len() == n)
+        })
+        .await;
+        (net, nodes)
     }
 
     fn state(g: &Gossip, name: &str) -> Option<State> {
@@ -956,7 +962,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn members_converge_to_alive() {
         let net = Arc::new(MemNet::default());
-        let nodes = cluster(&net, 5);
+        let nodes: Vec<_> = (0..5)
+            .map(|i| start(&net, i, &GossipConfig::default()))
+            .collect();
         until(Duration::from_secs(10), "5 members see 5 alive", || {
             nodes.iter().all(|g| {
                 let h = g.health();
@@ -973,12 +981,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn killed_member_turns_suspect_then_dead_everywhere() {
-        let net = Arc::new(MemNet::default());
-        let mut nodes = cluster(&net, 5);
-        until(Duration::from_secs(10), "convergence", || {
-            nodes.iter().all(|g| g.health().len() == 5)
-        })
-        .await;
+        let (_net, mut nodes) = converged(5, GossipConfig::default()).await;
         let victim = nodes.remove(3);
         drop(victim);
         let mut saw_suspect = false;
@@ -1007,12 +1010,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn indirect_probes_keep_a_member_alive_across_a_broken_link() {
-        let net = Arc::new(MemNet::default());
-        let nodes = cluster(&net, 4);
-        until(Duration::from_secs(10), "convergence", || {
-            nodes.iter().all(|g| g.health().len() == 4)
-        })
-        .await;
+        let (net, nodes) = converged(4, GossipConfig::default()).await;
         {
             let mut cut = net.cut.lock().unwrap();
             cut.insert((member(1).peer_addr, member(2).peer_addr));
@@ -1044,12 +1042,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn restarted_member_is_alive_again_with_a_new_generation() {
-        let net = Arc::new(MemNet::default());
-        let mut nodes = cluster(&net, 4);
-        until(Duration::from_secs(10), "convergence", || {
-            nodes.iter().all(|g| g.health().len() == 4)
-        })
-        .await;
+        let (net, mut nodes) = converged(4, GossipConfig::default()).await;
         let old_generation = nodes[0].health()["n2"].generation;
         drop(nodes.remove(2));
         until(Duration::from_secs(10), "n2 dead", || {
@@ -1059,7 +1052,7 @@ mod tests {
         // One view forgot n2 meanwhile; it must come back there too.
         assert!(nodes[1].forget("n2"));
         tokio::time::sleep(Duration::from_millis(5)).await;
-        nodes.push(start(&net, 2, vec![member(0).peer_addr]));
+        nodes.push(start(&net, 2, &GossipConfig::default()));
         until(Duration::from_secs(10), "n2 alive again", || {
             all_see(&nodes, "n2", State::Alive)
         })
@@ -1072,7 +1065,6 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn raft_evidence_kills_a_silent_member_fast_and_a_live_one_refutes() {
-        let net = Arc::new(MemNet::default());
         let config = GossipConfig {
             // So slow that probing alone would take far longer than the bound below.
             probe_period: Duration::from_secs(60),
@@ -1080,32 +1072,7 @@ mod tests {
             suspect_to_dead: Duration::from_millis(500),
             indirect_probes: 3,
         };
-        let nodes: Vec<_> = (0..3)
-            .map(|i| {
-                let me = member(i);
-                let t = Arc::new(MemTransport {
-                    net: net.clone(),
-                    from: me.peer_addr.clone(),
-                });
-                let g = Gossip::start_with_transport(
-                    me.clone(),
-                    t,
-                    vec![member(0).peer_addr],
-                    config.clone(),
-                )
-                .unwrap();
-                net.nodes
-                    .lock()
-                    .unwrap()
-                    .insert(me.peer_addr, Arc::downgrade(&g));
-                g
-            })
-            .collect();
-        // Slow probing means slow discovery too; periodic gossip (every 30 s here) does it.
-        until(Duration::from_secs(120), "convergence", || {
-            nodes.iter().all(|g| g.health().len() == 3)
-        })
-        .await;
+        let (net, nodes) = converged(3, config).await;
         // A live member hears the suspicion and refutes it.
         nodes[0].report_unreachable(&member(1).peer_addr);
         assert_eq!(state(&nodes[0], "n1"), Some(State::Suspect));
@@ -1123,12 +1090,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn new_raft_id_replaces_the_record_everywhere() {
-        let net = Arc::new(MemNet::default());
-        let nodes = cluster(&net, 3);
-        until(Duration::from_secs(10), "convergence", || {
-            nodes.iter().all(|g| g.health().len() == 3)
-        })
-        .await;
+        let (_net, nodes) = converged(3, GossipConfig::default()).await;
         let before = nodes[0].health()["n1"].generation;
         nodes[1].set_raft_id(42);
         assert_eq!(nodes[1].me().raft_id, 42);
@@ -1149,12 +1111,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn leaving_member_is_dead_at_once() {
-        let net = Arc::new(MemNet::default());
-        let nodes = cluster(&net, 3);
-        until(Duration::from_secs(10), "convergence", || {
-            nodes.iter().all(|g| g.health().len() == 3)
-        })
-        .await;
+        let (_net, nodes) = converged(3, GossipConfig::default()).await;
         nodes[2].leave().await;
         assert_eq!(state(&nodes[2], "n2"), Some(State::Dead));
         until(Duration::from_secs(3), "n2 dead after leaving", || {
