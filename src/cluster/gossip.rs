@@ -67,7 +67,7 @@
 //! not persist anything; a restarted node learns the cluster again from its seeds. It does not
 //! authenticate *which* node sent a message beyond "holds a certificate from the cluster CA".
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::num::{NonZeroU8, NonZeroUsize};
 use std::pin::Pin;
@@ -129,6 +129,10 @@ pub struct Health {
     pub state: State,
     /// When this node first saw `state` for this generation.
     pub since: Instant,
+    /// When this node stopped seeing the member Alive (first Suspect, or Dead if it learned
+    /// that first); `None` while Alive. Kept across Suspect -> Dead, so "unreachable for
+    /// `failover-after`" can count from the first missed probe, not from the verdict.
+    pub unreachable_since: Option<Instant>,
 }
 
 /// Tuning. The defaults suit loopback and a LAN: a killed node is declared dead by every other
@@ -313,9 +317,10 @@ struct Inner {
     /// our own suspect-to-dead timer in `report_unreachable`.
     token: TimerToken,
     seeds: BTreeSet<String>,
-    /// (peer_addr, generation, incarnation) already suspected on Raft's word, so a burst of
-    /// replication errors schedules one timer, not hundreds.
-    reported: HashSet<(String, u64, u16)>,
+    /// When each peer address was last suspected on Raft's word: at most once per
+    /// `suspect_to_dead`, so a burst of replication errors schedules one timer, not hundreds,
+    /// and a member that refutes is not re-suspected in a tight loop.
+    reported: HashMap<String, Instant>,
     /// Names dropped by `forget`, with the generation dropped: foca still remembers that
     /// identity as down, and only a later generation may bring the name back.
     forgotten: BTreeMap<String, u64>,
@@ -370,21 +375,23 @@ fn fold_health(
     state: State,
     now: Instant,
 ) {
-    match health.get_mut(&member.name) {
-        Some(h) if h.generation > generation => {}
-        Some(h) if h.generation == generation && h.state == state && &h.member == member => {}
-        _ => {
-            health.insert(
-                member.name.clone(),
-                Health {
-                    member: member.clone(),
-                    generation,
-                    state,
-                    since: now,
-                },
-            );
-        }
-    }
+    let unreachable_since = match health.get(&member.name) {
+        Some(h) if h.generation > generation => return,
+        Some(h) if h.generation == generation && h.state == state && &h.member == member => return,
+        _ if state == State::Alive => None,
+        Some(h) if h.generation == generation => h.unreachable_since.or(Some(now)),
+        _ => Some(now),
+    };
+    health.insert(
+        member.name.clone(),
+        Health {
+            member: member.clone(),
+            generation,
+            state,
+            since: now,
+            unreachable_since,
+        },
+    );
 }
 
 impl Gossip {
@@ -436,7 +443,7 @@ impl Gossip {
                 health,
                 token: TimerToken::default(),
                 seeds,
-                reported: HashSet::new(),
+                reported: HashMap::new(),
                 forgotten: BTreeMap::new(),
             }),
             stopped: AtomicBool::new(false),
@@ -549,6 +556,15 @@ impl Gossip {
         (h.state == State::Dead).then(|| now().saturating_duration_since(h.since))
     }
 
+    /// How long `name` has been out of reach (Suspect or Dead without being Alive in between)
+    /// in this node's view; `None` if it is not known or Alive. A Suspect member may still
+    /// refute: pair this with [`State::Dead`] before acting on it.
+    pub fn unreachable_for(&self, name: &str) -> Option<Duration> {
+        let inner = self.lock();
+        let since = inner.health.get(name)?.unreachable_since?;
+        Some(now().saturating_duration_since(since))
+    }
+
     /// Evidence from outside SWIM (the Raft leader could not replicate to `peer_addr`): the
     /// member there becomes Suspect now, the suspicion is gossiped, and it is declared Dead
     /// after `suspect_to_dead` unless it refutes it, which a live member does as soon as it
@@ -571,17 +587,13 @@ impl Gossip {
             else {
                 return;
             };
-            let key = (
-                peer_addr.to_string(),
-                target.id().generation,
-                target.incarnation(),
-            );
-            if !inner.reported.insert(key) {
-                return;
+            let now = now();
+            if let Some(last) = inner.reported.get(peer_addr) {
+                if now.saturating_duration_since(*last) < after {
+                    return;
+                }
             }
-            if inner.reported.len() > 4096 {
-                inner.reported.clear();
-            }
+            inner.reported.insert(peer_addr.to_string(), now);
             tracing::info!(
                 member = %target.id().member.name,
                 peer_addr,
@@ -864,7 +876,7 @@ mod tests {
     //! The protocol on an in-memory network under tokio's paused clock: deterministic enough to
     //! assert on virtual time, fast enough to run many probe periods.
 
-    use std::collections::HashMap;
+    use std::collections::HashSet;
 
     use super::*;
 
@@ -991,6 +1003,10 @@ mod tests {
         })
         .await;
         assert!(saw_suspect, "n3 went dead without being suspect first");
+        for g in &nodes {
+            assert!(g.unreachable_for("n3").unwrap() >= g.dead_for("n3").unwrap());
+            assert_eq!(g.unreachable_for("n1"), None);
+        }
         println!("virtual time from kill to dead on all 4 survivors: {took:?}");
         for g in &nodes {
             assert!(g.dead_for("n3").is_some());
@@ -1143,6 +1159,18 @@ mod tests {
             (health["n1"].state, health["n1"].since),
             (State::Suspect, t1)
         );
+        assert_eq!(health["n1"].unreachable_since, Some(t1));
+        let t2 = t1 + Duration::from_secs(1);
+        fold_health(&mut health, &b.member, b.generation, State::Dead, t2);
+        assert_eq!(health["n1"].since, t2);
+        assert_eq!(
+            health["n1"].unreachable_since,
+            Some(t1),
+            "kept from the suspicion"
+        );
+        let c = b.renew().unwrap();
+        fold_health(&mut health, &c.member, c.generation, State::Alive, t2);
+        assert_eq!(health["n1"].unreachable_since, None);
     }
 
     #[test]
