@@ -38,7 +38,7 @@
 //!
 //! ## Time
 //!
-//! foca never reads a clock. It asks for timer events ("probe again in 300 ms"); each becomes a
+//! foca never reads a clock. It asks for timer events ("probe again in 250 ms"); each becomes a
 //! task that sleeps with `tokio::time::sleep` and hands the event back. So under
 //! `tokio::time::pause` the whole protocol runs on virtual time.
 //!
@@ -568,8 +568,8 @@ impl Gossip {
     /// Evidence from outside SWIM (the Raft leader could not replicate to `peer_addr`): the
     /// member there becomes Suspect now, the suspicion is gossiped, and it is declared Dead
     /// after `suspect_to_dead` unless it refutes it, which a live member does as soon as it
-    /// hears. Repeated reports about the same incarnation add nothing. Unknown addresses are
-    /// ignored.
+    /// hears. Reports about one address count once per `suspect_to_dead` (a failing leader
+    /// reports on every retry). Addresses of no live member are ignored.
     pub fn report_unreachable(&self, peer_addr: &str) {
         if self.stopped.load(Ordering::Acquire) {
             return;
@@ -735,7 +735,7 @@ impl Gossip {
                     member = %new.member.name,
                     old_generation = old.generation,
                     generation = new.generation,
-                    "gossip: member restarted"
+                    "gossip: member has a new generation (restarted, or a new raft id)"
                 ),
                 OwnedNotification::Rejoin(id) => tracing::warn!(
                     generation = id.generation,
