@@ -27,7 +27,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use eden_storage::{Applied, Command, Store};
-use openraft::error::{CheckIsLeaderError, ClientWriteError, Fatal, InitializeError, RaftError};
+use openraft::error::{
+    ChangeMembershipError, CheckIsLeaderError, ClientWriteError, Fatal, InitializeError, RaftError,
+};
 use openraft::{ChangeMembers, ServerState, SnapshotPolicy};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -92,15 +94,15 @@ impl NodeConfig {
     }
 }
 
-/// eden's openraft settings. Elections wait 0.5-1 s (an fsync on a slow disk must not look like
+/// eden's openraft settings. Elections wait 0.4-0.8 s (an fsync on a slow disk must not look like
 /// a dead leader); snapshots are taken every 10 000 entries and sent in 1 MiB chunks, each with
 /// 10 s to arrive, so a slow link still gets them through.
 pub fn default_raft_config() -> openraft::Config {
     openraft::Config {
         cluster_name: "eden".into(),
         heartbeat_interval: 100,
-        election_timeout_min: 500,
-        election_timeout_max: 1000,
+        election_timeout_min: 400,
+        election_timeout_max: 800,
         install_snapshot_timeout: 10_000,
         snapshot_max_chunk_size: 1 << 20,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(10_000),
@@ -171,6 +173,9 @@ struct ForwardRounds {
     running: bool,
     waiting: Vec<(Command, oneshot::Sender<Result<Applied, Error>>)>,
 }
+
+/// Marks a refusal because another membership change is in progress (retried).
+const IN_PROGRESS: &str = "membership change in progress: ";
 
 /// Most writes forwarded in one call.
 const MAX_FORWARD_BATCH: usize = 1024;
@@ -674,6 +679,27 @@ impl RaftNode {
     }
 
     pub(crate) async fn change_as_leader(&self, change: MembershipChange) -> Result<(), WireError> {
+        // Membership changes are one at a time: one that finds another in progress waits for
+        // it (bounded by the membership timeout) instead of failing.
+        let deadline = Instant::now() + self.membership_timeout;
+        loop {
+            match self.try_change_as_leader(change.clone()).await {
+                Err(WireError::InvalidInput(m))
+                    if m.starts_with(IN_PROGRESS) && Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(WireError::InvalidInput(m)) if m.starts_with(IN_PROGRESS) => {
+                    return Err(WireError::Unavailable(
+                        m.trim_start_matches(IN_PROGRESS).to_string(),
+                    ))
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn try_change_as_leader(&self, change: MembershipChange) -> Result<(), WireError> {
         let r = match change {
             MembershipChange::AddLearner { id, info } => {
                 self.raft.add_learner(id, info, true).await
@@ -708,6 +734,9 @@ impl RaftNode {
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                 Err(WireError::NotLeader(f.leader_id))
             }
+            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
+                ChangeMembershipError::InProgress(e),
+            ))) => Err(WireError::InvalidInput(format!("{IN_PROGRESS}{e}"))),
             Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
                 Err(WireError::InvalidInput(e.to_string()))
             }

@@ -7,10 +7,12 @@ use clap::{Parser, Subcommand};
 
 pub mod apply;
 pub mod bench;
+pub mod cluster;
+pub mod demo;
 pub mod plan;
 pub mod serve;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -34,7 +36,9 @@ pub enum Command {
     /// Print the ordered plan for states without running them.
     Plan(plan::PlanArgs),
     /// Start a 5-node cluster on loopback and show a live failover.
-    Demo,
+    Demo(demo::DemoArgs),
+    /// Inspect the cluster: `eden cluster status`.
+    Cluster(cluster::ClusterArgs),
     /// Load an etcd v3 endpoint (eden or etcd) and report throughput and latency.
     Bench(bench::BenchArgs),
 }
@@ -44,8 +48,9 @@ pub fn run(cli: Cli) -> Result<i32> {
     match cli.command {
         Command::Serve(args) => serve::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Cluster(args) => cluster::run(args),
         Command::Apply(args) => apply::run(args),
         Command::Plan(args) => plan::run(args),
-        Command::Demo => Err(Error::Unavailable("this command is not built yet".into())),
+        Command::Demo(args) => demo::run(args),
     }
 }

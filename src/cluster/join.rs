@@ -13,9 +13,9 @@
 //!    the CA key and the secret's hash (so they can admit nodes in turn).
 //! 3. The joining node writes its TLS files, starts Raft (empty) and its peer listener, and then
 //!    `POST /join/admit`s with its new certificate (mutual TLS). The serving node adds it as a
-//!    learner (openraft waits until it has caught up) and promotes it to voter while the
-//!    cluster has fewer than [`TARGET_VOTERS`] voters. Membership changes are forwarded to the
-//!    leader by `RaftNode`.
+//!    learner (a standby; openraft waits until it has caught up). Membership changes are
+//!    forwarded to the leader by `RaftNode`. Whether it becomes a voter is the role
+//!    controller's decision (`controller.rs`).
 //! 4. The joining node records `node.json`: from then on it restarts with `--data-dir` alone.
 
 use std::sync::Arc;
@@ -32,9 +32,6 @@ use eden_raft::{Fallback, NodeInfo, PeerCertificate, RaftNode};
 
 use super::pki::{self, ClusterCa};
 use crate::error::{Error, Result};
-
-/// Voters the join path promotes up to. The role controller manages the count beyond this.
-pub const TARGET_VOTERS: usize = 3;
 
 pub const JOIN: &str = "/join";
 pub const ADMIT: &str = "/join/admit";
@@ -143,6 +140,12 @@ impl JoinService {
             Err(e) => return refuse(StatusCode::BAD_REQUEST, format!("reading {path}: {e}")),
         };
         match path.as_str() {
+            super::controller::PING_PATH => {
+                if cert.is_none() {
+                    return refuse(StatusCode::FORBIDDEN, "ping is for cluster members");
+                }
+                json_response(StatusCode::OK, &"pong")
+            }
             JOIN => match serde_json::from_slice::<JoinRequest>(&body) {
                 Ok(r) => match self.join(r).await {
                     Ok(grant) => json_response(StatusCode::OK, &grant),
@@ -221,6 +224,14 @@ impl JoinService {
 
     /// Step 3: adds the node as a learner, then promotes it while voters are short.
     pub async fn admit(&self, req: AdmitRequest) -> Result<Admitted> {
+        // Idempotent: a restarted member asks again (see `serve::rejoin`).
+        let m = self.node.metrics();
+        if m.voters.contains_key(&req.raft_id) {
+            return Ok(Admitted { voter: true });
+        }
+        if m.learners.contains_key(&req.raft_id) {
+            return Ok(Admitted { voter: false });
+        }
         tracing::info!(id = req.raft_id, node = %req.info, "adding learner");
         self.node
             .add_learner(req.raft_id, req.info.clone())
@@ -228,15 +239,7 @@ impl JoinService {
             .map_err(|e| {
                 Error::Unavailable(format!("adding {} as a learner: {e}", req.info.name))
             })?;
-        let voters = self.node.metrics().voters.len();
-        if voters < TARGET_VOTERS {
-            tracing::info!(id = req.raft_id, voters, "promoting to voter");
-            self.node
-                .promote(req.raft_id)
-                .await
-                .map_err(|e| Error::Unavailable(format!("promoting {}: {e}", req.info.name)))?;
-            return Ok(Admitted { voter: true });
-        }
+        // The role controller decides whether and when it becomes a voter.
         Ok(Admitted { voter: false })
     }
 }

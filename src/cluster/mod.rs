@@ -6,9 +6,10 @@
 //! - [`gossip`]: SWIM failure detection (foca) over the peer port: who is alive, suspect, dead.
 //! - [`serve`]: `eden serve`: init, join or restart, then run Raft, the peer server and the
 //!   etcd API until shutdown.
-//!
-//! Still to come here: the role controller.
+//! - [`controller`]: the role controller (promotes standbys, replaces dead voters) and the
+//!   member prober it reads health from.
 
+pub mod controller;
 pub mod datadir;
 pub mod gossip;
 pub mod join;

@@ -29,6 +29,9 @@ use super::join::{self, AdmitRequest, Admitted, JoinGrant, JoinRequest, JoinServ
 use super::pki::{self, ClusterCa, Identity, JoinToken};
 use crate::error::{Error, Result};
 
+/// How often every node pings every other member's peer port.
+const PROBE_PERIOD: Duration = Duration::from_millis(500);
+
 /// Default peer and client addresses (etcd's ports).
 pub const DEFAULT_PEER_ADDR: &str = "127.0.0.1:2380";
 pub const DEFAULT_CLIENT_ADDR: &str = "127.0.0.1:2379";
@@ -84,7 +87,17 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()>) -> Re
     let started = match mode {
         Mode::Restart => {
             let tls = load_tls(&dir)?;
-            start(&dir, &file, &tls, peer, opts.snapshot_count).await?
+            let mut started = start(&dir, &file, &tls, peer, opts.snapshot_count).await?;
+            let client_tls = pki::client_config(tls.ca.cert_pem(), &tls.identity)?;
+            started.background.push(tokio::spawn(rejoin(
+                started.node.clone(),
+                client_tls,
+                AdmitRequest {
+                    raft_id: file.raft_id,
+                    info: node_info(&file),
+                },
+            )));
+            started
         }
         Mode::Init | Mode::Join { .. } => {
             let set_up = match &mode {
@@ -299,6 +312,8 @@ struct Started {
     client_tls: Arc<rustls::ServerConfig>,
     peer_stop: tokio::sync::oneshot::Sender<()>,
     peer_task: tokio::task::JoinHandle<std::result::Result<(), eden_raft::Error>>,
+    /// The member prober and the role controller; aborted on stop.
+    background: Vec<tokio::task::JoinHandle<()>>,
 }
 
 async fn start(
@@ -332,7 +347,13 @@ async fn start(
             let _ = stopped.await;
         },
     ));
+    let prober = super::controller::Prober::new(node.clone());
+    let background = vec![
+        tokio::spawn(prober.clone().run(PROBE_PERIOD)),
+        tokio::spawn(super::controller::run(node.clone(), prober)),
+    ];
     Ok(Started {
+        background,
         node,
         etcd,
         client_tls,
@@ -343,10 +364,47 @@ async fn start(
 
 impl Started {
     async fn stop(self) {
+        for task in &self.background {
+            task.abort();
+        }
         let _ = self.peer_stop.send(());
         let _ = self.peer_task.await;
         if let Err(e) = self.node.shutdown().await {
             tracing::warn!("Raft shutdown: {e}");
+        }
+    }
+}
+
+/// After a restart: asks a member, every few seconds, to admit this node again. For a node that
+/// is still a member this changes nothing; a node the role controller removed while it was down
+/// comes back as a standby, with its intact log and its id (a node whose data was wiped has no
+/// id and must `--join` again, so ids are never reused).
+async fn rejoin(node: Arc<RaftNode>, tls: Arc<rustls::ClientConfig>, req: AdmitRequest) {
+    let mut tick = tokio::time::interval(Duration::from_secs(3));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let m = node.metrics();
+        let peers: Vec<String> = m
+            .voters
+            .values()
+            .chain(m.learners.values())
+            .filter(|i| i.peer_addr != req.info.peer_addr)
+            .map(|i| i.peer_addr.clone())
+            .collect();
+        for peer in peers {
+            let r: Result<Admitted> = join::post_json(
+                &peer,
+                tls.clone(),
+                join::ADMIT,
+                &req,
+                Duration::from_secs(120),
+            )
+            .await;
+            match r {
+                Ok(_) => break,
+                Err(e) => tracing::debug!(%peer, "asking to be admitted again: {e}"),
+            }
         }
     }
 }
@@ -469,7 +527,11 @@ async fn join(
                 "joined cluster {:?} ({:016x}) as {} with raft id {}",
                 file.cluster_name,
                 file.cluster_id,
-                if a.voter { "a voter" } else { "a learner" },
+                if a.voter {
+                    "a voter"
+                } else {
+                    "a standby (the role controller promotes it when a voter is needed)"
+                },
                 file.raft_id
             );
             Ok(started)

@@ -1,0 +1,282 @@
+//! `eden cluster ...`: look at the cluster through the etcd API of any datastore node.
+//!
+//! `status` reads the member list, asks every member for its etcd `Status` (applied index,
+//! leader), and reads the health the leader's role controller publishes at
+//! `/eden/cluster/health`. It works against any node that is up.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use serde::Serialize;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use crate::cluster::controller::{HealthReport, HealthState, HEALTH_KEY};
+use crate::error::{Error, Result};
+use crate::etcd::pb::etcdserverpb as pb;
+
+/// Inspect the cluster.
+#[derive(Args, Debug)]
+pub struct ClusterArgs {
+    #[command(subcommand)]
+    pub command: ClusterCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClusterCommand {
+    /// The leader and, per node: name, role, health, raft id, applied index and lag.
+    ///
+    /// Examples:
+    ///   eden cluster status --data-dir /var/lib/eden          # credentials from DATA/admin
+    ///   eden cluster status --endpoints https://10.0.0.1:2379 --cacert ca.crt \
+    ///       --cert admin.crt --key admin.key --output json
+    #[command(verbatim_doc_comment)]
+    Status(ConnectArgs),
+}
+
+/// How to reach the etcd API.
+#[derive(Args, Debug)]
+pub struct ConnectArgs {
+    /// A node's data dir: its client address and DATA/admin/ credentials are used.
+    #[arg(long, value_name = "DIR", conflicts_with = "endpoints")]
+    pub data_dir: Option<PathBuf>,
+    /// An etcd endpoint of the cluster (http:// only for --client-plaintext nodes).
+    #[arg(long, value_name = "URL")]
+    pub endpoints: Option<String>,
+    /// CA certificate (DATA/admin/ca.crt).
+    #[arg(long, value_name = "FILE")]
+    pub cacert: Option<PathBuf>,
+    /// Client certificate (DATA/admin/admin.crt).
+    #[arg(long, value_name = "FILE", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// Client key (DATA/admin/admin.key).
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// text or json.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    pub output: String,
+}
+
+/// How the CLI connects: the first endpoint and TLS settings for every member.
+pub struct Connector {
+    endpoint: String,
+    tls: Option<ClientTlsConfig>,
+}
+
+fn read(path: &PathBuf) -> Result<Vec<u8>> {
+    std::fs::read(path)
+        .map_err(|e| Error::InvalidInput(format!("cannot read {}: {e}", path.display())))
+}
+
+impl Connector {
+    pub fn from_args(a: &ConnectArgs) -> Result<Connector> {
+        let (endpoint, cacert, cert, key) = match &a.data_dir {
+            Some(dir) => {
+                let node: crate::cluster::datadir::NodeFile =
+                    serde_json::from_slice(&read(&dir.join("node.json"))?).map_err(|e| {
+                        Error::InvalidData(format!("{}: {e}", dir.join("node.json").display()))
+                    })?;
+                let scheme = if node.client_plaintext {
+                    "http"
+                } else {
+                    "https"
+                };
+                let admin = dir.join("admin");
+                (
+                    format!("{scheme}://{}", node.client_addr),
+                    Some(admin.join("ca.crt")),
+                    Some(admin.join("admin.crt")),
+                    Some(admin.join("admin.key")),
+                )
+            }
+            None => (
+                a.endpoints.clone().ok_or_else(|| {
+                    Error::InvalidInput(
+                        "say where the cluster is: --data-dir DIR, or --endpoints URL with \
+                         --cacert/--cert/--key"
+                            .into(),
+                    )
+                })?,
+                a.cacert.clone(),
+                a.cert.clone(),
+                a.key.clone(),
+            ),
+        };
+        let endpoint = endpoint.split(',').next().unwrap_or_default().to_string();
+        let tls = if endpoint.starts_with("https://") {
+            let ca = cacert.ok_or_else(|| {
+                Error::InvalidInput(format!(
+                    "{endpoint} is https: give --cacert (and --cert/--key)"
+                ))
+            })?;
+            let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(&ca)?));
+            if let (Some(c), Some(k)) = (cert, key) {
+                tls = tls.identity(Identity::from_pem(read(&c)?, read(&k)?));
+            }
+            Some(tls)
+        } else {
+            None
+        };
+        Ok(Connector { endpoint, tls })
+    }
+
+    /// A member's URL with the scheme this CLI was given (a member reports https always).
+    fn member_url(&self, client_url: &str) -> String {
+        let hostport = client_url.split("://").last().unwrap_or(client_url);
+        if self.tls.is_some() {
+            format!("https://{hostport}")
+        } else {
+            format!("http://{hostport}")
+        }
+    }
+
+    async fn channel(&self, url: &str) -> Result<Channel> {
+        let mut ep = Endpoint::from_shared(url.to_string())
+            .map_err(|e| Error::InvalidInput(format!("bad endpoint {url:?}: {e}")))?
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(5));
+        if let Some(tls) = &self.tls {
+            ep = ep
+                .tls_config(tls.clone())
+                .map_err(|e| Error::InvalidInput(format!("TLS for {url}: {e}")))?;
+        }
+        ep.connect()
+            .await
+            .map_err(|e| Error::Unavailable(format!("cannot reach {url}: {e}")))
+    }
+}
+
+/// One row of `eden cluster status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct MemberStatus {
+    pub name: String,
+    pub role: &'static str,
+    pub health: String,
+    pub raft_id: u64,
+    pub leader: bool,
+    pub applied_index: Option<u64>,
+    pub lag: Option<u64>,
+    pub client_url: String,
+    pub error: Option<String>,
+}
+
+/// The whole answer.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterStatus {
+    pub leader: Option<String>,
+    pub members: Vec<MemberStatus>,
+}
+
+pub async fn status(connector: &Connector) -> Result<ClusterStatus> {
+    let ch = connector.channel(&connector.endpoint).await?;
+    let members = pb::cluster_client::ClusterClient::new(ch.clone())
+        .member_list(pb::MemberListRequest::default())
+        .await
+        .map_err(|e| Error::Unavailable(format!("member list: {}", e.message())))?
+        .into_inner()
+        .members;
+    let health: Option<HealthReport> = pb::kv_client::KvClient::new(ch)
+        .range(pb::RangeRequest {
+            key: HEALTH_KEY.as_bytes().to_vec(),
+            ..Default::default()
+        })
+        .await
+        .ok()
+        .and_then(|r| r.into_inner().kvs.into_iter().next())
+        .and_then(|kv| serde_json::from_slice(&kv.value).ok());
+    let mut rows = Vec::new();
+    let mut leader_id = None;
+    for m in &members {
+        let url = connector.member_url(m.client_ur_ls.first().map(String::as_str).unwrap_or(""));
+        let st = match connector.channel(&url).await {
+            Ok(ch) => pb::maintenance_client::MaintenanceClient::new(ch)
+                .status(pb::StatusRequest {})
+                .await
+                .map(|r| r.into_inner())
+                .map_err(|e| e.message().to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Ok(s) = &st {
+            if s.leader != 0 {
+                leader_id = Some(s.leader);
+            }
+        }
+        let health = health
+            .as_ref()
+            .and_then(|h| h.members.get(&m.id.to_string()).copied());
+        rows.push(MemberStatus {
+            name: m.name.clone(),
+            role: if m.is_learner { "standby" } else { "voter" },
+            health: match (health, &st) {
+                (Some(HealthState::Alive), _) => "alive".into(),
+                (Some(HealthState::Suspect), _) => "suspect".into(),
+                (Some(HealthState::Dead), _) => "dead".into(),
+                (None, Ok(_)) => "alive".into(),
+                (None, Err(_)) => "unreachable".into(),
+            },
+            raft_id: m.id,
+            leader: false,
+            applied_index: st.as_ref().ok().map(|s| s.raft_applied_index),
+            lag: None,
+            client_url: url,
+            error: st.err(),
+        });
+    }
+    let leader_applied = rows
+        .iter()
+        .find(|r| Some(r.raft_id) == leader_id)
+        .and_then(|r| r.applied_index);
+    for r in rows.iter_mut() {
+        r.leader = Some(r.raft_id) == leader_id;
+        if let (Some(l), Some(a)) = (leader_applied, r.applied_index) {
+            r.lag = Some(l.saturating_sub(a));
+        }
+    }
+    Ok(ClusterStatus {
+        leader: rows.iter().find(|r| r.leader).map(|r| r.name.clone()),
+        members: rows,
+    })
+}
+
+pub fn run(args: ClusterArgs) -> Result<i32> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Internal(format!("tokio runtime: {e}")))?;
+    match args.command {
+        ClusterCommand::Status(a) => {
+            let connector = Connector::from_args(&a)?;
+            let st = rt.block_on(status(&connector))?;
+            if a.output == "json" {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&st)
+                        .map_err(|e| Error::Internal(e.to_string()))?
+                );
+            } else {
+                println!("leader: {}", st.leader.as_deref().unwrap_or("none"));
+                println!(
+                    "{:<16} {:<8} {:<12} {:<20} {:>10} {:>6}",
+                    "NAME", "ROLE", "HEALTH", "RAFT ID", "APPLIED", "LAG"
+                );
+                for m in &st.members {
+                    let opt = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or("-".into());
+                    println!(
+                        "{:<16} {:<8} {:<12} {:<20} {:>10} {:>6}{}",
+                        format!("{}{}", m.name, if m.leader { " *" } else { "" }),
+                        m.role,
+                        m.health,
+                        m.raft_id,
+                        opt(m.applied_index),
+                        opt(m.lag),
+                        m.error
+                            .as_ref()
+                            .map(|e| format!("  ({e})"))
+                            .unwrap_or_default()
+                    );
+                }
+            }
+            Ok(0)
+        }
+    }
+}

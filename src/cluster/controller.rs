@@ -1,0 +1,569 @@
+//! The role controller: keeps the datastore at its desired shape on its own.
+//!
+//! It runs on every datastore node and acts only while that node is the Raft leader, so a new
+//! leader simply carries on. It keeps no state of its own between ticks: each tick it reads the
+//! membership (Raft metrics), the health of every member ([`Health`]) and the desired shape
+//! (`/eden/cluster/config`), and makes **at most one** membership change. A change the old
+//! leader left half done is therefore finished or redone by the next leader's first ticks.
+//!
+//! ## Decisions, in order of priority
+//! 1. A voter dead for `failover_after` and a healthy standby (learner): promote the most
+//!    caught-up standby. (The dead voter is still a voter: the cluster briefly has one voter
+//!    more, so the new voter joins while the old quorum still holds.)
+//! 2. A voter dead for `failover_after` and more voters than desired: remove the dead voter.
+//! 3. Fewer voters than desired and a healthy, caught-up standby: promote it.
+//! 4. A standby dead for `failover_after`: remove it (its place goes to a live node).
+//!
+//! It never removes a voter while that would leave fewer voters than desired, and never
+//! targets two voters (a cluster of two is less available than one). Every change is recorded
+//! as an event under `/eden/events/`, with what it did and why.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use eden_raft::{NodeId, NodeInfo, PeerPool, RaftNode};
+use serde::{Deserialize, Serialize};
+
+/// Where the desired shape lives in the KV.
+pub const CONFIG_KEY: &str = "/eden/cluster/config";
+/// Prefix of the controller's event records.
+pub const EVENTS_PREFIX: &str = "/eden/events/";
+/// Where the leader publishes every member's health, as its prober sees it (JSON
+/// [`HealthReport`]); written only when a state changes.
+pub const HEALTH_KEY: &str = "/eden/cluster/health";
+
+/// The peer route a node answers to show it is alive.
+pub const PING_PATH: &str = "/eden/ping";
+/// How often the controller looks.
+const TICK: Duration = Duration::from_millis(250);
+
+/// The desired shape of the datastore (`/eden/cluster/config`, JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Voters wanted: 1, 3 or 5.
+    pub voters: usize,
+    /// Standbys (caught-up learners) wanted.
+    pub standbys: usize,
+    /// How long a voter must be unreachable before it is replaced, in milliseconds.
+    pub failover_after_ms: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            voters: 3,
+            standbys: 1,
+            failover_after_ms: 3000,
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// Reads the config from the local replica; the default if absent or unreadable (a bad
+    /// value is logged, never acted on).
+    pub fn load(node: &RaftNode) -> ClusterConfig {
+        let req = eden_storage::RangeRequest {
+            key: CONFIG_KEY.as_bytes().to_vec(),
+            ..Default::default()
+        };
+        let Ok(resp) = node.store().range(&req) else {
+            return ClusterConfig::default();
+        };
+        let Some(kv) = resp.kvs.first() else {
+            return ClusterConfig::default();
+        };
+        match serde_json::from_slice::<ClusterConfig>(&kv.value) {
+            Ok(c) if [1, 3, 5].contains(&c.voters) => c,
+            Ok(c) => {
+                tracing::warn!(voters = c.voters, "{CONFIG_KEY}: voters must be 1, 3 or 5");
+                ClusterConfig::default()
+            }
+            Err(e) => {
+                tracing::warn!("{CONFIG_KEY} is not a valid cluster config: {e}");
+                ClusterConfig::default()
+            }
+        }
+    }
+
+    fn failover_after(&self) -> Duration {
+        Duration::from_millis(self.failover_after_ms)
+    }
+}
+
+/// What the controller knows about members' health.
+pub trait Health: Send + Sync {
+    /// How long `id` has been considered dead, or `None` if it is alive (or unknown yet).
+    fn dead_for(&self, id: NodeId, info: &NodeInfo) -> Option<Duration>;
+    /// `id` left the membership: if it is admitted again, its health starts afresh.
+    fn forget(&self, id: NodeId);
+}
+
+/// A direct prober: pings every member's peer port and counts how long each has failed.
+///
+/// This is the leader's own evidence (as Raft replication errors are); it runs on every node
+/// so a new leader has a view at once.
+pub struct Prober {
+    node: Arc<RaftNode>,
+    pool: Arc<PeerPool>,
+    /// Members whose latest probes failed: since when, and the latest failure.
+    failing: Mutex<BTreeMap<NodeId, Streak>>,
+    period: Mutex<Duration>,
+    /// On the leader: each member's matched log index at the last round. Replication that moved
+    /// on is evidence of life too (a member that was removed and admitted again catches up).
+    matched: Mutex<BTreeMap<NodeId, Option<u64>>>,
+}
+
+/// Consecutive failed probes of one member.
+#[derive(Debug, Clone, Copy)]
+struct Streak {
+    since: Instant,
+    last: Instant,
+}
+
+/// A failure this long after the previous one starts a new streak: probes of that member
+/// stopped in between (it left the membership, and may have come back since).
+fn streak_gap(period: Duration) -> Duration {
+    period * 3
+}
+
+impl Prober {
+    pub fn new(node: Arc<RaftNode>) -> Arc<Prober> {
+        let pool = node.peer_pool().clone();
+        Arc::new(Prober {
+            node,
+            pool,
+            failing: Mutex::new(BTreeMap::new()),
+            period: Mutex::new(Duration::from_millis(500)),
+            matched: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    /// Probes every member every `period` until the task is aborted.
+    pub async fn run(self: Arc<Self>, period: Duration) {
+        *self.period.lock().unwrap_or_else(|p| p.into_inner()) = period;
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let m = self.node.metrics();
+            let replicated: Vec<NodeId> = {
+                let mut last = self.matched.lock().unwrap_or_else(|p| p.into_inner());
+                let moved = m
+                    .replication
+                    .iter()
+                    .filter(|(id, p)| last.get(id).is_some_and(|prev| *prev != p.matched_index))
+                    .map(|(id, _)| *id)
+                    .collect();
+                *last = m
+                    .replication
+                    .iter()
+                    .map(|(id, p)| (*id, p.matched_index))
+                    .collect();
+                moved
+            };
+            let members: Vec<(NodeId, NodeInfo)> = m
+                .voters
+                .into_iter()
+                .chain(m.learners)
+                .filter(|(id, _)| *id != self.node.id())
+                .collect();
+            let probes = members.into_iter().map(|(id, info)| {
+                let pool = self.pool.clone();
+                async move {
+                    let ok = pool
+                        .call(&info.peer_addr, PING_PATH, Vec::new(), period.max(TICK))
+                        .await
+                        .is_ok();
+                    (id, ok)
+                }
+            });
+            let mut results = Vec::new();
+            for p in probes.map(tokio::spawn).collect::<Vec<_>>() {
+                if let Ok(r) = p.await {
+                    results.push(r);
+                }
+            }
+            let now = Instant::now();
+            let mut failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
+            // A node that left the membership starts afresh if it is admitted again, and so
+            // does one whose replication moved on since the last round.
+            failing.retain(|id, _| results.iter().any(|(r, _)| r == id));
+            for id in &replicated {
+                failing.remove(id);
+            }
+            for (id, ok) in results {
+                if ok {
+                    failing.remove(&id);
+                    continue;
+                }
+                match failing.get_mut(&id) {
+                    Some(s) if now.duration_since(s.last) <= streak_gap(period) => s.last = now,
+                    _ => {
+                        failing.insert(
+                            id,
+                            Streak {
+                                since: now,
+                                last: now,
+                            },
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Health for Prober {
+    fn forget(&self, id: NodeId) {
+        self.failing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+    }
+
+    fn dead_for(&self, id: NodeId, _info: &NodeInfo) -> Option<Duration> {
+        let period = *self.period.lock().unwrap_or_else(|p| p.into_inner());
+        let failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
+        let s = failing.get(&id)?;
+        // Only a streak that is still going counts.
+        (s.last.elapsed() <= streak_gap(period)).then(|| s.since.elapsed())
+    }
+}
+
+/// A member's health as the leader sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthState {
+    Alive,
+    /// Unreachable for less than `failover_after`.
+    Suspect,
+    /// Unreachable for `failover_after` or longer.
+    Dead,
+}
+
+/// The value of [`HEALTH_KEY`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthReport {
+    /// The leader that wrote it.
+    pub leader: NodeId,
+    /// Health by Raft id (as a decimal string, for JSON).
+    pub members: BTreeMap<String, HealthState>,
+}
+
+fn health_report(view: &View, config: &ClusterConfig) -> HealthReport {
+    let members = view
+        .voters
+        .keys()
+        .chain(view.learners.keys())
+        .map(|id| {
+            let state = match view.dead_for.get(id) {
+                None => HealthState::Alive,
+                Some(d) if *d < config.failover_after() => HealthState::Suspect,
+                Some(_) => HealthState::Dead,
+            };
+            (id.to_string(), state)
+        })
+        .collect();
+    HealthReport {
+        leader: view.leader,
+        members,
+    }
+}
+
+/// One membership change the controller decided on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "action", rename_all = "kebab-case")]
+pub enum Decision {
+    Promote {
+        id: NodeId,
+        name: String,
+        reason: String,
+    },
+    Remove {
+        id: NodeId,
+        name: String,
+        reason: String,
+    },
+}
+
+/// What one tick sees: the inputs of [`decide`].
+#[derive(Debug, Clone)]
+pub struct View {
+    pub leader: NodeId,
+    pub voters: BTreeMap<NodeId, NodeInfo>,
+    pub learners: BTreeMap<NodeId, NodeInfo>,
+    /// Entries each member is behind the leader (leader's view).
+    pub lag: BTreeMap<NodeId, u64>,
+    /// How long each dead member has been dead.
+    pub dead_for: BTreeMap<NodeId, Duration>,
+}
+
+/// Most entries a standby may be behind to be promoted to fill a missing voter seat (a
+/// replacement for a dead voter is promoted however far behind: it catches up as a voter).
+const PROMOTE_MAX_LAG: u64 = 1000;
+
+/// The controller's rule: at most one change for this view. Pure, so it is tested directly.
+pub fn decide(view: &View, config: &ClusterConfig) -> Option<Decision> {
+    let after = config.failover_after();
+    let dead = |id: &NodeId| view.dead_for.get(id).is_some_and(|d| *d >= after);
+    let lag = |id: &NodeId| view.lag.get(id).copied().unwrap_or(u64::MAX);
+    let name = |info: &NodeInfo| info.name.clone();
+    let best_standby = view
+        .learners
+        .iter()
+        .filter(|(id, _)| !view.dead_for.contains_key(id))
+        .min_by_key(|(id, _)| (lag(id), **id));
+    // A desired size never below the voters we can have; never 2.
+    let members = view.voters.len() + view.learners.len();
+    let mut want = config.voters.min(members);
+    if want == 2 {
+        want = 1;
+    }
+    let dead_voter = view
+        .voters
+        .iter()
+        .filter(|(id, _)| **id != view.leader)
+        .find(|(id, _)| dead(id));
+    if let Some((dead_id, dead_info)) = dead_voter {
+        let live_voters = view.voters.keys().filter(|id| !dead(id)).count();
+        if live_voters < want {
+            if let Some((sid, sinfo)) = best_standby {
+                return Some(Decision::Promote {
+                    id: *sid,
+                    name: name(sinfo),
+                    reason: format!(
+                        "voter {} ({dead_id}) unreachable for {:?}; {} is the most caught-up \
+                         standby",
+                        dead_info.name, view.dead_for[dead_id], sinfo.name
+                    ),
+                });
+            }
+        } else if view.voters.len() > want {
+            return Some(Decision::Remove {
+                id: *dead_id,
+                name: name(dead_info),
+                reason: format!(
+                    "voter {} ({dead_id}) unreachable for {:?}; {live_voters} live voters remain",
+                    dead_info.name, view.dead_for[dead_id]
+                ),
+            });
+        }
+    }
+    if view.voters.len() < want {
+        if let Some((sid, sinfo)) = best_standby.filter(|(id, _)| lag(id) <= PROMOTE_MAX_LAG) {
+            return Some(Decision::Promote {
+                id: *sid,
+                name: name(sinfo),
+                reason: format!(
+                    "{} voters, {want} wanted; {} is the most caught-up standby",
+                    view.voters.len(),
+                    sinfo.name
+                ),
+            });
+        }
+    }
+    if let Some((id, info)) = view.learners.iter().find(|(id, _)| dead(id)) {
+        return Some(Decision::Remove {
+            id: *id,
+            name: name(info),
+            reason: format!(
+                "standby {} ({id}) unreachable for {:?}",
+                info.name, view.dead_for[id]
+            ),
+        });
+    }
+    None
+}
+
+/// Runs the controller until aborted. Acts only while `node` leads.
+pub async fn run(node: Arc<RaftNode>, health: Arc<dyn Health>) {
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut published: Option<HealthReport> = None;
+    loop {
+        tick.tick().await;
+        if !node.is_leader() {
+            published = None;
+            continue;
+        }
+        let m = node.metrics();
+        let config = ClusterConfig::load(&node);
+        let mut dead_for = BTreeMap::new();
+        for (id, info) in m.voters.iter().chain(m.learners.iter()) {
+            if *id == node.id() {
+                continue;
+            }
+            if let Some(d) = health.dead_for(*id, info) {
+                dead_for.insert(*id, d);
+            }
+        }
+        let view = View {
+            leader: node.id(),
+            lag: m.replication.iter().map(|(id, p)| (*id, p.lag)).collect(),
+            voters: m.voters,
+            learners: m.learners,
+            dead_for,
+        };
+        let report = health_report(&view, &config);
+        if published.as_ref() != Some(&report) {
+            let cmd = eden_storage::Command::Put(eden_storage::PutRequest {
+                key: HEALTH_KEY.as_bytes().to_vec(),
+                value: serde_json::to_vec(&report).unwrap_or_default(),
+                ..Default::default()
+            });
+            match node.write(cmd).await {
+                Ok(_) => published = Some(report),
+                Err(e) => tracing::warn!("publishing member health failed: {e}"),
+            }
+        }
+        let Some(decision) = decide(&view, &config) else {
+            continue;
+        };
+        tracing::info!(?decision, "role controller");
+        let result = match &decision {
+            Decision::Promote { id, .. } => node.promote(*id).await,
+            Decision::Remove { id, .. } => node.remove(*id).await,
+        };
+        if let (Decision::Remove { id, .. }, Ok(())) = (&decision, &result) {
+            health.forget(*id);
+        }
+        let outcome = match &result {
+            Ok(()) => "done".to_string(),
+            Err(e) => format!("failed: {e}"),
+        };
+        if let Err(e) = &result {
+            tracing::warn!(
+                ?decision,
+                "role controller change failed, will look again: {e}"
+            );
+        }
+        record(&node, &decision, &outcome).await;
+    }
+}
+
+/// Writes the decision as an event (`/eden/events/<unix ms>-controller`).
+async fn record(node: &Arc<RaftNode>, decision: &Decision, outcome: &str) {
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    let mut event = serde_json::to_value(decision).unwrap_or_default();
+    if let Some(o) = event.as_object_mut() {
+        o.insert("actor".into(), "role-controller".into());
+        o.insert("leader".into(), node.id().into());
+        o.insert("outcome".into(), outcome.into());
+        o.insert("unix_ms".into(), (ms as u64).into());
+    }
+    let cmd = eden_storage::Command::Put(eden_storage::PutRequest {
+        key: format!("{EVENTS_PREFIX}{ms:013}-controller").into_bytes(),
+        value: event.to_string().into_bytes(),
+        ..Default::default()
+    });
+    if let Err(e) = node.write(cmd).await {
+        tracing::warn!("recording a role controller event failed: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(name: &str) -> NodeInfo {
+        NodeInfo {
+            name: name.into(),
+            peer_addr: format!("{name}:2380"),
+            client_addr: format!("{name}:2379"),
+        }
+    }
+
+    fn view(voters: &[u64], learners: &[u64]) -> View {
+        View {
+            leader: voters[0],
+            voters: voters
+                .iter()
+                .map(|i| (*i, info(&format!("n{i}"))))
+                .collect(),
+            learners: learners
+                .iter()
+                .map(|i| (*i, info(&format!("n{i}"))))
+                .collect(),
+            lag: voters.iter().chain(learners).map(|i| (*i, 0)).collect(),
+            dead_for: BTreeMap::new(),
+        }
+    }
+
+    const DEAD: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn a_dead_voter_is_replaced_by_the_most_caught_up_standby_then_removed() {
+        let config = ClusterConfig::default();
+        let mut v = view(&[1, 2, 3], &[4, 5]);
+        v.lag.insert(4, 50);
+        v.lag.insert(5, 3);
+        v.dead_for.insert(2, DEAD);
+        assert!(matches!(
+            decide(&v, &config),
+            Some(Decision::Promote { id: 5, .. })
+        ));
+        // After the promotion: four voters, the dead one goes.
+        let mut v = view(&[1, 2, 3, 5], &[4]);
+        v.dead_for.insert(2, DEAD);
+        assert!(matches!(
+            decide(&v, &config),
+            Some(Decision::Remove { id: 2, .. })
+        ));
+        // Then nothing more to do.
+        let v = view(&[1, 3, 5], &[4]);
+        assert_eq!(decide(&v, &config), None);
+    }
+
+    #[test]
+    fn nothing_happens_before_failover_after() {
+        let config = ClusterConfig::default();
+        let mut v = view(&[1, 2, 3], &[4]);
+        v.dead_for.insert(2, Duration::from_millis(2999));
+        assert_eq!(decide(&v, &config), None);
+    }
+
+    #[test]
+    fn a_dead_voter_without_a_standby_stays_when_removing_it_would_shrink_below_the_target() {
+        let config = ClusterConfig::default();
+        let mut v = view(&[1, 2, 3], &[]);
+        v.dead_for.insert(3, DEAD);
+        assert_eq!(decide(&v, &config), None);
+    }
+
+    #[test]
+    fn standbys_are_promoted_up_to_the_target_but_never_to_two_voters() {
+        let config = ClusterConfig::default();
+        // One voter and one standby: two voters would be worse than one.
+        assert_eq!(decide(&view(&[1], &[2]), &config), None);
+        // One voter and two standbys: grow to three, one change at a time.
+        assert!(matches!(
+            decide(&view(&[1], &[2, 3]), &config),
+            Some(Decision::Promote { .. })
+        ));
+        // Far behind: not promoted to fill a seat yet.
+        let mut v = view(&[1, 2], &[3]);
+        v.lag.insert(3, PROMOTE_MAX_LAG + 1);
+        assert_eq!(decide(&v, &config), None);
+        // At the target: nothing.
+        assert_eq!(decide(&view(&[1, 2, 3], &[4]), &config), None);
+    }
+
+    #[test]
+    fn a_dead_standby_is_removed_and_the_leader_is_never_targeted() {
+        let config = ClusterConfig::default();
+        let mut v = view(&[1, 2, 3], &[4]);
+        v.dead_for.insert(4, DEAD);
+        assert!(matches!(
+            decide(&v, &config),
+            Some(Decision::Remove { id: 4, .. })
+        ));
+        let mut v = view(&[1, 2, 3], &[4]);
+        v.dead_for.insert(1, DEAD); // the leader's own entry: ignored
+        assert_eq!(decide(&v, &config), None);
+    }
+}
