@@ -57,8 +57,9 @@
 //! 2. The peer server's fallback sends [`GOSSIP_PATH`] to [`Gossip::serve_request`].
 //! 3. The Raft leader's failed appends go to [`Gossip::report_unreachable`].
 //! 4. When the node's Raft id changes, [`Gossip::set_raft_id`].
-//! 5. The role controller reads [`Gossip::health`] / [`Gossip::dead_for`], and
-//!    [`Gossip::forget`]s a node it removed for good.
+//! 5. The role controller reads it through its `controller::Health` trait (implemented here:
+//!    `controller::run(node, gossip.clone())`), or [`Gossip::health`] / [`Gossip::dead_for`]
+//!    directly, and [`Gossip::forget`]s a node it removed for good.
 //! 6. On shutdown, [`Gossip::leave`].
 //!
 //! ## What this module does not do
@@ -76,7 +77,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use eden_raft::{PeerCertificate, PeerPool};
+use eden_raft::{NodeId, NodeInfo, PeerCertificate, PeerPool};
 use foca::{
     AccumulatingRuntime, Foca, NoCustomBroadcast, OwnedNotification, PeriodicParams, PostcardCodec,
     Runtime, Timer, TimerToken,
@@ -865,6 +866,40 @@ async fn rejoin_loop(this: Weak<Gossip>) {
     }
 }
 
+/// The role controller's view of health, so `controller::run` can take a `Gossip` where it
+/// takes the direct `Prober`. Members are matched by name (the controller passes the
+/// member's `NodeInfo`).
+impl crate::cluster::controller::Health for Gossip {
+    /// A member counts as dead only once gossip has declared it Dead; the duration runs from
+    /// the first missed probe ([`Health::unreachable_since`]), as the prober's does, so
+    /// `failover-after` is not added on top of the detection time.
+    fn dead_for(&self, _id: NodeId, info: &NodeInfo) -> Option<Duration> {
+        let inner = self.lock();
+        let h = inner.health.get(&info.name)?;
+        if h.state != State::Dead {
+            return None;
+        }
+        let since = h.unreachable_since.unwrap_or(h.since);
+        Some(now().saturating_duration_since(since))
+    }
+
+    /// Forgets a Dead member advertising Raft id `id`. A node admitted again comes back as a
+    /// new generation, which starts afresh anyway.
+    fn forget(&self, id: NodeId) {
+        let name = {
+            let inner = self.lock();
+            inner
+                .health
+                .values()
+                .find(|h| h.member.raft_id == id && id != 0)
+                .map(|h| h.member.name.clone())
+        };
+        if let Some(name) = name {
+            Gossip::forget(self, &name);
+        }
+    }
+}
+
 fn plain(status: StatusCode, msg: impl Into<String>) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::from(msg.into())));
     *resp.status_mut() = status;
@@ -1123,6 +1158,33 @@ mod tests {
         )
         .await;
         assert_eq!(nodes[0].health().len(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn controller_sees_dead_members_through_the_health_trait() {
+        use crate::cluster::controller::Health as ControllerHealth;
+        let (_net, mut nodes) = converged(4, GossipConfig::default()).await;
+        let info = |i: usize| NodeInfo {
+            name: format!("n{i}"),
+            peer_addr: member(i).peer_addr,
+            client_addr: String::new(),
+        };
+        assert_eq!(ControllerHealth::dead_for(&*nodes[0], 1, &info(1)), None);
+        drop(nodes.remove(3));
+        until(
+            Duration::from_secs(10),
+            "n3 dead for the controller",
+            || ControllerHealth::dead_for(&*nodes[0], 3, &info(3)).is_some(),
+        )
+        .await;
+        // Counted from the first missed probe, not from the verdict.
+        let dead = ControllerHealth::dead_for(&*nodes[0], 3, &info(3)).unwrap();
+        assert!(dead >= nodes[0].dead_for("n3").unwrap());
+        assert_eq!(ControllerHealth::dead_for(&*nodes[0], 1, &info(1)), None);
+        ControllerHealth::forget(&*nodes[0], 3);
+        assert!(!nodes[0].health().contains_key("n3"));
+        ControllerHealth::forget(&*nodes[0], 1);
+        assert!(nodes[0].health().contains_key("n1"), "a live member stays");
     }
 
     #[tokio::test(start_paused = true)]
