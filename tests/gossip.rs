@@ -360,3 +360,25 @@ async fn gossip_route_refuses_a_caller_without_a_cluster_certificate() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn member_that_leaves_is_dead_everywhere_without_a_suspicion() {
+    // A suspicion would take 30 s here, so a quick Dead can only come from the goodbye.
+    let config = GossipConfig {
+        suspect_to_dead: Duration::from_secs(30),
+        ..GossipConfig::default()
+    };
+    let cluster = Cluster::new(config, false);
+    let mut nodes = cluster.start_n(3).await;
+    wait_for(BOUND, "convergence", || all_alive(&nodes, 3)).await;
+    let leaving = nodes.remove(2);
+    leaving.gossip.leave().await;
+    let took = wait_for(BOUND, "the leaver dead in both other views", || {
+        nodes
+            .iter()
+            .all(|n| state(n, &leaving.name) == Some(State::Dead))
+    })
+    .await;
+    println!("leave -> Dead on both others in {took:?}");
+    leaving.kill().await;
+}
