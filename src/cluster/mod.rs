@@ -3,16 +3,15 @@
 //! - [`pki`]: the cluster CA, node and admin certificates, the join token, rustls configs.
 //! - [`datadir`]: a node's data dir: layout, lock, atomic writes, `node.json`.
 //! - [`join`]: the join exchange on the peer port (`/join`, `/join/admit`).
+//! - [`gossip`]: SWIM failure detection (foca) over the peer port: who is alive, suspect, dead.
 //! - [`serve`]: `eden serve`: init, join or restart, then run Raft, the peer server and the
 //!   etcd API until shutdown.
-//!
 //! - [`controller`]: the role controller (promotes standbys, replaces dead voters) and the
 //!   member prober it reads health from.
-//!
-//! Still to come here: SWIM gossip failure detection.
 
 pub mod controller;
 pub mod datadir;
+pub mod gossip;
 pub mod join;
 pub mod pki;
 pub mod serve;
