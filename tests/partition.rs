@@ -230,6 +230,15 @@ async fn eventually<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
         if let Some(v) = f().await {
             return v;
         }
+        if Instant::now() >= deadline {
+            if let Ok(dir) = std::env::var("EDEN_TEST_LOGS") {
+                for i in 1..=4 {
+                    let log =
+                        std::fs::read_to_string(format!("{dir}/n{i}.log")).unwrap_or_default();
+                    eprintln!("---- n{i}.log\n{log}");
+                }
+            }
+        }
         assert!(Instant::now() < deadline, "{what}: not within 60 s");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -244,6 +253,8 @@ async fn an_isolated_leader_serves_nothing_linearizable_and_the_majority_replace
     );
     let net = Net::new(4);
     let root = tempfile::tempdir().unwrap();
+    // SAFETY: set before any other thread of this test reads the environment.
+    unsafe { std::env::set_var("EDEN_TEST_LOGS", root.path()) };
     let mut procs = vec![serve(&net, root.path(), 1, None)];
     let token_file = root.path().join("n1/admin/join-token");
     let token = eventually("n1 writes its join token", async || {

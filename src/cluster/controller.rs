@@ -100,6 +100,23 @@ pub trait Health: Send + Sync {
     fn forget(&self, id: NodeId);
 }
 
+/// Several detectors at once: a member is as dead as the most certain of them says. Gossip
+/// (SWIM, indirect probes) sees every member from everywhere; the leader's own prober also
+/// covers members gossip has not met yet, and links that only the leader has lost.
+pub struct AnyOf(pub Vec<Arc<dyn Health>>);
+
+impl Health for AnyOf {
+    fn dead_for(&self, id: NodeId, info: &NodeInfo) -> Option<Duration> {
+        self.0.iter().filter_map(|h| h.dead_for(id, info)).max()
+    }
+
+    fn forget(&self, id: NodeId) {
+        for h in &self.0 {
+            h.forget(id);
+        }
+    }
+}
+
 /// A direct prober: pings every member's peer port and counts how long each has failed.
 ///
 /// This is the leader's own evidence (as Raft replication errors are); it runs on every node

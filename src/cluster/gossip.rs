@@ -94,6 +94,9 @@ use crate::error::{Error, Result};
 /// The peer-port path that carries gossip messages.
 pub const GOSSIP_PATH: &str = "/gossip";
 
+/// How long one gossip POST, dialing included, may take before it is abandoned.
+const SEND_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Largest gossip message produced and accepted. Over HTTP/2 there is no MTU to respect, so it
 /// is large enough for a full membership feed of a few hundred nodes.
 const MAX_MESSAGE: usize = 64 << 10;
@@ -407,7 +410,9 @@ impl Gossip {
         seeds: Vec<String>,
         config: GossipConfig,
     ) -> Result<Arc<Gossip>> {
-        let transport = Arc::new(PeerTransport::new(pool, config.probe_timeout));
+        // A message may arrive late (SWIM copes), but a POST abandoned while its connection is
+        // still being set up never gets one: the bound covers a TLS dial on a slow link.
+        let transport = Arc::new(PeerTransport::new(pool, SEND_TIMEOUT));
         Gossip::start_with_transport(me, transport, seeds, config)
     }
 

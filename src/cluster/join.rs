@@ -89,6 +89,8 @@ pub struct JoinService {
     pub cluster_name: String,
     pub node: Arc<RaftNode>,
     pub etcd: Arc<crate::etcd::Backend>,
+    /// Failure detection; answers `/gossip`.
+    pub gossip: Arc<super::gossip::Gossip>,
 }
 
 /// The host part of `host:port` (IPv6 in brackets allowed).
@@ -130,6 +132,9 @@ impl JoinService {
         let path = req.uri().path().to_string();
         if path.starts_with("/etcd/") {
             return self.etcd.peer_route(req).await;
+        }
+        if path == super::gossip::GOSSIP_PATH {
+            return self.gossip.serve_request(req).await;
         }
         if req.method() != Method::POST {
             return refuse(StatusCode::METHOD_NOT_ALLOWED, format!("{path} takes POST"));

@@ -22,14 +22,15 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
-use eden_raft::{NodeConfig, NodeInfo, PeerServer, RaftNode};
+use eden_raft::{NodeConfig, NodeInfo, PeerPool, PeerServer, RaftNode};
 
 use super::datadir::{DataDir, NodeFile};
+use super::gossip::{Gossip, GossipConfig, Member};
 use super::join::{self, AdmitRequest, Admitted, JoinGrant, JoinRequest, JoinService};
 use super::pki::{self, ClusterCa, Identity, JoinToken};
 use crate::error::{Error, Result};
 
-/// How often every node pings every other member's peer port.
+/// How often the leader's own prober pings every other member's peer port.
 const PROBE_PERIOD: Duration = Duration::from_millis(500);
 
 /// Default peer and client addresses (etcd's ports).
@@ -312,7 +313,9 @@ struct Started {
     client_tls: Arc<rustls::ServerConfig>,
     peer_stop: tokio::sync::oneshot::Sender<()>,
     peer_task: tokio::task::JoinHandle<std::result::Result<(), eden_raft::Error>>,
-    /// The member prober and the role controller; aborted on stop.
+    /// SWIM failure detection over the peer port; leaves the cluster on stop.
+    gossip: Arc<Gossip>,
+    /// The gossip seeder and the role controller; aborted on stop.
     background: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -327,7 +330,22 @@ async fn start(
         .await
         .map_err(|e| Error::Unavailable(format!("starting Raft: {e}")))?;
     let etcd = crate::etcd::Backend::new(node.clone(), file.cluster_id);
+    // Gossip gets its own connections, so snapshot traffic on Raft's cannot delay its acks.
+    let gossip = Gossip::start(
+        Member {
+            name: file.name.clone(),
+            raft_id: file.raft_id,
+            peer_addr: file.peer_addr.clone(),
+        },
+        Arc::new(PeerPool::new(pki::client_config(
+            tls.ca.cert_pem(),
+            &tls.identity,
+        )?)),
+        member_peers(&node),
+        GossipConfig::default(),
+    )?;
     let service = Arc::new(JoinService {
+        gossip: gossip.clone(),
         etcd: etcd.clone(),
         ca: tls.ca.clone(),
         secret_sha256: tls.secret_sha256.clone(),
@@ -348,11 +366,17 @@ async fn start(
         },
     ));
     let prober = super::controller::Prober::new(node.clone());
+    let health = Arc::new(super::controller::AnyOf(vec![
+        gossip.clone(),
+        prober.clone(),
+    ]));
     let background = vec![
-        tokio::spawn(prober.clone().run(PROBE_PERIOD)),
-        tokio::spawn(super::controller::run(node.clone(), prober)),
+        tokio::spawn(seed_gossip(node.clone(), gossip.clone())),
+        tokio::spawn(prober.run(PROBE_PERIOD)),
+        tokio::spawn(super::controller::run(node.clone(), health)),
     ];
     Ok(Started {
+        gossip,
         background,
         node,
         etcd,
@@ -367,10 +391,42 @@ impl Started {
         for task in &self.background {
             task.abort();
         }
+        self.gossip.leave().await;
         let _ = self.peer_stop.send(());
         let _ = self.peer_task.await;
         if let Err(e) = self.node.shutdown().await {
             tracing::warn!("Raft shutdown: {e}");
+        }
+    }
+}
+
+/// The peer addresses of the other members this node knows of.
+fn member_peers(node: &RaftNode) -> Vec<String> {
+    let m = node.metrics();
+    let me = node.info().peer_addr.clone();
+    m.voters
+        .values()
+        .chain(m.learners.values())
+        .map(|i| i.peer_addr.clone())
+        .filter(|a| *a != me)
+        .collect()
+}
+
+/// Keeps gossip's seeds in step with the Raft membership: a member gossip has not heard of
+/// (a node that just joined, or this node's first contacts after joining) is announced to.
+async fn seed_gossip(node: Arc<RaftNode>, gossip: Arc<Gossip>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let known: std::collections::BTreeSet<String> = gossip
+            .health()
+            .values()
+            .map(|h| h.member.peer_addr.clone())
+            .collect();
+        for addr in member_peers(&node) {
+            if !known.contains(&addr) {
+                gossip.add_seed(&addr);
+            }
         }
     }
 }
