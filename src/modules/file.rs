@@ -202,7 +202,7 @@ fn desired_contents(call: &Call) -> Result<Option<Vec<u8>>> {
     Ok(None)
 }
 
-fn unified_diff(path: &Path, old: &[u8], new: &[u8]) -> String {
+pub(crate) fn unified_diff(path: &Path, old: &[u8], new: &[u8]) -> String {
     let (old, new) = (String::from_utf8_lossy(old), String::from_utf8_lossy(new));
     similar::TextDiff::from_lines(old.as_ref(), new.as_ref())
         .unified_diff()
@@ -297,7 +297,7 @@ fn managed(call: &Call, path: &Path) -> Result<Outcome> {
 
 /// Writes a temporary file beside `path`, fsyncs it, then renames it over `path`, so readers
 /// see the old file or the new one and never half of one.
-fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("/"));
     let file_name = path
         .file_name()

@@ -29,6 +29,7 @@ use crate::error::{Error, Result};
 pub mod cmd;
 pub mod file;
 pub mod pkg;
+pub mod pkgrepo;
 pub mod test;
 
 /// A step's arguments after rendering, `name` included. Keys are Salt's argument names.
@@ -155,6 +156,7 @@ impl Registry {
         r.register(Arc::new(cmd::Cmd));
         r.register(Arc::new(file::File));
         r.register(Arc::new(pkg::Pkg::packagekit()));
+        r.register(Arc::new(pkgrepo::PkgRepo::packagekit()));
         r
     }
 

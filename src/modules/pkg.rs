@@ -374,35 +374,48 @@ pub fn wants(args: &Args, name: &str) -> Result<Vec<Want>> {
 
 const ARGS: &[&str] = &["name", "pkgs", "version", "refresh"];
 
-/// The `pkg` module. It connects to PackageKit on first use, so building a registry never
-/// needs a D-Bus.
-pub struct Pkg {
-    backend: Mutex<Option<Arc<dyn PackageBackend>>>,
-}
+/// A backend made on first use, so building a registry never needs a D-Bus.
+pub struct LazyBackend(Mutex<Option<Arc<dyn PackageBackend>>>);
 
-impl Pkg {
-    /// The real module: PackageKit on the system bus.
+impl LazyBackend {
+    /// PackageKit on the system bus, connected on first use.
     pub fn packagekit() -> Self {
-        Pkg {
-            backend: Mutex::new(None),
-        }
+        LazyBackend(Mutex::new(None))
     }
 
-    /// A module over another backend (tests, or another package system).
-    pub fn with_backend(backend: Arc<dyn PackageBackend>) -> Self {
-        Pkg {
-            backend: Mutex::new(Some(backend)),
-        }
+    pub fn with(backend: Arc<dyn PackageBackend>) -> Self {
+        LazyBackend(Mutex::new(Some(backend)))
     }
 
-    fn backend(&self) -> Result<Arc<dyn PackageBackend>> {
-        let mut slot = self.backend.lock().unwrap_or_else(|e| e.into_inner());
+    pub fn get(&self) -> Result<Arc<dyn PackageBackend>> {
+        let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(b) = slot.as_ref() {
             return Ok(b.clone());
         }
         let b: Arc<dyn PackageBackend> = Arc::new(PackageKit::connect()?);
         *slot = Some(b.clone());
         Ok(b)
+    }
+}
+
+/// The `pkg` module.
+pub struct Pkg {
+    backend: LazyBackend,
+}
+
+impl Pkg {
+    /// The real module: PackageKit on the system bus.
+    pub fn packagekit() -> Self {
+        Pkg {
+            backend: LazyBackend::packagekit(),
+        }
+    }
+
+    /// A module over another backend (tests, or another package system).
+    pub fn with_backend(backend: Arc<dyn PackageBackend>) -> Self {
+        Pkg {
+            backend: LazyBackend::with(backend),
+        }
     }
 }
 
@@ -453,7 +466,7 @@ impl Module for Pkg {
             .get("refresh")
             .and_then(Value::as_bool)
             .unwrap_or(false);
-        run(&*self.backend()?, action, &wants, refresh, call.test)
+        run(&*self.backend.get()?, action, &wants, refresh, call.test)
     }
 }
 
