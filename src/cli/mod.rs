@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 pub mod apply;
 pub mod bench;
+pub mod module;
 pub mod plan;
 pub mod serve;
 
@@ -33,6 +34,8 @@ pub enum Command {
     Apply(apply::ApplyArgs),
     /// Print the ordered plan for states without running them.
     Plan(plan::PlanArgs),
+    /// Signed extension modules: keygen, sign, verify, add.
+    Module(module::ModuleArgs),
     /// Start a 5-node cluster on loopback and show a live failover.
     Demo,
     /// Load an etcd v3 endpoint (eden or etcd) and report throughput and latency.
@@ -46,6 +49,7 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Bench(args) => bench::run(args),
         Command::Apply(args) => apply::run(args),
         Command::Plan(args) => plan::run(args),
+        Command::Module(args) => module::run(args),
         Command::Demo => Err(Error::Unavailable("this command is not built yet".into())),
     }
 }

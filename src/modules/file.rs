@@ -297,7 +297,7 @@ fn managed(call: &Call, path: &Path) -> Result<Outcome> {
 
 /// Writes a temporary file beside `path`, fsyncs it, then renames it over `path`, so readers
 /// see the old file or the new one and never half of one.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("/"));
     let file_name = path
         .file_name()

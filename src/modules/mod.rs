@@ -27,6 +27,8 @@ use serde_json::{Map, Value};
 use crate::error::{Error, Result};
 
 pub mod cmd;
+pub mod ext;
+pub mod fetch;
 pub mod file;
 pub mod pkg;
 pub mod pkgrepo;
