@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 pub mod apply;
 pub mod bench;
+pub mod doc;
 pub mod module;
 pub mod plan;
 pub mod serve;
@@ -34,6 +35,8 @@ pub enum Command {
     Apply(apply::ApplyArgs),
     /// Print the ordered plan for states without running them.
     Plan(plan::PlanArgs),
+    /// The reference page of a module: arguments, outputs, examples.
+    Doc(doc::DocArgs),
     /// Signed extension modules: keygen, sign, verify, add.
     Module(module::ModuleArgs),
     /// Start a 5-node cluster on loopback and show a live failover.
@@ -50,6 +53,7 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Apply(args) => apply::run(args),
         Command::Plan(args) => plan::run(args),
         Command::Module(args) => module::run(args),
+        Command::Doc(args) => doc::run(args),
         Command::Demo => Err(Error::Unavailable("this command is not built yet".into())),
     }
 }

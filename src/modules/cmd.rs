@@ -42,7 +42,7 @@ use crate::error::{Error, Result};
 
 pub struct Cmd;
 
-const KNOWN: &[&str] = &[
+pub const ARGS: &[&str] = &[
     "name",
     "cwd",
     "env",
@@ -75,10 +75,10 @@ impl Module for Cmd {
             )));
         }
         for key in args.keys() {
-            if !KNOWN.contains(&key.as_str()) {
+            if !ARGS.contains(&key.as_str()) {
                 return Err(Error::InvalidInput(format!(
                     "cmd.run does not take the argument {key:?}; it takes {}",
-                    KNOWN.join(", ")
+                    ARGS.join(", ")
                 )));
             }
         }

@@ -45,7 +45,7 @@ use crate::error::{Error, Result};
 
 pub struct File;
 
-const MANAGED: &[&str] = &[
+pub const MANAGED: &[&str] = &[
     "name",
     "contents",
     "source",
@@ -60,7 +60,7 @@ const MANAGED: &[&str] = &[
     "defaults",
     "backup",
 ];
-const DIRECTORY: &[&str] = &[
+pub const DIRECTORY: &[&str] = &[
     "name",
     "mode",
     "user",
@@ -70,8 +70,8 @@ const DIRECTORY: &[&str] = &[
     "exclude_pat",
     "keep",
 ];
-const ABSENT: &[&str] = &["name"];
-const SYMLINK: &[&str] = &["name", "target", "force", "makedirs", "user", "group"];
+pub const ABSENT: &[&str] = &["name"];
+pub const SYMLINK: &[&str] = &["name", "target", "force", "makedirs", "user", "group"];
 const FUNCTIONS: &str = "managed, directory, absent, symlink";
 
 impl Module for File {

@@ -372,7 +372,7 @@ pub fn wants(args: &Args, name: &str) -> Result<Vec<Want>> {
     Ok(out)
 }
 
-const ARGS: &[&str] = &["name", "pkgs", "version", "refresh"];
+pub const ARGS: &[&str] = &["name", "pkgs", "version", "refresh"];
 
 /// A backend made on first use, so building a registry never needs a D-Bus.
 pub struct LazyBackend(Mutex<Option<Arc<dyn PackageBackend>>>);

@@ -28,7 +28,7 @@ use super::pkg::LazyBackend;
 use super::{Args, Call, Module, Outcome};
 use crate::error::{Error, Result};
 
-const APT_ARGS: &[&str] = &[
+pub const ARGS: &[&str] = &[
     "name",
     "file",
     "humanname",
@@ -98,10 +98,10 @@ impl Module for PkgRepo {
             )));
         }
         for key in args.keys() {
-            if !APT_ARGS.contains(&key.as_str()) {
+            if !ARGS.contains(&key.as_str()) {
                 return Err(Error::InvalidInput(format!(
                     "pkgrepo.{function} does not take the argument {key:?}; it takes {}",
-                    APT_ARGS.join(", ")
+                    ARGS.join(", ")
                 )));
             }
         }
