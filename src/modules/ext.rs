@@ -153,6 +153,64 @@ impl ModuleSignature {
     }
 }
 
+/// Where the datastore keeps modules, their bytes and the trusted keys.
+pub const MODULES_PREFIX: &str = "/eden/modules/";
+pub const BLOBS_PREFIX: &str = "/eden/blobs/";
+pub const CLUSTER_CONFIG: &str = "/eden/cluster/config";
+
+/// The value of `/eden/modules/<name>`: the signature, and where the bytes are: `"blob"`
+/// (`/eden/blobs/<sha256>`) or an `https://` URL.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModuleRecord {
+    #[serde(flatten)]
+    pub signature: ModuleSignature,
+    pub source: String,
+}
+
+impl ModuleRecord {
+    pub fn parse(bytes: &[u8], name: &str) -> Result<ModuleRecord> {
+        serde_json::from_slice(bytes).map_err(|e| {
+            Error::InvalidData(format!(
+                "{MODULES_PREFIX}{name} is not a module record ({e}); add modules with \
+                 `eden module add`"
+            ))
+        })
+    }
+
+    /// The blob key this record's bytes live under, when they are in the datastore.
+    pub fn blob_key(&self) -> Option<String> {
+        (self.source == "blob").then(|| format!("{BLOBS_PREFIX}{}", self.signature.sha256))
+    }
+
+    /// The source to run from: the blob the caller read from [`Self::blob_key`], or the URL.
+    pub fn into_source(self, blob: Option<Vec<u8>>) -> Result<ModuleSource> {
+        if self.source == "blob" {
+            let blob = blob.ok_or_else(|| {
+                Error::NotFound(format!(
+                    "module blob {BLOBS_PREFIX}{} is missing; add the module again with \
+                     `eden module add`",
+                    self.signature.sha256
+                ))
+            })?;
+            Ok(ModuleSource::Datastore {
+                blob: Arc::new(blob),
+                signature: self.signature,
+            })
+        } else if self.source.starts_with("https://") {
+            Ok(ModuleSource::Url {
+                url: self.source,
+                signature: self.signature,
+                ca: None,
+            })
+        } else {
+            Err(Error::InvalidData(format!(
+                "module record source {:?} is neither \"blob\" nor an https:// URL",
+                self.source
+            )))
+        }
+    }
+}
+
 /// The bytes that are signed: a fixed prefix (so a module signature can never be mistaken for
 /// any other ed25519 signature) and the hex SHA-256.
 pub fn signed_message(sha256_hex: &str) -> Vec<u8> {
