@@ -90,6 +90,14 @@ fn local_repository_is_added_refreshed_used_and_removed() {
         "/etc/apt/sources.list.d/eden-test-{}.list",
         std::process::id()
     );
+    // If an assertion fails midway, do not leave a source pointing at a deleted directory.
+    struct RemoveOnDrop(String);
+    impl Drop for RemoveOnDrop {
+        fn drop(&mut self) {
+            let _ = fs::remove_file(&self.0);
+        }
+    }
+    let _cleanup = RemoveOnDrop(list.clone());
     let repo = PkgRepo::packagekit();
     let pkg = Pkg::packagekit();
 
