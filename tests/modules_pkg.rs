@@ -72,6 +72,7 @@ fn hello_is_installed_and_removed_through_packagekit() {
         ("latest", json!({"name": "hello"})),
         ("installed", json!({"name": "hello", "version": version})),
         ("installed", json!({"name": "hello", "version": "2.*"})),
+        ("installed", json!({"name": "hello", "version": ">=2.0,<3"})),
     ] {
         let again = call(f, args.clone(), false);
         assert_eq!(again.result, Some(true), "{f} {args}: {}", again.comment);

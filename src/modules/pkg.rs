@@ -16,14 +16,14 @@
 //! dependencies that would come along, and the result is `None`.
 //!
 //! Arguments: `name`, `pkgs` (a list of names, or of `{name: version}` maps, as in Salt),
-//! `version` (exact, or a glob such as `2.10*`), `refresh`. A name may carry an architecture
-//! (`hello:amd64`). What PackageKit can do is the seam [`PackageBackend`]; [`PackageKit`] is the
-//! real one.
+//! `version` (exact, a glob such as `2.10*`, or comparisons such as `>=1.2,<2`), `refresh`.
+//! A name may carry an architecture (`hello:amd64`). What PackageKit can do is the seam
+//! [`PackageBackend`]; [`PackageKit`] is the real one.
 //!
-//! Not done: Salt's version comparison operators (`>=1.2`), `hold`, `skip_verify`,
-//! `install_recommends`, `sources`, `fromrepo`, `reinstall`, `normalize`, `purge` (`pkg.purged`),
-//! `pkg.uptodate`, `pkg.downloaded`. Removal never removes packages that depend on the removed
-//! ones (PackageKit `allow_deps=false`): such a removal fails and names them.
+//! Not done: `hold`, `skip_verify`, `install_recommends`, `sources`, `fromrepo`, `reinstall`,
+//! `normalize`, `purge` (`pkg.purged`), `pkg.uptodate`, `pkg.downloaded`, a time limit on a
+//! PackageKit transaction. Removal never removes packages that depend on the removed ones
+//! (PackageKit `allow_deps=false`): such a removal fails and names them.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -132,13 +132,38 @@ fn native_arches() -> &'static [&'static str] {
     }
 }
 
-fn version_matches(have: &str, want: &str) -> bool {
+/// Whether version `have` satisfies `want`: an exact version (the epoch may be left out), a glob
+/// (`2.10*`), or Salt's comparisons (`>=1.2`, `<2`, `!=1.3-1`, several joined by commas).
+pub fn version_matches(have: &str, want: &str) -> bool {
+    let want = want.trim();
+    if want.contains(',') {
+        return want.split(',').all(|w| version_matches(have, w));
+    }
+    // Without an epoch in `want`, compare `have` without its epoch too.
+    let have_cmp = |w: &str| -> &str {
+        match have.split_once(':') {
+            Some((_, v)) if !w.contains(':') => v,
+            _ => have,
+        }
+    };
+    for op in [">=", "<=", "==", "!=", ">", "<", "="] {
+        if let Some(v) = want.strip_prefix(op) {
+            let v = v.trim();
+            let ord = compare_versions(have_cmp(v), v);
+            return match op {
+                ">=" => ord.is_ge(),
+                "<=" => ord.is_le(),
+                ">" => ord.is_gt(),
+                "<" => ord.is_lt(),
+                "!=" => ord.is_ne(),
+                _ => ord.is_eq(),
+            };
+        }
+    }
     if want.contains('*') || want.contains('?') {
         crate::engine::compile::fnmatch(have, want)
     } else {
-        // Salt compares without the epoch when the wanted version has none.
-        have == want
-            || (!want.contains(':') && have.split_once(':').is_some_and(|(_, v)| v == want))
+        have == want || have_cmp(want) == want
     }
 }
 
@@ -833,6 +858,25 @@ mod tests {
         assert_eq!(p.expect["hello"], ("2.9-1".into(), "".into()));
         let p = plan(Action::Removed, &[want("hello", Some("1.0"))], &r);
         assert!(p.ids.is_empty());
+        // Salt's comparisons: the installed 2.9-1 is not >=2.10, so 2.10-3 is chosen.
+        let p = plan(Action::Installed, &[want("hello", Some(">=2.10"))], &r);
+        assert_eq!(p.expect["hello"], ("2.9-1".into(), "2.10-3".into()));
+        let p = plan(Action::Installed, &[want("hello", Some(">=2.0,<3"))], &r);
+        assert!(p.ids.is_empty(), "2.9-1 satisfies >=2.0,<3");
+        let p = plan(Action::Installed, &[want("hello", Some(">3"))], &r);
+        assert_eq!(p.errors.len(), 1);
+    }
+
+    #[test]
+    fn version_specs() {
+        assert!(version_matches("1:2.10-3", "2.10-3"));
+        assert!(!version_matches("1:2.10-3", "0:2.10-3"));
+        assert!(version_matches("2.10-3", "2.10*"));
+        assert!(version_matches("2.10-3", ">=2.9"));
+        assert!(version_matches("2.10-3", "<2.10-4"));
+        assert!(!version_matches("2.10-3", "!=2.10-3"));
+        assert!(version_matches("2.10-3", "==2.10-3"));
+        assert!(!version_matches("2.10-3", ">2.10-3, <3"));
     }
 
     #[test]
