@@ -327,3 +327,96 @@ fn symlink_create_retarget_force_and_idempotence() {
         .to_string();
     assert!(e.contains("target"), "{e}");
 }
+
+/// A parent directory the running user cannot search: eden (run as `nobody`) reports it and
+/// writes nothing. Root can read everything, so the real binary runs as another user.
+#[test]
+fn unreadable_parent_is_reported_by_a_non_root_run() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let tree = tempfile::tempdir().unwrap();
+    let locked = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(locked.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::set_permissions(tree.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let target = locked.path().join("inner/app.conf");
+    std::fs::write(
+        tree.path().join("s.sls"),
+        format!(
+            "{}:\n  file.managed:\n    - contents: hello\n    - makedirs: True\n",
+            target.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        tree.path().join("s.sls"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    // The build directory may not be open to other users: run a copy.
+    let bin = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(bin.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let eden = bin.path().join("eden");
+    std::fs::copy(env!("CARGO_BIN_EXE_eden"), &eden).unwrap();
+    let out = std::process::Command::new(&eden)
+        .args([
+            "apply",
+            "--local",
+            tree.path().to_str().unwrap(),
+            "s",
+            "--output",
+            "json",
+        ])
+        .current_dir("/")
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report: Value = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("{e}: {stdout}{}", String::from_utf8_lossy(&out.stderr)));
+    let steps = report["nodes"]
+        .as_object()
+        .unwrap()
+        .values()
+        .next()
+        .unwrap();
+    let step = &steps[0];
+    assert_eq!(step["result"], false, "{step}");
+    let comment = step["comment"].as_str().unwrap();
+    assert!(
+        comment.contains("Permission denied") && comment.contains(locked.path().to_str().unwrap()),
+        "{comment}"
+    );
+    assert_ne!(out.status.code(), Some(0));
+    assert!(listing(locked.path()).is_empty(), "nothing was written");
+
+    // Searchable but not writable: the directory that cannot be made is named.
+    std::fs::set_permissions(locked.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = std::process::Command::new(&eden)
+        .args([
+            "apply",
+            "--local",
+            tree.path().to_str().unwrap(),
+            "s",
+            "--output",
+            "json",
+        ])
+        .current_dir("/")
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let step = &report["nodes"]
+        .as_object()
+        .unwrap()
+        .values()
+        .next()
+        .unwrap()[0];
+    let comment = step["comment"].as_str().unwrap();
+    assert!(
+        comment.contains("cannot create the directory") && comment.contains("inner"),
+        "{comment}"
+    );
+    assert!(listing(locked.path()).is_empty(), "nothing was written");
+}

@@ -394,6 +394,18 @@ fn check_parent(call: &Call, path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// `create_dir_all` with an error that names the directory and the function.
+fn make_dirs(call: &Call, dir: &Path) -> Result<()> {
+    fs::create_dir_all(dir).map_err(|e| {
+        Error::Io(format!(
+            "file.{} {}: cannot create the directory {} ({e})",
+            call.function,
+            call.name(),
+            dir.display()
+        ))
+    })
+}
+
 /// Where `backup` keeps old versions: `backup: minion` (or `True`) means
 /// `/var/lib/eden/file_backup`, an absolute path means that directory.
 fn backup_dir(args: &Args) -> Result<Option<PathBuf>> {
@@ -423,7 +435,13 @@ fn backup(dir: &Path, path: &Path, bytes: &[u8], mode: u32) -> Result<PathBuf> {
     name.push(format!(".{stamp}"));
     let dest = dir.join(name);
     if let Some(parent) = dest.parent() {
-        fs::create_dir_all(parent)?;
+        fs::create_dir_all(parent).map_err(|e| {
+            Error::Io(format!(
+                "backup of {}: cannot create {} ({e})",
+                path.display(),
+                parent.display()
+            ))
+        })?;
     }
     write_atomic(&dest, bytes, mode)?;
     Ok(dest)
@@ -504,7 +522,7 @@ fn managed(call: &Call, path: &Path) -> Result<Outcome> {
             outputs,
         });
     }
-    fs::create_dir_all(parent)?;
+    make_dirs(call, parent)?;
     if let (Some(dir), Some(old), Some(_)) = (&backup_to, &current, &new_bytes) {
         let kept = backup(dir, path, old, cur_mode.unwrap_or(0o600))?;
         changes.insert("backup".into(), json!(kept.display().to_string()));
@@ -645,7 +663,7 @@ fn directory(call: &Call, path: &Path) -> Result<Outcome> {
         });
     }
     if meta.is_none() {
-        fs::create_dir_all(path)?;
+        make_dirs(call, path)?;
     }
     if let Some(m) = mode {
         fs::set_permissions(path, fs::Permissions::from_mode(m))?;
@@ -812,7 +830,7 @@ fn symlink(call: &Call, path: &Path) -> Result<Outcome> {
             outputs,
         });
     }
-    fs::create_dir_all(parent)?;
+    make_dirs(call, parent)?;
     let relink = changes.contains_key("new") || changes.contains_key("change");
     if relink {
         if meta.as_ref().is_some_and(|m| m.is_dir()) {
