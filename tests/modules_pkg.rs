@@ -38,8 +38,9 @@ fn dpkg_installed(name: &str) -> bool {
 
 #[test]
 fn hello_is_installed_and_removed_through_packagekit() {
-    // Start from "not installed", through the module itself.
-    let first = call("removed", json!({"name": "hello"}), false);
+    // Start from "not installed", through the module itself; refresh the package cache first
+    // (through PackageKit), so a machine whose apt lists were never fetched works too.
+    let first = call("removed", json!({"name": "hello", "refresh": true}), false);
     assert_eq!(first.result, Some(true), "{}", first.comment);
     assert!(!dpkg_installed("hello"));
 

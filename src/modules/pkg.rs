@@ -412,6 +412,13 @@ impl LazyBackend {
         LazyBackend(Mutex::new(Some(backend)))
     }
 
+    /// Forgets a connection that failed (for example after the D-Bus daemon restarted), so the
+    /// next call connects again.
+    pub fn reset(&self) {
+        let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        *slot = None;
+    }
+
     pub fn get(&self) -> Result<Arc<dyn PackageBackend>> {
         let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(b) = slot.as_ref() {
@@ -491,7 +498,11 @@ impl Module for Pkg {
             .get("refresh")
             .and_then(Value::as_bool)
             .unwrap_or(false);
-        run(&*self.backend.get()?, action, &wants, refresh, call.test)
+        let result = run(&*self.backend.get()?, action, &wants, refresh, call.test);
+        if matches!(result, Err(Error::Unavailable(_))) {
+            self.backend.reset();
+        }
+        result
     }
 }
 

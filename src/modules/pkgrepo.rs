@@ -163,7 +163,11 @@ impl Module for PkgRepo {
                     .unwrap_or(true);
                 let mut comment = format!("Package repo {name:?} changed in {file}");
                 if refresh {
-                    self.backend.get()?.refresh().map_err(|e| {
+                    let refreshed = self.backend.get().and_then(|b| b.refresh());
+                    if refreshed.is_err() {
+                        self.backend.reset();
+                    }
+                    refreshed.map_err(|e| {
                         Error::Unavailable(format!(
                             "pkgrepo: {file} was written, but refreshing the package cache \
                              failed: {e}"
