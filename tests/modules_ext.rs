@@ -347,6 +347,10 @@ fn https_server(body: Vec<u8>) -> (u16, String) {
     (port, cert_pem)
 }
 
+fn greet(source: ModuleSource, trusted: &Arc<TrustedKeys>) -> ExtModule {
+    ExtModule::new("greet", source, trusted.clone(), &[]).unwrap()
+}
+
 fn call_ext(m: &ExtModule) -> eden::modules::Outcome {
     let args: Args = json!({"name": "x"}).as_object().unwrap().clone();
     m.validate("hello", &args).unwrap();
@@ -377,17 +381,14 @@ fn module_from_an_https_url_is_fetched_verified_and_run() {
     let ca_file = work.path().join("ca.pem");
     std::fs::write(&ca_file, ca).unwrap();
     let url = format!("https://127.0.0.1:{port}/greet.sh");
-    let m = ExtModule::new(
-        "greet",
+    let m = greet(
         ModuleSource::Url {
             url: url.clone(),
             signature: signature.clone(),
             ca: Some(ca_file.clone()),
         },
-        trusted.clone(),
-        &[],
-    )
-    .unwrap();
+        &trusted,
+    );
     let out = call_ext(&m);
     assert_eq!(out.result, Some(true), "{}", out.comment);
     let request: Value = serde_json::from_slice(&std::fs::read(&side).unwrap()).unwrap();
@@ -399,17 +400,14 @@ fn module_from_an_https_url_is_fetched_verified_and_run() {
     evil.extend_from_slice(b"touch /tmp/eden-never-run\n");
     let (port, ca) = https_server(evil);
     std::fs::write(&ca_file, ca).unwrap();
-    let m = ExtModule::new(
-        "greet",
+    let m = greet(
         ModuleSource::Url {
             url: format!("https://127.0.0.1:{port}/greet.sh"),
             signature,
             ca: Some(ca_file.clone()),
         },
-        trusted.clone(),
-        &[],
-    )
-    .unwrap();
+        &trusted,
+    );
     let out = call_ext(&m);
     assert_eq!(out.result, Some(false));
     assert!(
@@ -420,30 +418,24 @@ fn module_from_an_https_url_is_fetched_verified_and_run() {
     assert!(!side.exists());
 
     // Without the server's CA the fetch fails on TLS; plain http is refused.
-    let m = ExtModule::new(
-        "greet",
+    let m = greet(
         ModuleSource::Url {
             url,
             signature: ext::sign(b"", &key, vec![]),
             ca: None,
         },
-        trusted.clone(),
-        &[],
-    )
-    .unwrap();
+        &trusted,
+    );
     let out = call_ext(&m);
     assert!(out.comment.contains("TLS"), "{}", out.comment);
-    let m = ExtModule::new(
-        "greet",
+    let m = greet(
         ModuleSource::Url {
             url: format!("http://127.0.0.1:{port}/x"),
             signature: ext::sign(b"", &key, vec![]),
             ca: None,
         },
-        trusted,
-        &[],
-    )
-    .unwrap();
+        &trusted,
+    );
     let out = call_ext(&m);
     assert!(out.comment.contains("https only"), "{}", out.comment);
     assert!(!side.exists());
@@ -461,28 +453,22 @@ fn datastore_source_is_verified_before_it_runs() {
     let trusted = Arc::new(TrustedKeys::from_cluster_config(&config).unwrap());
     let mut tampered = script.clone();
     tampered[12] ^= 1;
-    let bad = ExtModule::new(
-        "greet",
+    let bad = greet(
         ModuleSource::Datastore {
             blob: Arc::new(tampered),
             signature: signature.clone(),
         },
-        trusted.clone(),
-        &[],
-    )
-    .unwrap();
+        &trusted,
+    );
     assert_eq!(call_ext(&bad).result, Some(false));
     assert!(!side.exists());
-    let good = ExtModule::new(
-        "greet",
+    let good = greet(
         ModuleSource::Datastore {
             blob: Arc::new(script),
             signature,
         },
-        trusted,
-        &[],
-    )
-    .unwrap();
+        &trusted,
+    );
     assert_eq!(call_ext(&good).result, Some(true));
     assert!(side.exists());
 }

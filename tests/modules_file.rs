@@ -357,63 +357,42 @@ fn unreadable_parent_is_reported_by_a_non_root_run() {
     std::fs::set_permissions(bin.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let eden = bin.path().join("eden");
     std::fs::copy(env!("CARGO_BIN_EXE_eden"), &eden).unwrap();
-    let out = std::process::Command::new(&eden)
-        .args([
-            "apply",
-            "--local",
-            tree.path().to_str().unwrap(),
-            "s",
-            "--output",
-            "json",
-        ])
-        .current_dir("/")
-        .uid(65534)
-        .gid(65534)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let report: Value = serde_json::from_str(&stdout)
-        .unwrap_or_else(|e| panic!("{e}: {stdout}{}", String::from_utf8_lossy(&out.stderr)));
-    let steps = report["nodes"]
-        .as_object()
-        .unwrap()
-        .values()
-        .next()
-        .unwrap();
-    let step = &steps[0];
-    assert_eq!(step["result"], false, "{step}");
-    let comment = step["comment"].as_str().unwrap();
+    // Applies the tree as nobody; returns the exit code and the one step's comment.
+    let apply_as_nobody = || -> (Option<i32>, String) {
+        let out = std::process::Command::new(&eden)
+            .args(["apply", "--local", tree.path().to_str().unwrap(), "s"])
+            .args(["--output", "json"])
+            .current_dir("/")
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let report: Value = serde_json::from_str(&stdout)
+            .unwrap_or_else(|e| panic!("{e}: {stdout}{}", String::from_utf8_lossy(&out.stderr)));
+        let step = &report["nodes"]
+            .as_object()
+            .unwrap()
+            .values()
+            .next()
+            .unwrap()[0];
+        assert_eq!(step["result"], false, "{step}");
+        (
+            out.status.code(),
+            step["comment"].as_str().unwrap().to_string(),
+        )
+    };
+    let (code, comment) = apply_as_nobody();
     assert!(
         comment.contains("Permission denied") && comment.contains(locked.path().to_str().unwrap()),
         "{comment}"
     );
-    assert_ne!(out.status.code(), Some(0));
+    assert_ne!(code, Some(0));
     assert!(listing(locked.path()).is_empty(), "nothing was written");
 
     // Searchable but not writable: the directory that cannot be made is named.
     std::fs::set_permissions(locked.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let out = std::process::Command::new(&eden)
-        .args([
-            "apply",
-            "--local",
-            tree.path().to_str().unwrap(),
-            "s",
-            "--output",
-            "json",
-        ])
-        .current_dir("/")
-        .uid(65534)
-        .gid(65534)
-        .output()
-        .unwrap();
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let step = &report["nodes"]
-        .as_object()
-        .unwrap()
-        .values()
-        .next()
-        .unwrap()[0];
-    let comment = step["comment"].as_str().unwrap();
+    let (_, comment) = apply_as_nobody();
     assert!(
         comment.contains("cannot create the directory") && comment.contains("inner"),
         "{comment}"

@@ -74,14 +74,7 @@ impl Module for Cmd {
                 "cmd.{function} is not a function; cmd has run"
             )));
         }
-        for key in args.keys() {
-            if !ARGS.contains(&key.as_str()) {
-                return Err(Error::InvalidInput(format!(
-                    "cmd.run does not take the argument {key:?}; it takes {}",
-                    ARGS.join(", ")
-                )));
-            }
-        }
+        super::check_args("cmd", "run", args, ARGS)?;
         if let Some(t) = args.get("timeout") {
             if !(t.is_u64() || t.is_string()) {
                 return Err(Error::InvalidInput(format!(

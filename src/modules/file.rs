@@ -93,14 +93,7 @@ impl Module for File {
                 )))
             }
         };
-        for key in args.keys() {
-            if !known.contains(&key.as_str()) {
-                return Err(Error::InvalidInput(format!(
-                    "file.{function} does not take the argument {key:?}; it takes {}",
-                    known.join(", ")
-                )));
-            }
-        }
+        super::check_args("file", function, args, known)?;
         if function == "managed" && args.contains_key("contents") && args.contains_key("source") {
             return Err(Error::InvalidInput(
                 "file.managed: give either contents or source, not both".into(),

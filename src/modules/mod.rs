@@ -144,6 +144,18 @@ pub trait Module: Send + Sync {
     }
 }
 
+/// Rejects an argument `function` does not take, naming the ones it does. Shared by the
+/// built-in modules' `validate`.
+pub fn check_args(module: &str, function: &str, args: &Args, known: &[&str]) -> Result<()> {
+    match args.keys().find(|k| !known.contains(&k.as_str())) {
+        None => Ok(()),
+        Some(key) => Err(Error::InvalidInput(format!(
+            "{module}.{function} does not take the argument {key:?}; it takes {}",
+            known.join(", ")
+        ))),
+    }
+}
+
 /// The modules a run can use, by name.
 #[derive(Clone, Default)]
 pub struct Registry {

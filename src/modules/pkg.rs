@@ -464,14 +464,7 @@ impl Module for Pkg {
                 "pkg.{function} is not a function; pkg has installed, removed, latest"
             )));
         }
-        for key in args.keys() {
-            if !ARGS.contains(&key.as_str()) {
-                return Err(Error::InvalidInput(format!(
-                    "pkg.{function} does not take the argument {key:?}; it takes {}",
-                    ARGS.join(", ")
-                )));
-            }
-        }
+        super::check_args("pkg", function, args, ARGS)?;
         let name = args.get("name").and_then(Value::as_str).unwrap_or("x");
         if !name.contains("${{") {
             wants(args, name)?;

@@ -97,14 +97,7 @@ impl Module for PkgRepo {
                 "pkgrepo.{function} is not a function; pkgrepo has managed, absent"
             )));
         }
-        for key in args.keys() {
-            if !ARGS.contains(&key.as_str()) {
-                return Err(Error::InvalidInput(format!(
-                    "pkgrepo.{function} does not take the argument {key:?}; it takes {}",
-                    ARGS.join(", ")
-                )));
-            }
-        }
+        super::check_args("pkgrepo", function, args, ARGS)?;
         if let Some(f) = args.get("file").and_then(Value::as_str) {
             if !f.contains("${{") && !Path::new(f).is_absolute() {
                 return Err(Error::InvalidInput(format!(
