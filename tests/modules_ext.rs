@@ -472,3 +472,41 @@ fn datastore_source_is_verified_before_it_runs() {
     assert_eq!(call_ext(&good).result, Some(true));
     assert!(side.exists());
 }
+
+/// What `eden apply --local` will use: the built-ins plus `_modules/`, trusting the keys in the
+/// file `EDEN_MODULE_KEYS` names.
+#[test]
+fn local_registry_trusts_the_local_keys_file() {
+    let keys = Keys::new();
+    let work = tempfile::tempdir().unwrap();
+    let side = work.path().join("ran");
+    let (tree, module) = tree_with_module(&side);
+    sign(&module, &keys.key("a"));
+    let keyfile = work.path().join("module-keys");
+    std::fs::write(&keyfile, format!("{}\n", keys.a_pub)).unwrap();
+    // This test process is the only one reading the variable.
+    std::env::set_var("EDEN_MODULE_KEYS", &keyfile);
+    let reg = ext::registry_for_local_tree(tree.path()).unwrap();
+    assert!(reg.get("cmd").is_some() && reg.get("greet").is_some());
+    let args: Args = json!({"name": "x"}).as_object().unwrap().clone();
+    let local = eden::engine::tree::LocalTree::new(tree.path()).unwrap();
+    let call = |reg: &Registry| {
+        reg.get("greet").unwrap().call(&Call {
+            id: "x",
+            function: "hello",
+            args: &args,
+            test: false,
+            tree: &local,
+            changed_watches: &[],
+        })
+    };
+    assert_eq!(call(&reg).unwrap().result, Some(true));
+    assert!(side.exists());
+    std::fs::remove_file(&side).unwrap();
+    // A file that trusts only the other key: refused, not run.
+    std::fs::write(&keyfile, format!("{}\n", keys.b_pub)).unwrap();
+    let reg = ext::registry_for_local_tree(tree.path()).unwrap();
+    let e = call(&reg).unwrap_err().to_string();
+    assert!(e.contains("does not trust"), "{e}");
+    assert!(!side.exists());
+}

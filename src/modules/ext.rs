@@ -577,6 +577,30 @@ pub fn parse_reply(what: &str, stdout: &[u8], stderr: &str) -> Result<Outcome> {
     })
 }
 
+/// Where `eden apply --local` reads the keys it trusts to sign modules, one per line: the file
+/// named by `EDEN_MODULE_KEYS`, else this file if it exists.
+pub const LOCAL_KEYS_FILE: &str = "/etc/eden/module-keys";
+
+/// The trusted keys for a run without a cluster (see [`LOCAL_KEYS_FILE`]). None trusted when
+/// there is no such file: every extension module is then refused, with an error that says why.
+pub fn local_trusted_keys() -> Result<TrustedKeys> {
+    match std::env::var_os("EDEN_MODULE_KEYS") {
+        Some(path) => TrustedKeys::load_file(Path::new(&path)),
+        None if Path::new(LOCAL_KEYS_FILE).exists() => {
+            TrustedKeys::load_file(Path::new(LOCAL_KEYS_FILE))
+        }
+        None => Ok(TrustedKeys::default()),
+    }
+}
+
+/// The registry for `eden apply --local TREE`: the built-in modules plus the tree's
+/// `_modules/`, trusting [`local_trusted_keys`].
+pub fn registry_for_local_tree(tree_root: &Path) -> Result<Registry> {
+    let mut registry = Registry::builtin();
+    register_tree_modules(&mut registry, tree_root, Arc::new(local_trusted_keys()?))?;
+    Ok(registry)
+}
+
 /// Registers every module in a local state tree's `_modules/` directory (`<file>` with its
 /// `<file>.sig`; the module is named after the file without its extension). Nothing is
 /// verified or run here: that happens before every call. Returns the names registered.
