@@ -16,7 +16,7 @@
 //!   directory unless `cwd` is given;
 //! - `timeout` (seconds): the command runs in its own process group, and the whole group is
 //!   killed at the deadline; the step fails;
-//! - `stateful`: the last line of stdout reports changes (see [`stateful`]);
+//! - `stateful`: the last line of stdout reports changes, as in Salt (see `docs/modules/cmd.md`);
 //! - `output_limit` (bytes, default [`OUTPUT_LIMIT`]): at most this much of each of stdout and
 //!   stderr is kept; the comment says when output was cut.
 //!

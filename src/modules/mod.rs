@@ -15,8 +15,14 @@
 //! - **Bad input is an `Err`**, never a panic and never a partial change. The engine turns it
 //!   into a failed step whose comment is the error message.
 //!
-//! Modules never touch the network or the datastore directly; files that travel with the states
-//! come through [`SourceTree`].
+//! Modules never touch the datastore; files that travel with the states come through
+//! [`SourceTree`], and a caller that reads extension modules from the store hands their bytes in
+//! ([`ext::ModuleSource::Datastore`]). Two modules talk to local services: `pkg` and `pkgrepo`
+//! to PackageKit on the system D-Bus. The one network access is [`fetch`], an https GET of an
+//! extension module declared by URL, whose bytes are then checked against their signature.
+//!
+//! The built-ins: [`cmd`], [`file`](mod@file), [`pkg`], [`pkgrepo`], [`test`](mod@test); extension modules are
+//! [`ext`]. Reference pages: `docs/modules/*.md` (also `eden doc MODULE`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
