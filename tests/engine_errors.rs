@@ -73,7 +73,12 @@ fn unknown_module_and_function() {
     let e = error_of(&[("a.sls", "x:\n  nosuch.thing: []\n")], &["a"]);
     assert_has(
         &e,
-        &["a.sls:1:1", "\"x\"", "module \"nosuch\"", "cmd, file, test"],
+        &[
+            "a.sls:1:1",
+            "\"x\"",
+            "module \"nosuch\"",
+            "cmd, file, pkg, pkgrepo, test",
+        ],
     );
     let e = error_of(&[("a.sls", "x:\n  test.frobnicate: []\n")], &["a"]);
     assert_has(

@@ -9,6 +9,8 @@ pub mod apply;
 pub mod bench;
 pub mod cluster;
 pub mod demo;
+pub mod doc;
+pub mod module;
 pub mod plan;
 pub mod serve;
 
@@ -35,6 +37,10 @@ pub enum Command {
     Apply(apply::ApplyArgs),
     /// Print the ordered plan for states without running them.
     Plan(plan::PlanArgs),
+    /// The reference page of a module: arguments, outputs, examples.
+    Doc(doc::DocArgs),
+    /// Signed extension modules: keygen, sign, verify, add.
+    Module(module::ModuleArgs),
     /// Start a 5-node cluster on loopback and show a live failover.
     Demo(demo::DemoArgs),
     /// Inspect the cluster: `eden cluster status`.
@@ -52,5 +58,7 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Apply(args) => apply::run(args),
         Command::Plan(args) => plan::run(args),
         Command::Demo(args) => demo::run(args),
+        Command::Module(args) => module::run(args),
+        Command::Doc(args) => doc::run(args),
     }
 }

@@ -15,8 +15,14 @@
 //! - **Bad input is an `Err`**, never a panic and never a partial change. The engine turns it
 //!   into a failed step whose comment is the error message.
 //!
-//! Modules never touch the network or the datastore directly; files that travel with the states
-//! come through [`SourceTree`].
+//! Modules never touch the datastore; files that travel with the states come through
+//! [`SourceTree`], and a caller that reads extension modules from the store hands their bytes in
+//! ([`ext::ModuleSource::Datastore`]). Two modules talk to local services: `pkg` and `pkgrepo`
+//! to PackageKit on the system D-Bus. The one network access is [`fetch`], an https GET of an
+//! extension module declared by URL, whose bytes are then checked against their signature.
+//!
+//! The built-ins: [`cmd`], [`file`](mod@file), [`pkg`], [`pkgrepo`], [`test`](mod@test); extension modules are
+//! [`ext`]. Reference pages: `docs/modules/*.md` (also `eden doc MODULE`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -27,7 +33,11 @@ use serde_json::{Map, Value};
 use crate::error::{Error, Result};
 
 pub mod cmd;
+pub mod ext;
+pub mod fetch;
 pub mod file;
+pub mod pkg;
+pub mod pkgrepo;
 pub mod test;
 
 /// A step's arguments after rendering, `name` included. Keys are Salt's argument names.
@@ -140,6 +150,18 @@ pub trait Module: Send + Sync {
     }
 }
 
+/// Rejects an argument `function` does not take, naming the ones it does. Shared by the
+/// built-in modules' `validate`.
+pub fn check_args(module: &str, function: &str, args: &Args, known: &[&str]) -> Result<()> {
+    match args.keys().find(|k| !known.contains(&k.as_str())) {
+        None => Ok(()),
+        Some(key) => Err(Error::InvalidInput(format!(
+            "{module}.{function} does not take the argument {key:?}; it takes {}",
+            known.join(", ")
+        ))),
+    }
+}
+
 /// The modules a run can use, by name.
 #[derive(Clone, Default)]
 pub struct Registry {
@@ -153,6 +175,8 @@ impl Registry {
         r.register(Arc::new(test::Test));
         r.register(Arc::new(cmd::Cmd));
         r.register(Arc::new(file::File));
+        r.register(Arc::new(pkg::Pkg::packagekit()));
+        r.register(Arc::new(pkgrepo::PkgRepo::packagekit()));
         r
     }
 
