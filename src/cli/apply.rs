@@ -81,6 +81,16 @@ impl Selection {
     }
 
     /// The tree, context and plan for `--local`.
+    /// The modules a run can call: the built-ins, plus the signed extension modules in the
+    /// tree's `_modules/` for a local run (verified before every call against
+    /// `EDEN_MODULE_KEYS` or /etc/eden/module-keys).
+    pub fn registry(&self) -> Result<Registry> {
+        match (&self.path, self.local) {
+            (Some(path), true) => crate::modules::ext::registry_for_local_tree(path),
+            _ => Ok(Registry::builtin()),
+        }
+    }
+
     pub fn load_local(
         &self,
         registry: &Registry,
@@ -410,7 +420,7 @@ pub fn print_human(
 
 /// Runs `eden apply`. Returns the exit code: 0 when every step succeeded, 1 otherwise.
 pub fn run(args: ApplyArgs) -> Result<i32> {
-    let registry = Registry::builtin();
+    let registry = args.selection.registry()?;
     let json_out = args.selection.json()?;
     let (tree, ctx, plan) = args.selection.load_local(&registry, args.test)?;
     let opts = RunOptions {

@@ -6,7 +6,6 @@ use std::io::Write;
 use super::apply::Selection;
 use crate::engine::Plan;
 use crate::error::Result;
-use crate::modules::Registry;
 
 /// `eden plan` arguments: the same selection as `eden apply`.
 #[derive(clap::Args, Debug)]
@@ -69,7 +68,7 @@ pub fn print_plan(w: &mut dyn Write, node: &str, plan: &Plan) -> std::io::Result
 }
 
 pub fn run(args: PlanArgs) -> Result<i32> {
-    let registry = Registry::builtin();
+    let registry = args.selection.registry()?;
     let json_out = args.selection.json()?;
     let (_tree, ctx, plan) = args.selection.load_local(&registry, false)?;
     let stdout = std::io::stdout();
