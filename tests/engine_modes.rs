@@ -379,3 +379,17 @@ fn genius_never_aggregates_across_a_requisite_chain() {
     );
     let _ = EmptyTree;
 }
+
+#[test]
+fn genius_aggregation_keeps_pinned_versions_and_refresh() {
+    let plan = genius_plan(
+        "nginx:\n  pkg.installed:\n    - version: 1.22.1-9\ncurl:\n  pkg.installed:\n    - refresh: true\n",
+    );
+    let nginx = plan.steps.iter().find(|s| s.id == "nginx").unwrap();
+    assert_eq!(
+        nginx.args["pkgs"],
+        serde_json::json!([{"nginx": "1.22.1-9"}, "curl"])
+    );
+    assert!(nginx.args.get("version").is_none(), "{:?}", nginx.args);
+    assert_eq!(nginx.args["refresh"], serde_json::json!(true));
+}

@@ -101,9 +101,18 @@ fn parent_dirs(path: &str) -> impl Iterator<Item = &str> {
     })
 }
 
+/// The packages a `pkg.installed` step asks for, as `pkgs` entries: a name, or `{name: version}`
+/// when the step pins a version (so aggregation keeps it).
 fn pkg_names(s: &PlanStep) -> Vec<Value> {
-    match s.args.get("pkgs") {
-        Some(Value::Array(a)) => a.clone(),
+    match (s.args.get("pkgs"), s.args.get("version")) {
+        (Some(Value::Array(a)), _) => a.clone(),
+        (_, Some(v)) if !v.is_null() => {
+            let version = v
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| v.to_string());
+            vec![serde_json::json!({ s.name.clone(): version })]
+        }
         _ => vec![Value::String(s.name.clone())],
     }
 }
@@ -231,9 +240,16 @@ pub fn rewrite(plan: &mut Plan) {
                     .unwrap_or_else(|| v.to_string())
             })
             .collect();
-        w.steps[head]
-            .args
-            .insert("pkgs".into(), Value::Array(names));
+        let refresh = g
+            .iter()
+            .any(|&i| w.steps[i].args.get("refresh") == Some(&Value::Bool(true)));
+        let args = &mut w.steps[head].args;
+        args.insert("pkgs".into(), Value::Array(names));
+        // Versions now travel in `pkgs`; one refresh covers the transaction.
+        args.remove("version");
+        if refresh {
+            args.insert("refresh".into(), Value::Bool(true));
+        }
         rewrites.push(Rewrite {
             kind: "pkg-aggregate".into(),
             steps: g.iter().map(|&i| w.steps[i].id.clone()).collect(),
