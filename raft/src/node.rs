@@ -171,7 +171,14 @@ pub struct RaftNode {
 #[derive(Default)]
 struct ForwardRounds {
     running: bool,
-    waiting: Vec<(Command, oneshot::Sender<Result<Applied, Error>>)>,
+    waiting: Vec<Forward>,
+}
+
+/// One write waiting to be forwarded: the command, its caller, and when to give up.
+struct Forward {
+    cmd: Command,
+    reply: oneshot::Sender<Result<Applied, Error>>,
+    deadline: Instant,
 }
 
 /// Marks a refusal because another membership change is in progress (retried).
@@ -444,7 +451,11 @@ impl RaftNode {
         let (tx, rx) = oneshot::channel();
         let start_task = {
             let mut fw = self.forwards.lock().unwrap_or_else(|p| p.into_inner());
-            fw.waiting.push((cmd, tx));
+            fw.waiting.push(Forward {
+                cmd,
+                reply: tx,
+                deadline: Instant::now() + self.request_timeout,
+            });
             !std::mem::replace(&mut fw.running, true)
         };
         if start_task {
@@ -469,7 +480,7 @@ impl RaftNode {
                 let n = fw.waiting.len().min(MAX_FORWARD_BATCH);
                 fw.waiting.drain(..n).collect::<Vec<_>>()
             };
-            let (cmds, replies): (Vec<Command>, Vec<_>) = waiting.into_iter().unzip();
+            let cmds: Vec<Command> = waiting.iter().map(|f| f.cmd.clone()).collect();
             let n = cmds.len();
             let node: &RaftNode = &self;
             let outcome: Result<Vec<Result<Applied, WireError>>, Error> = node
@@ -481,18 +492,26 @@ impl RaftNode {
                     |c| async move { Ok(node.write_many_as_leader(c).await) },
                 )
                 .await;
+            let mut retry = Vec::new();
             match outcome {
                 Ok(results) if results.len() == n => {
-                    for (reply, r) in replies.into_iter().zip(results) {
-                        let r = match r {
+                    for (f, r) in waiting.into_iter().zip(results) {
+                        match r {
                             // Leadership moved while this entry was proposed: it was not
-                            // applied. etcd answers the same situation so, and clients retry.
-                            Err(WireError::NotLeader(_)) => {
-                                Err(Error::Unavailable("leader changed".into()))
+                            // applied, so it goes to the next round (and the new leader),
+                            // until its deadline; then the caller hears what etcd says.
+                            Err(WireError::NotLeader(_)) if Instant::now() < f.deadline => {
+                                retry.push(f)
                             }
-                            other => other.map_err(Error::from),
-                        };
-                        let _ = reply.send(r);
+                            Err(WireError::NotLeader(_)) => {
+                                let _ = f
+                                    .reply
+                                    .send(Err(Error::Unavailable("leader changed".into())));
+                            }
+                            other => {
+                                let _ = f.reply.send(other.map_err(Error::from));
+                            }
+                        }
                     }
                 }
                 Ok(results) => {
@@ -500,15 +519,21 @@ impl RaftNode {
                         "the leader answered {} of {n} forwarded writes",
                         results.len()
                     ));
-                    for reply in replies {
-                        let _ = reply.send(Err(e.clone()));
+                    for f in waiting {
+                        let _ = f.reply.send(Err(e.clone()));
                     }
                 }
                 Err(e) => {
-                    for reply in replies {
-                        let _ = reply.send(Err(e.clone()));
+                    for f in waiting {
+                        let _ = f.reply.send(Err(e.clone()));
                     }
                 }
+            }
+            if !retry.is_empty() {
+                tokio::time::sleep(RETRY_PAUSE).await;
+                let mut fw = self.forwards.lock().unwrap_or_else(|p| p.into_inner());
+                retry.append(&mut fw.waiting);
+                fw.waiting = retry;
             }
         }
     }
