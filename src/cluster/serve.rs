@@ -344,6 +344,14 @@ async fn start(
         member_peers(&node),
         GossipConfig::default(),
     )?;
+    // The leader's failed appends are evidence for gossip too.
+    let weak = Arc::downgrade(&gossip);
+    node.peer_pool()
+        .on_raft_failure(Arc::new(move |addr: &str| {
+            if let Some(g) = weak.upgrade() {
+                g.report_unreachable(addr);
+            }
+        }));
     let service = Arc::new(JoinService {
         gossip: gossip.clone(),
         etcd: etcd.clone(),

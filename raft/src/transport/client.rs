@@ -56,7 +56,13 @@ pub enum CallError {
 pub struct PeerPool {
     connector: TlsConnector,
     conns: Mutex<HashMap<String, SendRequest<Full<Bytes>>>>,
+    /// Told the peer address whenever a Raft RPC finds a peer unreachable or times out: the
+    /// failure detector takes it as evidence (see [`PeerPool::on_raft_failure`]).
+    raft_failure: Mutex<Option<RaftFailureHook>>,
 }
+
+/// See [`PeerPool::on_raft_failure`].
+pub type RaftFailureHook = Arc<dyn Fn(&str) + Send + Sync>;
 
 impl PeerPool {
     /// A pool that dials peers with `tls` (a client config with this node's certificate and the
@@ -67,6 +73,24 @@ impl PeerPool {
         PeerPool {
             connector: TlsConnector::from(Arc::new(config)),
             conns: Mutex::new(HashMap::new()),
+            raft_failure: Mutex::new(None),
+        }
+    }
+
+    /// Calls `hook(peer_addr)` each time a Raft RPC (append, vote, snapshot) to that peer is
+    /// unreachable or times out. Replaces any earlier hook.
+    pub fn on_raft_failure(&self, hook: RaftFailureHook) {
+        *self.raft_failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(hook);
+    }
+
+    fn raft_failed(&self, addr: &str) {
+        let hook = self
+            .raft_failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(hook) = hook {
+            hook(addr);
         }
     }
 
@@ -280,15 +304,19 @@ impl PeerNetwork {
                 remote,
             ))),
             Err(e @ CallError::Unreachable { .. }) => {
+                self.pool.raft_failed(&self.node.peer_addr);
                 Err(RPCError::Unreachable(Unreachable::new(&e)))
             }
-            Err(CallError::Timeout { timeout, .. }) => Err(RPCError::Timeout(Timeout {
-                action,
-                // The local id is not known here; openraft only displays it.
-                id: self.target,
-                target: self.target,
-                timeout,
-            })),
+            Err(CallError::Timeout { timeout, .. }) => {
+                self.pool.raft_failed(&self.node.peer_addr);
+                Err(RPCError::Timeout(Timeout {
+                    action,
+                    // The local id is not known here; openraft only displays it.
+                    id: self.target,
+                    target: self.target,
+                    timeout,
+                }))
+            }
             Err(e) => Err(RPCError::Network(NetworkError::new(&e))),
         }
     }
