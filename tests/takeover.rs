@@ -430,3 +430,27 @@ async fn cluster_recover_rebuilds_a_one_voter_cluster_from_a_survivor() {
     assert_eq!(voters, [ids[survivor]]);
     assert!(learners.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lowering_the_voter_target_at_runtime_turns_voters_into_standbys() {
+    let root = tempfile::tempdir().unwrap();
+    let nodes = three_nodes(root.path(), &[]).await;
+    let ep = nodes[0].endpoint();
+    wait_shape(&ep, 3, 0, &[]).await;
+    put_retrying(
+        &ep,
+        "/eden/cluster/config",
+        r#"{"voters": 1, "standbys": 2, "failover_after_ms": 3000}"#,
+    )
+    .await;
+    wait_shape(&ep, 1, 2, &[]).await;
+    // Back to three: the standbys are promoted again.
+    put_retrying(&ep, "/eden/cluster/config", r#"{"voters": 3}"#).await;
+    wait_shape(&ep, 3, 0, &[]).await;
+    put_retrying(&ep, "after", "ok").await;
+    let texts = events(&ep).await;
+    assert!(
+        texts.iter().filter(|t| t.contains("\"demote\"")).count() == 2,
+        "{texts:#?}"
+    );
+}

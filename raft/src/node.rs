@@ -53,6 +53,8 @@ pub enum MembershipChange {
     AddLearner { id: NodeId, info: NodeInfo },
     /// Make a learner a voter.
     Promote { id: NodeId },
+    /// Make a voter a learner (it stays in the cluster, caught up).
+    Demote { id: NodeId },
     /// Remove a voter or a learner from the cluster.
     Remove { id: NodeId },
     /// Replace the voter set (every id must already be a member).
@@ -685,6 +687,12 @@ impl RaftNode {
             .await
     }
 
+    /// Makes voter `id` a learner.
+    pub async fn demote(&self, id: NodeId) -> Result<(), Error> {
+        self.change_membership(MembershipChange::Demote { id })
+            .await
+    }
+
     /// Removes `id` (voter or learner) from the cluster.
     pub async fn remove(&self, id: NodeId) -> Result<(), Error> {
         self.change_membership(MembershipChange::Remove { id })
@@ -732,6 +740,11 @@ impl RaftNode {
             MembershipChange::Promote { id } => {
                 self.raft
                     .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+                    .await
+            }
+            MembershipChange::Demote { id } => {
+                self.raft
+                    .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), true)
                     .await
             }
             MembershipChange::Remove { id } => {

@@ -12,7 +12,9 @@
 //!    more, so the new voter joins while the old quorum still holds.)
 //! 2. A voter dead for `failover_after` and more voters than desired: remove the dead voter.
 //! 3. Fewer voters than desired and a healthy, caught-up standby: promote it.
-//! 4. A standby dead for `failover_after`: remove it (its place goes to a live node).
+//! 4. More live voters than wanted (the config was lowered): demote the most lagging
+//!    non-leader voter to a standby.
+//! 5. A standby dead for `failover_after`: remove it (its place goes to a live node).
 //!
 //! It never removes a voter while that would leave fewer voters than desired, and never
 //! targets two voters (a cluster of two is less available than one). Every change is recorded
@@ -303,6 +305,12 @@ pub enum Decision {
         name: String,
         reason: String,
     },
+    /// A live voter becomes a standby: the config asks for fewer voters.
+    Demote {
+        id: NodeId,
+        name: String,
+        reason: String,
+    },
 }
 
 /// What one tick sees: the inputs of [`decide`].
@@ -381,6 +389,26 @@ pub fn decide(view: &View, config: &ClusterConfig) -> Option<Decision> {
             });
         }
     }
+    // More live voters than wanted (the config asks for fewer): the most lagging non-leader
+    // voter becomes a standby. Never while a voter is dead: replacing it comes first.
+    if view.voters.len() > want && !view.voters.keys().any(|id| view.dead_for.contains_key(id)) {
+        if let Some((id, info)) = view
+            .voters
+            .iter()
+            .filter(|(id, _)| **id != view.leader)
+            .max_by_key(|(id, _)| (lag(id), **id))
+        {
+            return Some(Decision::Demote {
+                id: *id,
+                name: name(info),
+                reason: format!(
+                    "{} voters, {want} wanted; {} becomes a standby",
+                    view.voters.len(),
+                    info.name
+                ),
+            });
+        }
+    }
     if let Some((id, info)) = view.learners.iter().find(|(id, _)| dead(id)) {
         return Some(Decision::Remove {
             id: *id,
@@ -442,6 +470,7 @@ pub async fn run(node: Arc<RaftNode>, health: Arc<dyn Health>) {
         let result = match &decision {
             Decision::Promote { id, .. } => node.promote(*id).await,
             Decision::Remove { id, .. } => node.remove(*id).await,
+            Decision::Demote { id, .. } => node.demote(*id).await,
         };
         if let (Decision::Remove { id, .. }, Ok(())) = (&decision, &result) {
             health.forget(*id);
@@ -568,6 +597,32 @@ mod tests {
         assert_eq!(decide(&v, &config), None);
         // At the target: nothing.
         assert_eq!(decide(&view(&[1, 2, 3], &[4]), &config), None);
+    }
+
+    #[test]
+    fn a_lower_voter_target_demotes_voters_one_at_a_time_but_never_the_leader() {
+        let config = ClusterConfig {
+            voters: 1,
+            ..ClusterConfig::default()
+        };
+        let mut v = view(&[1, 2, 3], &[]);
+        v.lag.insert(3, 7);
+        assert!(matches!(
+            decide(&v, &config),
+            Some(Decision::Demote { id: 3, .. })
+        ));
+        assert!(matches!(
+            decide(&view(&[1, 2], &[3]), &config),
+            Some(Decision::Demote { id: 2, .. })
+        ));
+        assert_eq!(decide(&view(&[1], &[2, 3]), &config), None);
+        // With a dead voter, replacing it comes before any demotion.
+        let mut v = view(&[1, 2, 3], &[4]);
+        v.dead_for.insert(2, DEAD);
+        assert!(!matches!(
+            decide(&v, &ClusterConfig::default()),
+            Some(Decision::Demote { .. })
+        ));
     }
 
     #[test]
