@@ -439,15 +439,21 @@ async fn seed_gossip(node: Arc<RaftNode>, gossip: Arc<Gossip>) {
     }
 }
 
-/// After a restart: asks a member, every few seconds, to admit this node again. For a node that
-/// is still a member this changes nothing; a node the role controller removed while it was down
-/// comes back as a standby, with its intact log and its id (a node whose data was wiped has no
-/// id and must `--join` again, so ids are never reused).
+/// After a restart: asks a member, every few seconds for the first minute, to admit this node
+/// again. For a node that is still a member this changes nothing; a node the role controller
+/// removed while it was down comes back as a standby, with its intact log and its id (a node
+/// whose data was wiped has no id and must `--join` again, so ids are never reused). It stops
+/// after that minute, so a node an operator removes while it runs stays out.
 async fn rejoin(node: Arc<RaftNode>, tls: Arc<rustls::ClientConfig>, req: AdmitRequest) {
     let mut tick = tokio::time::interval(Duration::from_secs(3));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let until = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut admitted = false;
     loop {
         tick.tick().await;
+        if admitted && tokio::time::Instant::now() > until {
+            return;
+        }
         let m = node.metrics();
         let peers: Vec<String> = m
             .voters
@@ -466,7 +472,10 @@ async fn rejoin(node: Arc<RaftNode>, tls: Arc<rustls::ClientConfig>, req: AdmitR
             )
             .await;
             match r {
-                Ok(_) => break,
+                Ok(_) => {
+                    admitted = true;
+                    break;
+                }
                 Err(e) => tracing::debug!(%peer, "asking to be admitted again: {e}"),
             }
         }
