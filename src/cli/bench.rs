@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::Channel;
 
 use crate::error::{Error, Result};
 use crate::etcd::pb::etcdserverpb as pb;
@@ -121,44 +121,24 @@ async fn channels(args: &BenchArgs) -> Result<Vec<Channel>> {
     }
     let tls = match &args.cacert {
         None => None,
-        Some(ca) => {
-            let read = |p: &PathBuf| {
-                std::fs::read(p)
-                    .map_err(|e| Error::InvalidInput(format!("cannot read {}: {e}", p.display())))
-            };
-            let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca)?));
-            if let (Some(cert), Some(key)) = (&args.cert, &args.key) {
-                tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
-            }
-            Some(tls)
-        }
+        Some(ca) => Some(super::client::tls(
+            ca,
+            args.cert.as_deref().zip(args.key.as_deref()),
+        )?),
     };
     let mut out = Vec::new();
     for i in 0..args.conns {
         let raw = &args.endpoints[(i as usize) % args.endpoints.len()];
-        let url = if raw.contains("://") {
-            raw.clone()
-        } else if tls.is_some() {
-            format!("https://{raw}")
-        } else {
-            format!("http://{raw}")
-        };
-        let mut endpoint = Endpoint::from_shared(url.clone())
-            .map_err(|e| Error::InvalidInput(format!("bad endpoint {raw:?}: {e}")))?
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(30))
-            .tcp_nodelay(true);
-        if let Some(tls) = &tls {
-            endpoint = endpoint
-                .tls_config(tls.clone())
-                .map_err(|e| Error::InvalidInput(format!("TLS for {url}: {e}")))?;
-        }
-        let ch = endpoint.connect().await.map_err(|e| {
-            Error::Unavailable(format!(
-                "cannot connect to {url}: {e}; is an etcd v3 server listening there?"
-            ))
-        })?;
-        out.push(ch);
+        let url = super::client::url(raw, tls.is_some());
+        out.push(
+            super::client::connect(
+                &url,
+                tls.as_ref(),
+                Duration::from_secs(5),
+                Duration::from_secs(30),
+            )
+            .await?,
+        );
     }
     Ok(out)
 }

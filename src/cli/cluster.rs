@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use serde::Serialize;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Channel, ClientTlsConfig};
 
 use crate::cluster::controller::{HealthReport, HealthState, HEALTH_KEY};
 use crate::error::{Error, Result};
@@ -208,11 +208,10 @@ impl Connector {
                     "{endpoint} is https: give --cacert (and --cert/--key)"
                 ))
             })?;
-            let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(&ca)?));
-            if let (Some(c), Some(k)) = (cert, key) {
-                tls = tls.identity(Identity::from_pem(read(&c)?, read(&k)?));
-            }
-            Some(tls)
+            Some(super::client::tls(
+                &ca,
+                cert.as_deref().zip(key.as_deref()),
+            )?)
         } else {
             None
         };
@@ -222,26 +221,17 @@ impl Connector {
     /// A member's URL with the scheme this CLI was given (a member reports https always).
     fn member_url(&self, client_url: &str) -> String {
         let hostport = client_url.split("://").last().unwrap_or(client_url);
-        if self.tls.is_some() {
-            format!("https://{hostport}")
-        } else {
-            format!("http://{hostport}")
-        }
+        super::client::url(hostport, self.tls.is_some())
     }
 
     async fn channel(&self, url: &str) -> Result<Channel> {
-        let mut ep = Endpoint::from_shared(url.to_string())
-            .map_err(|e| Error::InvalidInput(format!("bad endpoint {url:?}: {e}")))?
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(5));
-        if let Some(tls) = &self.tls {
-            ep = ep
-                .tls_config(tls.clone())
-                .map_err(|e| Error::InvalidInput(format!("TLS for {url}: {e}")))?;
-        }
-        ep.connect()
-            .await
-            .map_err(|e| Error::Unavailable(format!("cannot reach {url}: {e}")))
+        super::client::connect(
+            url,
+            self.tls.as_ref(),
+            Duration::from_secs(2),
+            Duration::from_secs(5),
+        )
+        .await
     }
 }
 

@@ -65,13 +65,14 @@ fn free_addr() -> Result<String> {
 }
 
 async fn channel(endpoint: &str) -> Option<Channel> {
-    Channel::from_shared(endpoint.to_string())
-        .ok()?
-        .connect_timeout(Duration::from_millis(500))
-        .timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .ok()
+    super::client::connect(
+        endpoint,
+        None,
+        Duration::from_millis(500),
+        Duration::from_secs(5),
+    )
+    .await
+    .ok()
 }
 
 async fn status(endpoint: &str) -> Option<pb::StatusResponse> {

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 pub mod apply;
 pub mod bench;
+pub mod client;
 pub mod cluster;
 pub mod demo;
 pub mod doc;

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::Channel;
 
 use crate::error::{Error, Result};
 use crate::etcd::pb::etcdserverpb as pb;
@@ -266,40 +266,28 @@ async fn connect(store: &StoreArgs) -> Result<Kv> {
         .as_deref()
         .unwrap_or("https://127.0.0.1:2379");
     let raw = raw.split(',').next().unwrap_or(raw);
-    let url = if raw.contains("://") {
-        raw.to_string()
-    } else if store.creds.is_some() {
-        format!("https://{raw}")
-    } else {
-        format!("http://{raw}")
-    };
-    let mut endpoint = Endpoint::from_shared(url.clone())
-        .map_err(|e| Error::InvalidInput(format!("bad endpoint {raw:?}: {e}")))?
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(30));
-    if url.starts_with("https://") {
+    let url = super::client::url(raw, store.creds.is_some());
+    let tls = if url.starts_with("https://") {
         let dir = store.creds.as_ref().ok_or_else(|| {
             Error::InvalidInput(format!(
                 "{url} needs client credentials: give --creds DIR (with ca.crt, admin.crt, \
                  admin.key) or set EDEN_CREDS"
             ))
         })?;
-        let read = |f: &str| {
-            std::fs::read(dir.join(f))
-                .map_err(|e| Error::NotFound(format!("cannot read {}: {e}", dir.join(f).display())))
-        };
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(read("ca.crt")?))
-            .identity(Identity::from_pem(read("admin.crt")?, read("admin.key")?));
-        endpoint = endpoint
-            .tls_config(tls)
-            .map_err(|e| Error::InvalidInput(format!("TLS for {url}: {e}")))?;
-    }
-    let ch = endpoint.connect().await.map_err(|e| {
-        Error::Unavailable(format!(
-            "cannot connect to {url}: {e}; is an eden (or etcd) node listening there?"
-        ))
-    })?;
+        Some(super::client::tls(
+            &dir.join("ca.crt"),
+            Some((&dir.join("admin.crt"), &dir.join("admin.key"))),
+        )?)
+    } else {
+        None
+    };
+    let ch = super::client::connect(
+        &url,
+        tls.as_ref(),
+        Duration::from_secs(5),
+        Duration::from_secs(30),
+    )
+    .await?;
     Ok(pb::kv_client::KvClient::new(ch))
 }
 
