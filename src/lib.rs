@@ -4,7 +4,7 @@
 //!
 //! - [`cli`]: clap commands; talks to the cluster only through the etcd API.
 //! - `agent` (to come): per-node loop that watches assignments and runs the engine.
-//! - [`cluster`]: PKI, data dir, join, `eden serve`; gossip and the role controller to come.
+//! - [`cluster`]: PKI, data dir, join, `eden serve`, SWIM gossip and the role controller.
 //! - [`etcd`]: the etcd v3 gRPC services and JSON gateway over `eden_raft`.
 //! - [`engine`]: the state language: render, parse, graph, order, run. Pure; no network, no store.
 //! - [`modules`]: `cmd`, `file`, `pkg`, `pkgrepo`, `test`, external: what changes a server.

@@ -32,9 +32,9 @@ pub struct Cli {
 #[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Run a node: the datastore (if eligible) and the agent.
+    /// Run a node: a voter or standby of the datastore, serving the etcd API.
     Serve(serve::ServeArgs),
-    /// Apply states to targeted nodes, or to this machine with --local.
+    /// Apply states to this machine (--local); cluster runs need agents (not built yet).
     Apply(apply::ApplyArgs),
     /// Print the ordered plan for states without running them.
     Plan(plan::PlanArgs),
@@ -44,7 +44,7 @@ pub enum Command {
     Module(module::ModuleArgs),
     /// Start a 5-node cluster on loopback and show a live failover.
     Demo(demo::DemoArgs),
-    /// Inspect the cluster: `eden cluster status`.
+    /// Inspect and repair the cluster: `status`, `recover`.
     Cluster(cluster::ClusterArgs),
     /// Load an etcd v3 endpoint (eden or etcd) and report throughput and latency.
     Bench(bench::BenchArgs),

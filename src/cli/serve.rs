@@ -43,7 +43,7 @@ pub struct ServeArgs {
     /// The join token (eden1:<CA sha256>:<secret>) from `eden serve --init`.
     #[arg(long, env = "EDEN_JOIN_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
-    /// auto: may hold the datastore (voter or standby); never: agent only.
+    /// auto: may hold the datastore (voter or standby); never: agent only (not built yet).
     #[arg(long, value_name = "auto|never")]
     pub datastore: Option<String>,
     /// Labels for targeting, k=v,k=v.

@@ -7,7 +7,7 @@
 //! - [`serve`]: `eden serve`: init, join or restart, then run Raft, the peer server and the
 //!   etcd API until shutdown.
 //! - [`controller`]: the role controller (promotes standbys, replaces dead voters) and the
-//!   member prober it reads health from.
+//!   leader's member prober; it reads health from both.
 
 pub mod controller;
 pub mod datadir;

@@ -191,7 +191,7 @@ async fn prepare(
     };
     if !datastore {
         return Err(Error::Unavailable(
-            "--datastore never (agent-only nodes) needs the role controller, which this build \
+            "--datastore never (agent-only nodes) needs the agent runtime, which this build \
              does not have yet; start the node with --datastore auto"
                 .into(),
         ));
