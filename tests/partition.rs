@@ -7,6 +7,7 @@
 //!
 //! Needs root (to create namespaces), as `scripts/test` and CI run.
 
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -224,19 +225,18 @@ impl Client {
     }
 }
 
-async fn eventually<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+/// Waits up to 60 s for `f` to give a value; on failure, prints the nodes' logs from `logs`.
+async fn eventually<T>(logs: &Path, what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Some(v) = f().await {
             return v;
         }
         if Instant::now() >= deadline {
-            if let Ok(dir) = std::env::var("EDEN_TEST_LOGS") {
-                for i in 1..=4 {
-                    let log =
-                        std::fs::read_to_string(format!("{dir}/n{i}.log")).unwrap_or_default();
-                    eprintln!("---- n{i}.log\n{log}");
-                }
+            for i in 1..=4 {
+                let log =
+                    std::fs::read_to_string(logs.join(format!("n{i}.log"))).unwrap_or_default();
+                eprintln!("---- n{i}.log\n{log}");
             }
         }
         assert!(Instant::now() < deadline, "{what}: not within 60 s");
@@ -253,11 +253,9 @@ async fn an_isolated_leader_serves_nothing_linearizable_and_the_majority_replace
     );
     let net = Net::new(4);
     let root = tempfile::tempdir().unwrap();
-    // SAFETY: set before any other thread of this test reads the environment.
-    unsafe { std::env::set_var("EDEN_TEST_LOGS", root.path()) };
     let mut procs = vec![serve(&net, root.path(), 1, None)];
     let token_file = root.path().join("n1/admin/join-token");
-    let token = eventually("n1 writes its join token", async || {
+    let token = eventually(root.path(), "n1 writes its join token", async || {
         std::fs::read_to_string(&token_file).ok()
     })
     .await;
@@ -265,10 +263,13 @@ async fn an_isolated_leader_serves_nothing_linearizable_and_the_majority_replace
     for i in 2..=4 {
         procs.push(serve(&net, root.path(), i, Some(token.trim())));
         let addr = net.client_addr(i);
-        eventually("a joined node serves", async || client.status(&addr).await).await;
+        eventually(root.path(), "a joined node serves", async || {
+            client.status(&addr).await
+        })
+        .await;
     }
     let c1 = net.client_addr(1);
-    eventually("3 voters and 1 standby", async || {
+    eventually(root.path(), "3 voters and 1 standby", async || {
         let (v, l) = client.shape(&c1).await?;
         (v.len() == 3 && l.len() == 1).then_some(())
     })
@@ -291,10 +292,14 @@ async fn an_isolated_leader_serves_nothing_linearizable_and_the_majority_replace
 
     // The majority elects a leader, promotes the standby and removes the isolated voter.
     let started = Instant::now();
-    eventually("the majority replaces the isolated voter", async || {
-        let (v, l) = client.shape(&majority).await?;
-        (v.len() == 3 && l.is_empty() && !v.contains(&leader)).then_some(())
-    })
+    eventually(
+        root.path(),
+        "the majority replaces the isolated voter",
+        async || {
+            let (v, l) = client.shape(&majority).await?;
+            (v.len() == 3 && l.is_empty() && !v.contains(&leader)).then_some(())
+        },
+    )
     .await;
     eprintln!("isolated voter replaced after {:?}", started.elapsed());
     client.put(&majority, "after").await.unwrap();
