@@ -174,9 +174,14 @@ impl Backend {
     }
 
     /// Runs a lease clock request on the leader: here if this node leads, else over the peer
-    /// link. Both sides first confirm leadership with a linearizable read.
+    /// link. Whichever node answers first confirms its leadership with a linearizable read.
     async fn on_leader(&self, path: &str, id: st::LeaseId) -> Result<i64, ApiError> {
-        self.node.linearizable_read().await?;
+        // A follower that knows the leader forwards at once (the leader confirms its own
+        // leadership); otherwise a linearizable read waits for a leader, or confirms this one.
+        let forward_now = matches!(self.node.leader(), Some((l, _)) if l != self.node.id());
+        if !forward_now {
+            self.node.linearizable_read().await?;
+        }
         let leader = match self.node.leader() {
             Some((leader, _)) if leader == self.node.id() => None,
             Some((_, info)) => Some(info.peer_addr),
@@ -251,6 +256,10 @@ impl Backend {
         r: pb::LeaseTimeToLiveRequest,
     ) -> Result<pb::LeaseTimeToLiveResponse, ApiError> {
         let remaining = self.on_leader(REMAINING_PATH, r.id).await?;
+        if !self.node.is_leader() {
+            // The granted TTL and the keys come from this replica: bring it up to date.
+            self.node.linearizable_read().await?;
+        }
         let header = self.header_now();
         Ok(match self.node.store().lease(r.id) {
             // etcd answers an unknown lease with TTL -1, not an error.
