@@ -170,31 +170,35 @@ pub fn txn_from_pb(t: pb::TxnRequest) -> Result<st::TxnRequest, ApiError> {
     })
 }
 
+/// The response bodies, with the header the caller decides (top level or inside a txn).
+fn range_to_pb(r: st::RangeResponse, header: Option<pb::ResponseHeader>) -> pb::RangeResponse {
+    pb::RangeResponse {
+        header,
+        kvs: r.kvs.into_iter().map(kv_to_pb).collect(),
+        more: r.more,
+        count: r.count,
+    }
+}
+
+fn put_to_pb(r: st::PutResponse, header: Option<pb::ResponseHeader>) -> pb::PutResponse {
+    pb::PutResponse {
+        header,
+        prev_kv: r.prev_kv.map(kv_to_pb),
+    }
+}
+
+fn delete_to_pb(
+    r: st::DeleteRangeResponse,
+    header: Option<pb::ResponseHeader>,
+) -> pb::DeleteRangeResponse {
+    pb::DeleteRangeResponse {
+        header,
+        deleted: r.deleted,
+        prev_kvs: r.prev_kvs.into_iter().map(kv_to_pb).collect(),
+    }
+}
+
 impl Backend {
-    fn range_to_pb(&self, r: st::RangeResponse, revision: i64) -> pb::RangeResponse {
-        pb::RangeResponse {
-            header: self.header(revision),
-            kvs: r.kvs.into_iter().map(kv_to_pb).collect(),
-            more: r.more,
-            count: r.count,
-        }
-    }
-
-    fn put_to_pb(&self, r: st::PutResponse, revision: i64) -> pb::PutResponse {
-        pb::PutResponse {
-            header: self.header(revision),
-            prev_kv: r.prev_kv.map(kv_to_pb),
-        }
-    }
-
-    fn delete_to_pb(&self, r: st::DeleteRangeResponse, revision: i64) -> pb::DeleteRangeResponse {
-        pb::DeleteRangeResponse {
-            header: self.header(revision),
-            deleted: r.deleted,
-            prev_kvs: r.prev_kvs.into_iter().map(kv_to_pb).collect(),
-        }
-    }
-
     fn txn_to_pb(&self, r: st::TxnResponse, revision: i64) -> pb::TxnResponse {
         // etcd fills only `revision` in the headers of the ops inside a txn, and leaves a
         // nested txn's own header empty. A range sees the txn's writes so far: it reports the
@@ -216,13 +220,13 @@ impl Backend {
         let store = self.node.store();
         let revision = store.revision();
         let resp = store.range(&range_from_pb(r))?;
-        Ok(self.range_to_pb(resp, revision))
+        Ok(range_to_pb(resp, self.header(revision)))
     }
 
     pub async fn put(&self, p: pb::PutRequest) -> Result<pb::PutResponse, ApiError> {
         let applied = self.node.write(st::Command::Put(put_from_pb(p))).await?;
         match applied.response {
-            st::CommandResponse::Put(r) => Ok(self.put_to_pb(r, applied.revision)),
+            st::CommandResponse::Put(r) => Ok(put_to_pb(r, self.header(applied.revision))),
             other => Err(unexpected("put", &other)),
         }
     }
@@ -239,7 +243,9 @@ impl Backend {
             .write(st::Command::DeleteRange(delete_from_pb(d)))
             .await?;
         match applied.response {
-            st::CommandResponse::DeleteRange(r) => Ok(self.delete_to_pb(r, applied.revision)),
+            st::CommandResponse::DeleteRange(r) => {
+                Ok(delete_to_pb(r, self.header(applied.revision)))
+            }
             other => Err(unexpected("delete", &other)),
         }
     }
@@ -307,26 +313,14 @@ impl InnerRevision {
         let mut responses = Vec::with_capacity(r.responses.len());
         for op in r.responses {
             let response = match op {
-                st::ResponseOp::Range(x) => R::ResponseRange(pb::RangeResponse {
-                    header: self.header(),
-                    kvs: x.kvs.into_iter().map(kv_to_pb).collect(),
-                    more: x.more,
-                    count: x.count,
-                }),
+                st::ResponseOp::Range(x) => R::ResponseRange(range_to_pb(x, self.header())),
                 st::ResponseOp::Put(x) => {
                     self.wrote = true;
-                    R::ResponsePut(pb::PutResponse {
-                        header: self.header(),
-                        prev_kv: x.prev_kv.map(kv_to_pb),
-                    })
+                    R::ResponsePut(put_to_pb(x, self.header()))
                 }
                 st::ResponseOp::DeleteRange(x) => {
                     self.wrote |= x.deleted > 0;
-                    R::ResponseDeleteRange(pb::DeleteRangeResponse {
-                        header: self.header(),
-                        deleted: x.deleted,
-                        prev_kvs: x.prev_kvs.into_iter().map(kv_to_pb).collect(),
-                    })
+                    R::ResponseDeleteRange(delete_to_pb(x, self.header()))
                 }
                 st::ResponseOp::Txn(x) => R::ResponseTxn(self.txn(x)),
             };
