@@ -291,7 +291,9 @@ def run(lines):
         render_txn(out, "  ", r)
         return out
     if head == "compact":
-        r = call("/v3/kv/compaction", {"revision": int(a.pos(1))})
+        # physical: etcd answers only after the compaction has run, so what later lines read
+        # does not depend on how fast its background compactor is (the store compacts at once).
+        r = call("/v3/kv/compaction", {"revision": int(a.pos(1)), "physical": True})
         return ["err: " + r["error"]] if "error" in r else ["rev=%d" % header_rev(r)]
     if head == "grant":
         r = call("/v3/lease/grant", {"ID": int(a.pos(1)), "TTL": int(a.pos(2))})
