@@ -22,6 +22,7 @@ use std::sync::Arc;
 use serde_json::Value;
 
 pub mod compile;
+pub mod coord;
 pub mod genius;
 pub mod refs;
 pub mod render;
@@ -30,6 +31,7 @@ pub mod sls;
 pub mod tree;
 
 pub use compile::{Mode, Plan, PlanStep, Rewrite};
+pub use coord::{Admission, Coordinator};
 pub use render::{Context, NodeInfo};
 pub use run::{Observer, Quiet, RunOptions, StepResult};
 
