@@ -3,7 +3,7 @@
 //! Crate map (dependencies point down this list, never up):
 //!
 //! - [`cli`]: clap commands; talks to the cluster only through the etcd API.
-//! - `agent` (to come): per-node loop that watches assignments and runs the engine.
+//! - [`agent`]: per-node loop that watches assignments and runs the engine; the run controller.
 //! - [`cluster`]: PKI, data dir, join, `eden serve`, SWIM gossip and the role controller.
 //! - [`etcd`]: the etcd v3 gRPC services and JSON gateway over `eden_raft`.
 //! - [`engine`]: the state language: render, parse, graph, order, run. Pure; no network, no store.
@@ -12,9 +12,11 @@
 //!
 //! Below this crate: `eden_raft` (openraft on sled) and `eden_storage` (the MVCC keyspace).
 
+pub mod agent;
 pub mod cli;
 pub mod cluster;
 pub mod engine;
 pub mod error;
 pub mod etcd;
 pub mod modules;
+pub mod sources;

@@ -63,6 +63,15 @@ pub struct ApplyArgs {
     /// The most steps running at once in justdoit and genius modes.
     #[arg(long, default_value_t = 8)]
     pub jobs: usize,
+    /// Cluster runs: list the nodes --target selects, and run nothing.
+    #[arg(long)]
+    pub dry_targets: bool,
+    /// Cluster runs: seconds a step may wait for another node (cross-node values, sync,
+    /// serialize).
+    #[arg(long, default_value_t = 300)]
+    pub wait_secs: u64,
+    #[command(flatten)]
+    pub remote: super::runs::RemoteArgs,
 }
 
 impl Selection {
@@ -97,9 +106,8 @@ impl Selection {
         test: bool,
     ) -> Result<(Arc<LocalTree>, Context, Plan)> {
         if !self.local {
-            return Err(Error::Unavailable(
-                "applying through the cluster needs the agent layer, which is not built yet; \
-                 use --local to apply to this machine"
+            return Err(Error::InvalidInput(
+                "this works on a local state tree: add --local (cluster runs plan on each node)"
                     .into(),
             ));
         }
@@ -219,7 +227,7 @@ pub fn load_vars(tree: &LocalTree, name: &str, extra: &[PathBuf]) -> Result<Valu
     Ok(vars)
 }
 
-fn merge_deep(into: &mut Value, from: Value) {
+pub fn merge_deep(into: &mut Value, from: Value) {
     match (into, from) {
         (Value::Object(a), Value::Object(b)) => {
             for (k, v) in b {
@@ -420,6 +428,9 @@ pub fn print_human(
 
 /// Runs `eden apply`. Returns the exit code: 0 when every step succeeded, 1 otherwise.
 pub fn run(args: ApplyArgs) -> Result<i32> {
+    if !args.selection.local {
+        return super::runs::apply_cluster(&args);
+    }
     let registry = args.selection.registry()?;
     let json_out = args.selection.json()?;
     let (tree, ctx, plan) = args.selection.load_local(&registry, args.test)?;

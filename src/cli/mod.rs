@@ -13,6 +13,7 @@ pub mod demo;
 pub mod doc;
 pub mod module;
 pub mod plan;
+pub mod runs;
 pub mod serve;
 
 use crate::error::Result;
@@ -34,8 +35,16 @@ pub struct Cli {
 pub enum Command {
     /// Run a node: a voter or standby of the datastore, serving the etcd API.
     Serve(serve::ServeArgs),
-    /// Apply states to this machine (--local); cluster runs need agents (not built yet).
+    /// Apply states to the nodes --target selects (or to this machine with --local).
     Apply(apply::ApplyArgs),
+    /// Run one module function on the targeted nodes (like `salt '*' cmd.run`).
+    Run(runs::RunArgs),
+    /// Past and running cluster runs: `list`, `show ID`.
+    Runs(runs::RunsArgs),
+    /// What happened in the cluster: runs, steps, lost nodes, role changes.
+    Events(runs::EventsArgs),
+    /// Git repositories of states: `add NAME URL [--ref REF]`, `list`.
+    Repo(runs::RepoArgs),
     /// Print the ordered plan for states without running them.
     Plan(plan::PlanArgs),
     /// The reference page of a module: arguments, outputs, examples.
@@ -57,6 +66,10 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Bench(args) => bench::run(args),
         Command::Cluster(args) => cluster::run(args),
         Command::Apply(args) => apply::run(args),
+        Command::Run(args) => runs::run_adhoc(args),
+        Command::Runs(args) => runs::runs(args),
+        Command::Events(args) => runs::events(args),
+        Command::Repo(args) => runs::repo(args),
         Command::Plan(args) => plan::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Module(args) => module::run(args),

@@ -43,6 +43,9 @@ pub struct NodeFile {
     pub datastore: String,
     #[serde(default)]
     pub labels: std::collections::BTreeMap<String, String>,
+    /// For an agent-only node: the datastore nodes' client addresses it uses.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<String>,
 }
 
 /// An open, locked data dir.

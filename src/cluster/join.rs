@@ -61,6 +61,10 @@ pub struct JoinGrant {
     /// admit nodes when the node that created the cluster is gone.
     pub ca_key_pem: Option<String>,
     pub secret_sha256: Option<String>,
+    /// The client addresses (`host:port`) of the datastore nodes: where an agent-only node
+    /// reaches the etcd API.
+    #[serde(default)]
+    pub endpoints: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -224,6 +228,12 @@ impl JoinService {
             ca_pem: self.ca.cert_pem().to_string(),
             ca_key_pem: req.datastore.then(|| self.ca.key_pem().to_string()),
             secret_sha256: req.datastore.then(|| self.secret_sha256.clone()),
+            endpoints: metrics
+                .voters
+                .values()
+                .chain(metrics.learners.values())
+                .map(|i| i.client_addr.clone())
+                .collect(),
         })
     }
 

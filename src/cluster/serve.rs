@@ -24,10 +24,15 @@ use tokio::net::TcpListener;
 
 use eden_raft::{NodeConfig, NodeInfo, PeerPool, PeerServer, RaftNode};
 
+use tonic::transport::{Certificate, ClientTlsConfig, Identity as TlsIdentity};
+
 use super::datadir::{DataDir, NodeFile};
 use super::gossip::{Gossip, GossipConfig, Member};
 use super::join::{self, AdmitRequest, Admitted, JoinGrant, JoinRequest, JoinService};
 use super::pki::{self, ClusterCa, Identity, JoinToken};
+use crate::agent::kv::Kv;
+use crate::agent::records::NodeRecord;
+use crate::agent::Agent;
 use crate::error::{Error, Result};
 
 /// How often the leader's own prober pings every other member's peer port.
@@ -76,7 +81,7 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()>) -> Re
             let _ = std::fs::remove_dir_all(&opts.data_dir);
         }
     };
-    let (mut file, peer, client, mode) = match prepare(&dir, &opts).await {
+    let (mut file, listeners, mode) = match prepare(&dir, &opts).await {
         Ok(x) => x,
         Err(e) => {
             if dir.is_empty().unwrap_or(false) {
@@ -84,6 +89,18 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()>) -> Re
             }
             return Err(e);
         }
+    };
+    let Some((peer, client)) = listeners else {
+        // An agent-only node: no Raft, no ports; the agent reaches the etcd API of the
+        // datastore nodes.
+        if let Mode::Join { via, token } = &mode {
+            if let Err(e) = join_agent(&dir, &mut file, via, token).await {
+                dir.discard_setup();
+                remove_dir(dir);
+                return Err(e);
+            }
+        }
+        return serve_agent(dir, file, shutdown).await;
     };
     let started = match mode {
         Mode::Restart => {
@@ -125,7 +142,7 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()>) -> Re
 async fn prepare(
     dir: &DataDir,
     opts: &ServeOptions,
-) -> Result<(NodeFile, TcpListener, TcpListener, Mode)> {
+) -> Result<(NodeFile, Option<(TcpListener, TcpListener)>, Mode)> {
     if let Some(existing) = dir.node()? {
         if opts.init || opts.join.is_some() {
             return Err(Error::InvalidInput(format!(
@@ -139,8 +156,11 @@ async fn prepare(
                 if opts.init { "create" } else { "join" },
             )));
         }
+        if existing.datastore == "never" {
+            return Ok((existing, None, Mode::Restart));
+        }
         let (peer, client) = bind(&existing.peer_addr, &existing.client_addr).await?;
-        return Ok((existing, peer, client, Mode::Restart));
+        return Ok((existing, Some((peer, client)), Mode::Restart));
     }
     if !dir.is_empty()? {
         return Err(Error::InvalidInput(format!(
@@ -190,11 +210,26 @@ async fn prepare(
         }
     };
     if !datastore {
-        return Err(Error::Unavailable(
-            "--datastore never (agent-only nodes) needs the agent runtime, which this build \
-             does not have yet; start the node with --datastore auto"
-                .into(),
-        ));
+        if opts.init {
+            return Err(Error::InvalidInput(
+                "--init with --datastore never: the node that creates a cluster holds its \
+                 datastore; create it with --datastore auto, then join agent-only nodes to it"
+                    .into(),
+            ));
+        }
+        let file = NodeFile {
+            name,
+            raft_id: 0,
+            cluster_id: 0,
+            cluster_name: String::new(),
+            peer_addr: String::new(),
+            client_addr: String::new(),
+            client_plaintext: false,
+            datastore: "never".into(),
+            labels: opts.labels.clone(),
+            endpoints: vec![],
+        };
+        return Ok((file, None, mode));
     }
     let peer_addr = opts
         .peer_addr
@@ -224,8 +259,9 @@ async fn prepare(
         client_plaintext: opts.client_plaintext,
         datastore: "auto".into(),
         labels: opts.labels.clone(),
+        endpoints: vec![],
     };
-    Ok((file, peer, client, mode))
+    Ok((file, Some((peer, client)), mode))
 }
 
 fn is_loopback(addr: &str) -> bool {
@@ -640,13 +676,140 @@ async fn serve_until(
     let client_task = tokio::spawn(crate::etcd::serve(client, tls, backend, async {
         let _ = client_stopped.await;
     }));
+    // The agent and the run controller reach the store through this node's own etcd API.
+    let scheme = if file.client_plaintext {
+        "http"
+    } else {
+        "https"
+    };
+    let kv = Kv::new(
+        &[format!("{scheme}://{}", file.client_addr)],
+        (!file.client_plaintext)
+            .then(|| agent_tls(&dir))
+            .transpose()?
+            .as_ref(),
+    )?;
+    let agent = Agent::new(node_record(&file), kv.clone());
+    let agent_task = tokio::spawn(agent.clone().run());
+    let controller_task = tokio::spawn(crate::agent::controller::run(
+        started.node.clone(),
+        kv.clone(),
+    ));
     shutdown.await;
     tracing::info!("shutting down");
+    agent_task.abort();
+    controller_task.abort();
+    leave_agent(&kv, &agent).await;
     let _ = client_stop.send(());
     if let Ok(Err(e)) = client_task.await {
         tracing::warn!("etcd client port: {e}");
     }
     started.stop().await;
+    drop(dir);
+    Ok(())
+}
+
+/// The node's row in `/eden/nodes/`.
+fn node_record(file: &NodeFile) -> NodeRecord {
+    NodeRecord {
+        name: file.name.clone(),
+        peer_addr: file.peer_addr.clone(),
+        client_addr: file.client_addr.clone(),
+        datastore: file.datastore.clone(),
+        labels: file.labels.clone(),
+        raft_id: file.raft_id,
+        version: env!("CARGO_PKG_VERSION").into(),
+    }
+}
+
+/// TLS for this node's own etcd client: the cluster CA and the node certificate.
+fn agent_tls(dir: &DataDir) -> Result<ClientTlsConfig> {
+    Ok(ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(dir.read("tls/ca.crt")?))
+        .identity(TlsIdentity::from_pem(
+            dir.read("tls/node.crt")?,
+            dir.read("tls/node.key")?,
+        )))
+}
+
+/// A clean stop: the alive key goes now rather than when its lease runs out, so a run does
+/// not wait for this node.
+async fn leave_agent(kv: &Kv, agent: &Agent) {
+    let lease = agent.lease();
+    if lease != 0 {
+        let _ = tokio::time::timeout(Duration::from_secs(2), kv.revoke(lease)).await;
+    }
+}
+
+/// `--join` with `--datastore never`: the node gets a certificate and the datastore nodes'
+/// addresses, and is not added to Raft.
+async fn join_agent(dir: &DataDir, file: &mut NodeFile, via: &str, token: &str) -> Result<()> {
+    let token = JoinToken::parse(token)?;
+    let (key_pem, csr_pem) = pki::new_key_and_csr(&file.name)?;
+    let request = JoinRequest {
+        secret: token.secret.clone(),
+        name: file.name.clone(),
+        csr_pem,
+        // An agent-only node serves nothing; its certificate is only a client's.
+        peer_addr: "localhost:0".into(),
+        client_addr: "localhost:0".into(),
+        datastore: false,
+    };
+    let grant: JoinGrant = join::post_json(
+        via,
+        pki::pinned_client_config(&token.ca_sha256)?,
+        join::JOIN,
+        &request,
+        Duration::from_secs(30),
+    )
+    .await?;
+    if pki::sha256_hex(pki::cert_der_from_pem(&grant.ca_pem, "CA certificate")?.as_ref())
+        != token.ca_sha256
+    {
+        return Err(Error::InvalidData(format!(
+            "{via} sent a CA that does not match the token's hash; refusing to join"
+        )));
+    }
+    if grant.endpoints.is_empty() {
+        return Err(Error::InvalidData(format!(
+            "{via} named no datastore node to reach; is it an eden node of this version?"
+        )));
+    }
+    file.cluster_id = grant.cluster_id;
+    file.cluster_name = grant.cluster_name.clone();
+    file.endpoints = grant.endpoints.clone();
+    dir.write("tls/ca.crt", grant.ca_pem.as_bytes(), false)?;
+    dir.write("tls/node.crt", grant.cert_pem.as_bytes(), false)?;
+    dir.write("tls/node.key", key_pem.as_bytes(), true)?;
+    dir.commit_node(file)?;
+    println!(
+        "joined cluster {:?} ({:016x}) as an agent-only node; datastore at {}",
+        file.cluster_name,
+        file.cluster_id,
+        file.endpoints.join(", ")
+    );
+    Ok(())
+}
+
+/// An agent-only node: the agent loop against the datastore nodes' etcd API, until shutdown.
+async fn serve_agent(
+    dir: DataDir,
+    file: NodeFile,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    let urls: Vec<String> = file
+        .endpoints
+        .iter()
+        .map(|a| format!("https://{a}"))
+        .collect();
+    let kv = Kv::new(&urls, Some(&agent_tls(&dir)?))?;
+    tracing::info!(name = %file.name, endpoints = %urls.join(","), "serving as an agent-only node");
+    let agent = Agent::new(node_record(&file), kv.clone());
+    let task = tokio::spawn(agent.clone().run());
+    shutdown.await;
+    tracing::info!("shutting down");
+    task.abort();
+    leave_agent(&kv, &agent).await;
     drop(dir);
     Ok(())
 }
