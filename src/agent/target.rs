@@ -13,7 +13,7 @@ impl Expr {
         _labels: &Map<String, Value>,
         _facts: &Map<String, Value>,
     ) -> bool {
-        crate::engine::compile::fnmatch(name, &self.0)
+        self.0.split(',').any(|p| crate::engine::compile::fnmatch(name, p.trim()))
     }
 }
 impl std::fmt::Display for Expr {

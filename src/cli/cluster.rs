@@ -239,8 +239,12 @@ impl Connector {
 #[derive(Debug, Clone, Serialize)]
 pub struct MemberStatus {
     pub name: String,
+    /// voter, standby, or agent (not in Raft).
     pub role: &'static str,
+    /// alive, suspect, dead or unreachable.
     pub health: String,
+    /// `health` is alive.
+    pub healthy: bool,
     pub raft_id: u64,
     pub leader: bool,
     pub applied_index: Option<u64>,
@@ -253,6 +257,8 @@ pub struct MemberStatus {
 #[derive(Debug, Clone, Serialize)]
 pub struct ClusterStatus {
     pub leader: Option<String>,
+    /// Raft members first, then agent-only nodes.
+    #[serde(rename = "nodes")]
     pub members: Vec<MemberStatus>,
 }
 
@@ -264,6 +270,15 @@ pub async fn status(connector: &Connector) -> Result<ClusterStatus> {
         .map_err(|e| Error::Unavailable(format!("member list: {}", e.message())))?
         .into_inner()
         .members;
+    let registered = pb::kv_client::KvClient::new(ch.clone())
+        .range(pb::RangeRequest {
+            key: crate::agent::records::NODES.as_bytes().to_vec(),
+            range_end: crate::agent::kv::prefix_end(crate::agent::records::NODES.as_bytes()),
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner().kvs)
+        .unwrap_or_default();
     let health: Option<HealthReport> = pb::kv_client::KvClient::new(ch)
         .range(pb::RangeRequest {
             key: HEALTH_KEY.as_bytes().to_vec(),
@@ -293,16 +308,18 @@ pub async fn status(connector: &Connector) -> Result<ClusterStatus> {
         let health = health
             .as_ref()
             .and_then(|h| h.members.get(&m.id.to_string()).copied());
+        let health: String = match (health, &st) {
+            (Some(HealthState::Alive), _) => "alive".into(),
+            (Some(HealthState::Suspect), _) => "suspect".into(),
+            (Some(HealthState::Dead), _) => "dead".into(),
+            (None, Ok(_)) => "alive".into(),
+            (None, Err(_)) => "unreachable".into(),
+        };
         rows.push(MemberStatus {
             name: m.name.clone(),
             role: if m.is_learner { "standby" } else { "voter" },
-            health: match (health, &st) {
-                (Some(HealthState::Alive), _) => "alive".into(),
-                (Some(HealthState::Suspect), _) => "suspect".into(),
-                (Some(HealthState::Dead), _) => "dead".into(),
-                (None, Ok(_)) => "alive".into(),
-                (None, Err(_)) => "unreachable".into(),
-            },
+            healthy: health == "alive",
+            health,
             raft_id: m.id,
             leader: false,
             applied_index: st.as_ref().ok().map(|s| s.raft_applied_index),
@@ -320,6 +337,38 @@ pub async fn status(connector: &Connector) -> Result<ClusterStatus> {
         if let (Some(l), Some(a)) = (leader_applied, r.applied_index) {
             r.lag = Some(l.saturating_sub(a));
         }
+    }
+    // Agent-only nodes are not Raft members: their agents register under /eden/nodes/, and
+    // their alive key (on the agent's lease) is their health.
+    let alive: std::collections::BTreeSet<String> = registered
+        .iter()
+        .filter_map(|kv| {
+            let k = String::from_utf8_lossy(&kv.key).into_owned();
+            k.strip_suffix("/alive")
+                .and_then(|k| k.strip_prefix(crate::agent::records::NODES))
+                .map(str::to_string)
+        })
+        .collect();
+    for kv in &registered {
+        let Ok(rec) = serde_json::from_slice::<crate::agent::records::NodeRecord>(&kv.value) else {
+            continue;
+        };
+        if rec.datastore != "never" || rows.iter().any(|r| r.name == rec.name) {
+            continue;
+        }
+        let up = alive.contains(&rec.name);
+        rows.push(MemberStatus {
+            name: rec.name.clone(),
+            role: "agent",
+            health: if up { "alive" } else { "dead" }.into(),
+            healthy: up,
+            raft_id: 0,
+            leader: false,
+            applied_index: None,
+            lag: None,
+            client_url: String::new(),
+            error: None,
+        });
     }
     Ok(ClusterStatus {
         leader: rows.iter().find(|r| r.leader).map(|r| r.name.clone()),

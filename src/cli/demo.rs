@@ -1,9 +1,13 @@
-//! `eden demo`: a five-node cluster on loopback, a killed leader, and the takeover, live.
+//! `eden demo`: a five-node cluster on loopback, a cluster-wide apply, a killed leader, and the
+//! takeover, live.
 //!
 //! It runs the real thing: `eden serve` processes (this binary) in a temporary directory, the
-//! etcd API as the client, `SIGKILL` for the leader. While a client keeps writing, it prints the
-//! cluster's shape as it changes (who leads, voters, standbys), then a summary with the
-//! measured times and a check that no acknowledged write was lost.
+//! etcd API as the client, `SIGKILL` for the leader. First it adds an agent-only node and
+//! applies the sample states of `examples/demo/` to all six nodes through the cluster (a token
+//! made on n3 reaches every node through the datastore). Then, while a client keeps writing,
+//! it kills the leader and prints the cluster's shape as it changes (who leads, voters,
+//! standbys), then a summary with the measured times and a check that no acknowledged write
+//! was lost.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -242,6 +246,8 @@ async fn run_demo(args: &DemoArgs, dir: &Path) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
+    cluster_apply(&exe, dir, &nodes, &via, token.trim()).await?;
+
     // A client that keeps writing, round robin over the live nodes.
     let targets = Arc::new(Mutex::new(
         nodes.iter().map(|n| n.endpoint()).collect::<Vec<_>>(),
@@ -411,4 +417,147 @@ pub fn run(args: DemoArgs) -> Result<i32> {
         let _ = std::fs::remove_dir_all(&dir);
     }
     result.map(|()| 0)
+}
+
+/// The sample states of `examples/demo/`, built into the binary.
+const EXAMPLES: &[(&str, &str)] = &[
+    ("top.sls", include_str!("../../examples/demo/top.sls")),
+    ("motd.sls", include_str!("../../examples/demo/motd.sls")),
+    ("token.sls", include_str!("../../examples/demo/token.sls")),
+];
+
+/// Adds an agent-only node, applies the sample states to every node through the cluster, and
+/// checks the token made on n3 reached every node.
+async fn cluster_apply(
+    exe: &Path,
+    dir: &Path,
+    nodes: &[DemoNode],
+    via: &str,
+    token: &str,
+) -> Result<()> {
+    let log = std::fs::File::create(dir.join("a1.log"))
+        .map_err(|e| Error::Unavailable(format!("creating the demo log: {e}")))?;
+    let err = log
+        .try_clone()
+        .map_err(|e| Error::Unavailable(e.to_string()))?;
+    let agent = Command::new(exe)
+        .arg("serve")
+        .args(["--name", "a1", "--datastore", "never", "--labels", "role=web"])
+        .arg("--data-dir")
+        .arg(dir.join("a1"))
+        .args(["--join", via, "--token", token])
+        .env("EDEN_LOG", "warn")
+        .stdout(Stdio::from(log))
+        .stderr(Stdio::from(err))
+        .spawn()
+        .map_err(|e| Error::Unavailable(format!("starting {}: {e}", exe.display())))?;
+    // Stopped with the others: it is a node like them.
+    let mut agent = DemoNode {
+        name: "a1".into(),
+        peer: String::new(),
+        client: String::new(),
+        child: Some(agent),
+    };
+    let urls: Vec<String> = nodes.iter().map(|n| n.endpoint()).collect();
+    let kv = crate::agent::kv::Kv::new(&urls, None)?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let want = nodes.len() + 1;
+    loop {
+        let all = crate::agent::controller::nodes(&kv).await?;
+        if all.values().filter(|v| v.alive).count() == want {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(Error::Unavailable(format!(
+                "only {} of {want} agents registered within 60 s",
+                all.len()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!("  a1 joined as an agent-only node (label role=web)");
+
+    let states = dir.join("states");
+    let out = dir.join("out");
+    let mut files = std::collections::BTreeMap::new();
+    for (name, text) in EXAMPLES {
+        files.insert(name.to_string(), text.as_bytes().to_vec());
+    }
+    files.insert(
+        "vars/common.yaml".into(),
+        format!("out: {}\n", out.display()).into_bytes(),
+    );
+    for (name, bytes) in &files {
+        let p = states.join(name);
+        if let Some(parent) = p.parent() {
+            let _ = std::fs::create_dir_all(parent);
+        }
+        let _ = std::fs::write(p, bytes);
+    }
+    println!(
+        "\neden apply {} --target '*'   (examples/demo: a motd from each node's facts, and a \
+         token made on n3 handed to every node)",
+        states.display()
+    );
+    let started = Instant::now();
+    let (id, rev) = super::runs::submit(
+        &kv,
+        super::runs::Submission {
+            kind: "apply".into(),
+            files,
+            source: crate::agent::records::Source {
+                kind: "path".into(),
+                name: "examples/demo".into(),
+                url: String::new(),
+                refname: String::new(),
+                commit: String::new(),
+                files: Default::default(),
+            },
+            sls: vec![],
+            target: "*".into(),
+            mode: "ansible".into(),
+            test: false,
+            jobs: 8,
+            wait_secs: 60,
+        },
+    )
+    .await?;
+    let status = super::runs::follow(&kv, &id, rev, false).await?;
+    let results = super::runs::results(&kv, &id).await?;
+    let tally = super::runs::tally(&results);
+    println!(
+        "run {id}: {} in {:.2} s on {} nodes: {} ok, {} changed, {} failed, {} skipped",
+        status.state,
+        started.elapsed().as_secs_f64(),
+        status.nodes.len(),
+        tally["ok"],
+        tally["changed"],
+        tally["failed"],
+        tally["skipped"]
+    );
+    let made = std::fs::read_to_string(out.join("n3/token")).unwrap_or_default();
+    let mut names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
+    names.push("a1".into());
+    let got = names
+        .iter()
+        .filter(|n| std::fs::read_to_string(out.join(n).join("token")).ok().as_deref() == Some(made.as_str()))
+        .count();
+    println!(
+        "token made on n3 ({}...) found on {got} of {} nodes",
+        made.get(..8).unwrap_or(""),
+        names.len()
+    );
+    if let Some(mut c) = agent.child.take() {
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let _ = c.wait();
+    }
+    if status.state != "done" || made.is_empty() || got != names.len() {
+        return Err(Error::Internal(format!(
+            "the cluster apply did not complete as expected: {} ({})",
+            status.state, status.comment
+        )));
+    }
+    Ok(())
 }

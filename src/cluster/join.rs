@@ -61,8 +61,7 @@ pub struct JoinGrant {
     /// admit nodes when the node that created the cluster is gone.
     pub ca_key_pem: Option<String>,
     pub secret_sha256: Option<String>,
-    /// The client addresses (`host:port`) of the datastore nodes: where an agent-only node
-    /// reaches the etcd API.
+    /// The client URLs of the datastore nodes: where an agent-only node reaches the etcd API.
     #[serde(default)]
     pub endpoints: Vec<String>,
 }
@@ -95,6 +94,9 @@ pub struct JoinService {
     pub etcd: Arc<crate::etcd::Backend>,
     /// Failure detection; answers `/gossip`.
     pub gossip: Arc<super::gossip::Gossip>,
+    /// This node serves its client port without TLS (loopback only): agent-only nodes that
+    /// join through it are told `http://` endpoints (a cluster's nodes are set up alike).
+    pub client_plaintext: bool,
 }
 
 /// The host part of `host:port` (IPv6 in brackets allowed).
@@ -232,7 +234,14 @@ impl JoinService {
                 .voters
                 .values()
                 .chain(metrics.learners.values())
-                .map(|i| i.client_addr.clone())
+                .map(|i| {
+                    let scheme = if self.client_plaintext {
+                        "http"
+                    } else {
+                        "https"
+                    };
+                    format!("{scheme}://{}", i.client_addr)
+                })
                 .collect(),
         })
     }

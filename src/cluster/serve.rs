@@ -396,6 +396,7 @@ async fn start(
         cluster_id: file.cluster_id,
         cluster_name: file.cluster_name.clone(),
         node: node.clone(),
+        client_plaintext: file.client_plaintext,
     });
     let server_tls = pki::server_config(tls.ca.cert_pem(), &tls.identity, true)?;
     let client_tls = pki::server_config(tls.ca.cert_pem(), &tls.identity, false)?;
@@ -800,7 +801,7 @@ async fn serve_agent(
     let urls: Vec<String> = file
         .endpoints
         .iter()
-        .map(|a| format!("https://{a}"))
+        .map(|a| crate::cli::client::url(a, true))
         .collect();
     let kv = Kv::new(&urls, Some(&agent_tls(&dir)?))?;
     tracing::info!(name = %file.name, endpoints = %urls.join(","), "serving as an agent-only node");

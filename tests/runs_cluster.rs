@@ -1,0 +1,390 @@
+//! Cluster runs with real processes: 4 datastore nodes (3 voters and a standby) and one
+//! agent-only node, driven by the `eden` CLI exactly as an operator would.
+
+mod serve_common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use serve_common::*;
+
+struct Fleet {
+    root: PathBuf,
+    /// n1..n4: datastore nodes.
+    data: Vec<Node>,
+    /// a1: agent-only.
+    agent: Node,
+}
+
+impl Fleet {
+    fn endpoints(&self) -> String {
+        self.data
+            .iter()
+            .filter(|n| n.child.is_some())
+            .map(|n| n.endpoint())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn eden(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_eden"));
+        c.args(args).args(["--endpoints", &self.endpoints()]);
+        c.env_remove("EDEN_CREDS").env_remove("EDEN_ENDPOINTS");
+        c
+    }
+
+    /// Runs a CLI command with `--output json`; its exit code and parsed output.
+    fn json(&self, args: &[&str]) -> (i32, Value) {
+        let out = self.eden(args).args(["--output", "json"]).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| {
+            panic!(
+                "eden {args:?} printed no JSON ({e}):\nstdout: {text}\nstderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        (out.status.code().unwrap_or(-1), v)
+    }
+
+    fn out(&self, name: &str) -> PathBuf {
+        self.root.join("out").join(name)
+    }
+}
+
+/// Waits until every node's agent has registered (its alive key exists).
+async fn wait_agents(via: &Node, names: &[&str]) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for n in names {
+        let key = format!("/eden/nodes/{n}/alive");
+        while local_get(&via.endpoint(), &key).await.is_none() {
+            assert!(Instant::now() < deadline, "agent {n} did not register");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+async fn fleet(root: &Path) -> Fleet {
+    let mut n1 = Node::new(root, "n1");
+    n1.create(None, &["--labels", "role=db,dc=eu"]);
+    n1.ready().await;
+    let token = n1.token();
+    let via = n1.peer.clone();
+    let mut data = vec![n1];
+    for (name, labels) in [
+        ("n2", "role=web,dc=eu"),
+        ("n3", "role=db,dc=us"),
+        ("n4", "role=cache,dc=us"),
+    ] {
+        let mut n = Node::new(root, name);
+        n.create(Some((&via, &token)), &["--labels", labels]);
+        n.ready().await;
+        data.push(n);
+    }
+    wait_roles(&data[0], 3, 1).await;
+    let mut agent = Node::new(root, "a1");
+    agent.create(
+        Some((&via, &token)),
+        &["--datastore", "never", "--labels", "role=web,dc=us"],
+    );
+    wait_agents(&data[0], &["n1", "n2", "n3", "n4", "a1"]).await;
+    std::fs::create_dir_all(root.join("out")).unwrap();
+    Fleet {
+        root: root.to_path_buf(),
+        data,
+        agent,
+    }
+}
+
+/// Waits until the cluster has `voters` voters and `learners` standbys.
+async fn wait_roles(node: &Node, voters: usize, learners: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let m = members(&node.endpoint()).await;
+        let l = m.iter().filter(|m| m.is_learner).count();
+        if m.len() - l == voters && l == learners {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "cluster did not reach {voters} voters and {learners} standbys: {m:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn write(dir: &Path, files: &[(&str, &str)]) {
+    for (path, text) in files {
+        let p = dir.join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    }
+}
+
+fn node_names(v: &Value) -> BTreeSet<String> {
+    v["nodes"].as_object().unwrap().keys().cloned().collect()
+}
+
+fn step<'a>(v: &'a Value, node: &str, id: &str) -> &'a Value {
+    v["nodes"][node]
+        .as_array()
+        .unwrap_or_else(|| panic!("no results for {node}: {v}"))
+        .iter()
+        .find(|s| s["id"] == id)
+        .unwrap_or_else(|| panic!("no step {id} on {node}: {v}"))
+}
+
+/// Nanosecond timestamps a step printed (one per line).
+fn stamps(v: &Value, node: &str, id: &str) -> Vec<u128> {
+    step(v, node, id)["outputs"]["stdout"]
+        .as_str()
+        .unwrap_or_default()
+        .lines()
+        .map(|l| l.trim().parse().unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_target_by_label_pass_values_between_nodes_and_order_steps_across_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fleet = fleet(tmp.path()).await;
+    let out = fleet.out("").display().to_string();
+    let tree = tmp.path().join("states");
+    write(
+        &tree,
+        &[(
+            "web.sls",
+            &format!(
+                "role-file:\n  file.managed:\n    - name: {out}/{{{{ node.name }}}}-role\n    \
+                 - contents: \"{{{{ node.labels.role }}}} {{{{ node.facts.os }}}}\"\n"
+            ),
+        )],
+    );
+    let tree_s = tree.display().to_string();
+
+    // 1. Targeting by label: exactly the two role=web nodes run, one of them agent-only.
+    let (code, dry) = fleet.json(&["apply", "--target", "role=web", "--dry-targets"]);
+    assert_eq!(code, 0, "{dry}");
+    assert_eq!(dry["nodes"], serde_json::json!(["a1", "n2"]));
+    let (code, v) = fleet.json(&["apply", &tree_s, "web", "--target", "role=web"]);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(node_names(&v), BTreeSet::from(["a1".into(), "n2".into()]));
+    for n in ["a1", "n2"] {
+        assert_eq!(step(&v, n, "role-file")["result"], true, "{v}");
+        let text = std::fs::read_to_string(fleet.out(&format!("{n}-role"))).unwrap();
+        assert!(text.starts_with("web "), "{n}: {text}");
+    }
+    for n in ["n1", "n3", "n4"] {
+        assert!(
+            !fleet.out(&format!("{n}-role")).exists(),
+            "{n} was not targeted"
+        );
+    }
+    assert_eq!(v["summary"]["changed"], 2, "{v}");
+    assert_eq!(v["summary"]["nodes"], 2, "{v}");
+
+    // 2. A value made on one node reaches the others; target_limit runs a step once.
+    write(
+        &tree,
+        &[(
+            "token.sls",
+            &format!(
+                "{{% if node.name == 'n3' %}}\ngen:\n  cmd.run:\n    - name: cat /proc/sys/kernel/random/uuid\n{{% endif %}}\n\
+                 use:\n  file.managed:\n    - name: {out}/{{{{ node.name }}}}-token\n    \
+                 - contents: \"${{{{ nodes.n3.steps.gen.stdout }}}}\"\n\
+                 once:\n  cmd.run:\n    - name: echo {{{{ node.name }}}} >> {out}/once\n    - target_limit: 1\n"
+            ),
+        )],
+    );
+    let (code, v) = fleet.json(&["apply", &tree_s, "token", "--target", "*"]);
+    assert_eq!(code, 0, "{v}");
+    let token = step(&v, "n3", "gen")["outputs"]["stdout"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(token.len(), 36, "a uuid: {token:?}");
+    for n in ["n1", "n2", "n3", "n4", "a1"] {
+        let got = std::fs::read_to_string(fleet.out(&format!("{n}-token"))).unwrap();
+        assert_eq!(got, token, "{n} got the token made on n3");
+    }
+    let once = std::fs::read_to_string(fleet.out("once")).unwrap();
+    assert_eq!(once.lines().count(), 1, "target_limit 1 ran once: {once:?}");
+    let ran_on = once.trim();
+    for n in ["n1", "n2", "n3", "n4", "a1"] {
+        let s = step(&v, n, "once");
+        if n == ran_on {
+            assert_eq!(s["result"], true);
+        } else {
+            let c = s["comment"].as_str().unwrap();
+            assert!(c.contains("target_limit") && c.contains(ran_on), "{n}: {c}");
+        }
+    }
+
+    // 3. serialize: 1 runs the step on one node at a time; sync: true holds every node until
+    //    all have finished the step. Shown by the timestamps the steps print.
+    write(
+        &tree,
+        &[(
+            "order.sls",
+            "{% set d = {'n1': 0.1, 'n2': 0.2, 'n3': 0.3, 'n4': 0.4, 'a1': 0.5} %}\n\
+             one-at-a-time:\n  cmd.run:\n    - name: date +%s%N; sleep 0.3; date +%s%N\n    - serialize: 1\n\
+             staggered:\n  cmd.run:\n    - name: sleep {{ d[node.name] }}; date +%s%N\n    - sync: true\n\
+             after:\n  cmd.run:\n    - name: date +%s%N\n",
+        )],
+    );
+    let (code, v) = fleet.json(&["apply", &tree_s, "order", "--target", "*"]);
+    assert_eq!(code, 0, "{v}");
+    let nodes = ["n1", "n2", "n3", "n4", "a1"];
+    let mut spans: Vec<(u128, u128, &str)> = nodes
+        .iter()
+        .map(|n| {
+            let t = stamps(&v, n, "one-at-a-time");
+            (t[0], t[1], *n)
+        })
+        .collect();
+    spans.sort();
+    for w in spans.windows(2) {
+        assert!(
+            w[0].1 <= w[1].0,
+            "serialize 1: {} ran {:?} while {} ran {:?}",
+            w[0].2,
+            (w[0].0, w[0].1),
+            w[1].2,
+            (w[1].0, w[1].1)
+        );
+    }
+    let last_staggered = nodes
+        .iter()
+        .map(|n| stamps(&v, n, "staggered")[0])
+        .max()
+        .unwrap();
+    for n in nodes {
+        let after = stamps(&v, n, "after")[0];
+        assert!(
+            after >= last_staggered,
+            "sync: {n} moved on at {after} before every node finished (last at {last_staggered})"
+        );
+    }
+    drop(fleet);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_survives_a_killed_leader_and_reports_a_killed_node_as_lost() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut fleet = fleet(tmp.path()).await;
+    let out = fleet.out("").display().to_string();
+    let tree = tmp.path().join("states");
+    write(
+        &tree,
+        &[(
+            "slow.sls",
+            &format!(
+                "start:\n  cmd.run:\n    - name: touch {out}/{{{{ node.name }}}}-started\n\
+                 wait:\n  cmd.run:\n    - name: sleep 4\n\
+                 done:\n  file.managed:\n    - name: {out}/{{{{ node.name }}}}-done\n    - contents: ok\n"
+            ),
+        )],
+    );
+    let tree_s = tree.display().to_string();
+
+    // The leader, and the nodes to target: every node but the leader.
+    let st = status(&fleet.data[0].endpoint()).await.unwrap();
+    let leader = fleet
+        .data
+        .iter()
+        .position(|n| member_id(&n.endpoint()) == st.leader)
+        .expect("a leader among the datastore nodes");
+    let leader_name = fleet.data[leader].name.clone();
+    let targets: Vec<String> = ["n1", "n2", "n3", "n4"]
+        .iter()
+        .filter(|n| **n != leader_name)
+        .map(|s| s.to_string())
+        .collect();
+    let target = targets.join(",");
+
+    // 1. The leader is killed while the targeted nodes sleep; the run still completes.
+    let child = fleet
+        .eden(&[
+            "apply", &tree_s, "slow", "--target", &target, "--output", "json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_file(&fleet.out(&format!("{}-started", targets[0]))).await;
+    fleet.data[leader].kill9();
+    let outp = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&outp.stdout);
+    let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| {
+        panic!(
+            "no JSON ({e}): {text}\n{}",
+            String::from_utf8_lossy(&outp.stderr)
+        )
+    });
+    assert_eq!(outp.status.code(), Some(0), "{v}");
+    assert_eq!(v["state"], "done", "{v}");
+    for n in &targets {
+        assert_eq!(step(&v, n, "done")["result"], true, "{v}");
+        assert!(fleet.out(&format!("{n}-done")).exists());
+    }
+
+    // 2. A targeted node (the agent-only one) is killed mid-run: it is reported lost, the
+    //    others finish, and the exit code says the run failed.
+    let with_agent = format!("a1,{target}");
+    let child = fleet
+        .eden(&[
+            "apply",
+            &tree_s,
+            "slow",
+            "--target",
+            &with_agent,
+            "--output",
+            "json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _ = std::fs::remove_file(fleet.out("a1-started"));
+    wait_file(&fleet.out("a1-started")).await;
+    fleet.agent.kill9();
+    let outp = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&outp.stdout);
+    let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| {
+        panic!(
+            "no JSON ({e}): {text}\n{}",
+            String::from_utf8_lossy(&outp.stderr)
+        )
+    });
+    assert_eq!(outp.status.code(), Some(1), "{v}");
+    assert_eq!(v["state"], "failed", "{v}");
+    assert_eq!(v["node_status"]["a1"]["state"], "lost", "{v}");
+    for n in &targets {
+        assert_eq!(v["node_status"][n]["state"], "done", "{v}");
+    }
+}
+
+fn member_id(endpoint: &str) -> u64 {
+    // Each node's own id, from its Status (member_id is in the header).
+    let ep = endpoint.to_string();
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async { status(&ep).await.map(|s| s.header.unwrap().member_id) })
+    })
+    .join()
+    .unwrap()
+    .unwrap_or(0)
+}
+
+async fn wait_file(p: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !p.exists() {
+        assert!(Instant::now() < deadline, "{} never appeared", p.display());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
