@@ -578,7 +578,14 @@ fn justdoit_keeps_running_independent_steps_while_one_waits_to_enter() {
             assert!(done <= total);
             self.0.publish("a", r);
             if r.id == "free" {
-                *self.0.state.lock().unwrap().inside.get_mut("gated").unwrap() -= 1;
+                *self
+                    .0
+                    .state
+                    .lock()
+                    .unwrap()
+                    .inside
+                    .get_mut("gated")
+                    .unwrap() -= 1;
                 self.0.changed.notify_all();
             }
         }
@@ -653,8 +660,14 @@ plain:
     let reg = Registry::builtin();
     let tree = tree(sls);
     for mode in [Mode::Ansible, Mode::Justdoit] {
-        let plan = engine::plan(tree.clone(), &["orch".into()], &cluster_ctx("a"), &reg, mode)
-            .unwrap();
+        let plan = engine::plan(
+            tree.clone(),
+            &["orch".into()],
+            &cluster_ctx("a"),
+            &reg,
+            mode,
+        )
+        .unwrap();
         let opts = RunOptions {
             coordinator: Some(Arc::new(Refuse)),
             ..RunOptions::default()
@@ -663,7 +676,10 @@ plain:
         let by: HashMap<&str, &StepResult> = results.iter().map(|r| (r.id.as_str(), r)).collect();
         assert_eq!(by["gated"].result, Some(false));
         assert!(!by["gated"].ran);
-        assert_eq!(by["gated"].comment, "the datastore did not answer for gated");
+        assert_eq!(
+            by["gated"].comment,
+            "the datastore did not answer for gated"
+        );
         ok(by["plain"]);
     }
 }
@@ -724,10 +740,7 @@ other:
         v["steps"][0].as_object_mut().unwrap().remove(key);
     }
     let old: engine::Plan = serde_json::from_value(v).unwrap();
-    assert_eq!(
-        (old.steps[0].serialize, old.steps[0].sync),
-        (None, false)
-    );
+    assert_eq!((old.steps[0].serialize, old.steps[0].sync), (None, false));
     let again: engine::Plan = serde_json::from_value(serde_json::to_value(&plan).unwrap()).unwrap();
     assert_eq!(again, plan);
 }
@@ -735,12 +748,30 @@ other:
 #[test]
 fn bad_run_option_values_name_the_state_place_and_value() {
     let cases = [
-        ("serialize: 0", "`serialize: 0` is not a positive whole number"),
-        ("serialize: many", "`serialize: \"many\"` is not a positive whole number"),
-        ("serialize: -1", "`serialize: -1` is not a positive whole number"),
-        ("serialize: 1.5", "`serialize: 1.5` is not a positive whole number"),
-        ("target_limit: 0", "`target_limit: 0` is not a positive whole number"),
-        ("target_limit: [1]", "`target_limit: [1]` is not a positive whole number"),
+        (
+            "serialize: 0",
+            "`serialize: 0` is not a positive whole number",
+        ),
+        (
+            "serialize: many",
+            "`serialize: \"many\"` is not a positive whole number",
+        ),
+        (
+            "serialize: -1",
+            "`serialize: -1` is not a positive whole number",
+        ),
+        (
+            "serialize: 1.5",
+            "`serialize: 1.5` is not a positive whole number",
+        ),
+        (
+            "target_limit: 0",
+            "`target_limit: 0` is not a positive whole number",
+        ),
+        (
+            "target_limit: [1]",
+            "`target_limit: [1]` is not a positive whole number",
+        ),
         ("sync: maybe", "`sync: \"maybe\"` is not true or false"),
         ("sync: 1", "`sync: 1` is not true or false"),
     ];
@@ -790,9 +821,9 @@ use:
     );
     assert_eq!(results[0].result, Some(false));
     assert!(
-        results[0]
-            .comment
-            .contains("${{ nodes.db1.steps.token.stdout }} refers to step \"token\" on node \"db1\""),
+        results[0].comment.contains(
+            "${{ nodes.db1.steps.token.stdout }} refers to step \"token\" on node \"db1\""
+        ),
         "{}",
         results[0].comment
     );
