@@ -723,6 +723,14 @@ other:
         assert!(!step.args.contains_key(key), "{key} reached the module");
     }
     assert!(!plan.steps[1].sync && plan.steps[1].run_options().is_none());
+    // `eden plan` lists them under the step.
+    let mut text = Vec::new();
+    eden::cli::plan::print_plan(&mut text, "n1", &plan).unwrap();
+    let text = String::from_utf8(text).unwrap();
+    assert!(
+        text.contains("1. test.succeed_with_changes step  [orch.sls:2:1]\n     run: serialize: 2, sync: true, target_limit: 1\n"),
+        "{text}"
+    );
     // A local run is one node: the options hold trivially and the step runs.
     let reg = Registry::builtin();
     let results = run(
@@ -743,6 +751,34 @@ other:
     assert_eq!((old.steps[0].serialize, old.steps[0].sync), (None, false));
     let again: engine::Plan = serde_json::from_value(serde_json::to_value(&plan).unwrap()).unwrap();
     assert_eq!(again, plan);
+}
+
+#[test]
+fn genius_does_not_merge_steps_with_run_options() {
+    let sls = r#"
+a:
+  cmd.run:
+    - name: echo same
+b:
+  cmd.run:
+    - name: echo same
+c:
+  cmd.run:
+    - name: echo same
+    - serialize: 1
+"#;
+    let reg = Registry::builtin();
+    let plan = engine::plan(
+        tree(sls),
+        &["orch".into()],
+        &Context::default(),
+        &reg,
+        Mode::Genius,
+    )
+    .unwrap();
+    let ids: Vec<&str> = plan.steps.iter().map(|s| s.id.as_str()).collect();
+    assert_eq!(ids, ["a", "c"], "{:?}", plan.rewrites);
+    assert_eq!(plan.rewrites.len(), 1);
 }
 
 #[test]
