@@ -202,9 +202,15 @@ impl Coordinator for NodeCoord {
 struct Publisher {
     node: String,
     cluster: Arc<Cluster>,
+    /// (run_num, done, total) of every result, in the order the observer saw them.
+    seen: Mutex<Vec<(usize, usize, usize)>>,
 }
 impl Observer for Publisher {
-    fn finished(&self, result: &StepResult, _done: usize, _total: usize) {
+    fn finished(&self, result: &StepResult, done: usize, total: usize) {
+        self.seen
+            .lock()
+            .unwrap()
+            .push((result.run_num, done, total));
         self.cluster.publish(&self.node, result);
     }
 }
@@ -258,9 +264,15 @@ fn run_cluster(
                     let observer = Publisher {
                         node: node.clone(),
                         cluster: cluster.clone(),
+                        seen: Mutex::new(Vec::new()),
                     };
                     start.wait();
                     let results = run(&plan, &reg, tree.as_ref(), &opts, &observer);
+                    // Run numbers and the progress count stay right while steps wait on
+                    // other nodes: one result per step, numbered in the order recorded.
+                    let total = results.len();
+                    let want: Vec<_> = (0..total).map(|k| (k, k + 1, total)).collect();
+                    assert_eq!(*observer.seen.lock().unwrap(), want, "{node}");
                     let by_id = results.into_iter().map(|r| (r.id.clone(), r)).collect();
                     (node.clone(), by_id)
                 })
@@ -682,6 +694,75 @@ plain:
         );
         ok(by["plain"]);
     }
+}
+
+#[test]
+fn a_dry_run_goes_on_when_a_remote_value_is_not_there() {
+    let cluster = Cluster::new(&["a", "b"]);
+    let sls = r#"
+{% if node.name == "a" %}
+use:
+  cmd.run:
+    - name: echo ${{ nodes.b.steps.gen.stdout }}
+{% else %}
+gen:
+  test.fail_without_changes
+{% endif %}
+"#;
+    let reg = Registry::builtin();
+    let tree = tree(sls);
+    let plan = engine::plan(
+        tree.clone(),
+        &["orch".into()],
+        &cluster_ctx("a"),
+        &reg,
+        Mode::Ansible,
+    )
+    .unwrap();
+    // Node b's step failed, so the value is not there; a dry run shows a placeholder.
+    cluster.publish(
+        "b",
+        &StepResult {
+            id: "gen".into(),
+            name: "gen".into(),
+            function: "test.fail_without_changes".into(),
+            sls: "orch".into(),
+            result: Some(false),
+            changes: json!({}),
+            comment: "Failure!".into(),
+            duration_ms: 0.0,
+            run_num: 0,
+            outputs: Map::new(),
+            ran: true,
+        },
+    );
+    let coordinator: Arc<dyn Coordinator> = Arc::new(NodeCoord {
+        node: "a".into(),
+        cluster: cluster.clone(),
+    });
+    let dry = RunOptions {
+        test: true,
+        coordinator: Some(coordinator.clone()),
+        ..RunOptions::default()
+    };
+    let results = run(&plan, &reg, tree.as_ref(), &dry, &Quiet);
+    assert_eq!(results[0].result, None, "{}", results[0].comment);
+    assert_eq!(
+        results[0].changes,
+        json!({"cmd": "echo <nodes.b.steps.gen.stdout: known after gen runs on b>"})
+    );
+    // For real, the step fails and says why.
+    let real = RunOptions {
+        coordinator: Some(coordinator),
+        ..RunOptions::default()
+    };
+    let results = run(&plan, &reg, tree.as_ref(), &real, &Quiet);
+    assert_eq!(results[0].result, Some(false));
+    assert_eq!(
+        results[0].comment,
+        "${{ nodes.b.steps.gen.stdout }}: step \"gen\" on node \"b\" gave no value: step gen \
+         failed on b: Failure!"
+    );
 }
 
 // ---- without a coordinator -------------------------------------------------------------
