@@ -765,6 +765,54 @@ gen:
     );
 }
 
+/// A coordinator that panics must not leave a parallel run waiting forever: the panic reaches
+/// the caller of `run`.
+#[test]
+fn a_panicking_coordinator_fails_the_run_instead_of_hanging_it() {
+    struct Broken;
+    impl Coordinator for Broken {
+        fn remote(&self, _r: &StepRef) -> Result<Value> {
+            panic!("remote is broken")
+        }
+        fn enter(&self, _step: &PlanStep) -> Result<Admission> {
+            Ok(Admission::Run)
+        }
+        fn leave(&self, _step: &PlanStep, _result: &StepResult) {
+            panic!("leave is broken")
+        }
+    }
+    let reg = Registry::builtin();
+    for sls in [
+        "gated:\n  test.nop:\n    - sync: true\nafter:\n  test.nop:\n    - require:\n      - test: gated\n",
+        "use:\n  cmd.run:\n    - name: echo ${{ nodes.b.steps.gen.stdout }}\n",
+    ] {
+        let tree = tree(sls);
+        let plan = engine::plan(
+            tree.clone(),
+            &["orch".into()],
+            &cluster_ctx("a"),
+            &reg,
+            Mode::Justdoit,
+        )
+        .unwrap();
+        let opts = RunOptions {
+            coordinator: Some(Arc::new(Broken)),
+            ..RunOptions::default()
+        };
+        // On its own thread, so a hang fails the test instead of stalling it.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let reg = Registry::builtin();
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                run(&plan, &reg, tree.as_ref(), &opts, &Quiet)
+            }));
+            let _ = tx.send(outcome.is_err());
+        });
+        let panicked = rx.recv_timeout(GIVE_UP).expect("the run hung");
+        assert!(panicked, "{sls}");
+    }
+}
+
 // ---- without a coordinator -------------------------------------------------------------
 
 fn plan_local(sls: &str) -> Result<engine::Plan> {

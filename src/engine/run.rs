@@ -762,6 +762,25 @@ enum Event {
     Left(usize),
 }
 
+/// Runs `work` on a worker thread and always tells the scheduling thread (`event` gets `None`
+/// if `work` panicked), so a panic cannot leave the run waiting forever; the panic is then
+/// passed on, and the thread scope raises it again when the run ends.
+fn report<T>(
+    tx: &mpsc::Sender<Event>,
+    work: impl FnOnce() -> T,
+    event: impl FnOnce(Option<T>) -> Event,
+) {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)) {
+        Ok(v) => {
+            let _ = tx.send(event(Some(v)));
+        }
+        Err(panic) => {
+            let _ = tx.send(event(None));
+            std::panic::resume_unwind(panic);
+        }
+    }
+}
+
 /// A step admitted to run, waiting for a `jobs` slot.
 struct ReadyCall {
     args: Result<Map<String, Value>>,
@@ -794,18 +813,23 @@ fn run_parallel(runner: &mut Runner, observer: &dyn Observer) {
             *in_flight += 1;
             let tx = tx.clone();
             scope.spawn(move || {
-                let res = call_module(registry, tree, step, call.args, call.test, call.watch);
-                let _ = tx.send(Event::Called(i, res));
+                report(
+                    &tx,
+                    || call_module(registry, tree, step, call.args, call.test, call.watch),
+                    |res| {
+                        let res = res.unwrap_or_else(|| {
+                            Res::not_run(false, format!("eden bug: {} panicked", step.module))
+                        });
+                        Event::Called(i, res)
+                    },
+                )
             });
         };
         let spawn_leave = |i: usize, result: StepResult| {
             let step = &plan.steps[i];
             let c = coordinator.expect("only a coordinator admits steps");
             let tx = tx.clone();
-            scope.spawn(move || {
-                c.leave(step, &result);
-                let _ = tx.send(Event::Left(i));
-            });
+            scope.spawn(move || report(&tx, || c.leave(step, &result), |_| Event::Left(i)));
         };
         while finished_count < n {
             let mut progressed = true;
@@ -846,8 +870,18 @@ fn run_parallel(runner: &mut Runner, observer: &dyn Observer) {
                                 pending[i] = Some((test, watch));
                                 let tx = tx.clone();
                                 scope.spawn(move || {
-                                    let a = admit(step, &locals, coordinator, test);
-                                    let _ = tx.send(Event::Admitted(i, a));
+                                    report(
+                                        &tx,
+                                        || admit(step, &locals, coordinator, test),
+                                        |a| {
+                                            let a = a.unwrap_or_else(|| {
+                                                Admitted::Refused(Error::Internal(
+                                                    "the coordinator panicked".into(),
+                                                ))
+                                            });
+                                            Event::Admitted(i, a)
+                                        },
+                                    )
                                 });
                             } else {
                                 let args = resolve_args(step, &locals, coordinator, test);
