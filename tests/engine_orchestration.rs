@@ -229,6 +229,74 @@ fn cluster_ctx(node: &str) -> Context {
     }
 }
 
+/// `sls` compiled for a cluster run on `node`.
+fn cluster_plan(tree: &Arc<MemTree>, node: &str, mode: Mode) -> engine::Plan {
+    let reg = Registry::builtin();
+    engine::plan(
+        tree.clone(),
+        &["orch".into()],
+        &cluster_ctx(node),
+        &reg,
+        mode,
+    )
+    .unwrap_or_else(|e| panic!("plan on {node}: {e}"))
+}
+
+/// Run options for `node` of `cluster`: its coordinator handle.
+fn node_opts(cluster: &Arc<Cluster>, node: &str) -> RunOptions {
+    RunOptions {
+        coordinator: Some(Arc::new(NodeCoord {
+            node: node.to_string(),
+            cluster: cluster.clone(),
+        })),
+        ..RunOptions::default()
+    }
+}
+
+/// A result as another node would have published it.
+fn published(
+    id: &str,
+    function: &str,
+    result: bool,
+    comment: &str,
+    stdout: Option<&str>,
+) -> StepResult {
+    StepResult {
+        id: id.into(),
+        name: id.into(),
+        function: function.into(),
+        sls: "orch".into(),
+        result: Some(result),
+        changes: json!({}),
+        comment: comment.into(),
+        duration_ms: 0.0,
+        run_num: 0,
+        outputs: stdout
+            .map(|o| Map::from_iter([("stdout".into(), json!(o))]))
+            .unwrap_or_default(),
+        ran: true,
+    }
+}
+
+/// Runs `sls` in justdoit mode on node `a` of `cluster` alone, reporting to `observer`.
+fn run_on_a(
+    cluster: &Arc<Cluster>,
+    sls: &str,
+    observer: &dyn Observer,
+) -> (engine::Plan, Vec<StepResult>) {
+    let tree = tree(sls);
+    let plan = cluster_plan(&tree, "a", Mode::Justdoit);
+    let reg = Registry::builtin();
+    let results = run(
+        &plan,
+        &reg,
+        tree.as_ref(),
+        &node_opts(cluster, "a"),
+        observer,
+    );
+    (plan, results)
+}
+
 /// Runs `sls` on every node of `cluster` at once (each node a thread with its own plan and
 /// coordinator handle). Returns each node's results by step ID.
 fn run_cluster(
@@ -246,21 +314,8 @@ fn run_cluster(
                 let (tree, start) = (tree.clone(), &start);
                 scope.spawn(move || {
                     let reg = Registry::builtin();
-                    let plan = engine::plan(
-                        tree.clone(),
-                        &["orch".into()],
-                        &cluster_ctx(node),
-                        &reg,
-                        mode,
-                    )
-                    .unwrap_or_else(|e| panic!("plan on {node}: {e}"));
-                    let opts = RunOptions {
-                        coordinator: Some(Arc::new(NodeCoord {
-                            node: node.clone(),
-                            cluster: cluster.clone(),
-                        })),
-                        ..RunOptions::default()
-                    };
+                    let plan = cluster_plan(&tree, node, mode);
+                    let opts = node_opts(cluster, node);
                     let observer = Publisher {
                         node: node.clone(),
                         cluster: cluster.clone(),
@@ -369,22 +424,18 @@ after:
       - cmd: migrate
 "#;
         let results = run_cluster(&cluster, sls, mode);
-        let last_migrate_end = results
-            .values()
-            .map(|s| {
-                ok(&s["migrate"]);
-                stamps(&s["migrate"])[0]
-            })
-            .max()
-            .unwrap();
-        let first_after = results
-            .values()
-            .map(|s| {
-                ok(&s["after"]);
-                stamps(&s["after"])[0]
-            })
-            .min()
-            .unwrap();
+        // The one timestamp step `id` printed, on every node.
+        let printed = |id: &str| -> Vec<u128> {
+            results
+                .values()
+                .map(|steps| {
+                    ok(&steps[id]);
+                    stamps(&steps[id])[0]
+                })
+                .collect()
+        };
+        let last_migrate_end = *printed("migrate").iter().max().unwrap();
+        let first_after = *printed("after").iter().min().unwrap();
         assert!(
             last_migrate_end <= first_after,
             "{mode}: a node went past the synced step before every node finished it \
@@ -502,22 +553,7 @@ idle:
 fn justdoit_keeps_running_independent_steps_while_one_waits_on_another_node() {
     let cluster = Cluster::new(&["a", "b"]);
     // `b`'s value is there from the start, but held until `free` finishes on `a`.
-    cluster.publish(
-        "b",
-        &StepResult {
-            id: "gen".into(),
-            name: "gen".into(),
-            function: "cmd.run".into(),
-            sls: "orch".into(),
-            result: Some(true),
-            changes: json!({}),
-            comment: String::new(),
-            duration_ms: 0.0,
-            run_num: 0,
-            outputs: Map::from_iter([("stdout".into(), json!("tok"))]),
-            ran: true,
-        },
-    );
+    cluster.publish("b", &published("gen", "cmd.run", true, "", Some("tok")));
     cluster.hold_remote("gen");
     let sls = r#"
 waiting:
@@ -537,33 +573,10 @@ free:
             }
         }
     }
-    let reg = Registry::builtin();
-    let tree = tree(sls);
-    let plan = engine::plan(
-        tree.clone(),
-        &["orch".into()],
-        &cluster_ctx("a"),
-        &reg,
-        Mode::Justdoit,
-    )
-    .unwrap();
+    let (plan, results) = run_on_a(&cluster, sls, &ReleaseAfterFree(cluster.clone()));
     // `waiting` is first in the plan, so a scheduler that blocked on it would never get to
     // `free`, and the remote lookup would give up.
     assert_eq!(plan.steps[0].id, "waiting");
-    let opts = RunOptions {
-        coordinator: Some(Arc::new(NodeCoord {
-            node: "a".into(),
-            cluster: cluster.clone(),
-        })),
-        ..RunOptions::default()
-    };
-    let results = run(
-        &plan,
-        &reg,
-        tree.as_ref(),
-        &opts,
-        &ReleaseAfterFree(cluster.clone()),
-    );
     let ids: Vec<&str> = results.iter().map(|r| r.id.as_str()).collect();
     assert_eq!(ids, ["free", "waiting"]);
     for r in &results {
@@ -611,30 +624,7 @@ free:
   cmd.run:
     - name: echo free
 "#;
-    let reg = Registry::builtin();
-    let tree = tree(sls);
-    let plan = engine::plan(
-        tree.clone(),
-        &["orch".into()],
-        &cluster_ctx("a"),
-        &reg,
-        Mode::Justdoit,
-    )
-    .unwrap();
-    let opts = RunOptions {
-        coordinator: Some(Arc::new(NodeCoord {
-            node: "a".into(),
-            cluster: cluster.clone(),
-        })),
-        ..RunOptions::default()
-    };
-    let results = run(
-        &plan,
-        &reg,
-        tree.as_ref(),
-        &opts,
-        &FreeSlotAfterFree(cluster.clone()),
-    );
+    let (_, results) = run_on_a(&cluster, sls, &FreeSlotAfterFree(cluster.clone()));
     let ids: Vec<&str> = results.iter().map(|r| r.id.as_str()).collect();
     assert_eq!(ids, ["free", "gated"]);
     for r in &results {
@@ -672,14 +662,7 @@ plain:
     let reg = Registry::builtin();
     let tree = tree(sls);
     for mode in [Mode::Ansible, Mode::Justdoit] {
-        let plan = engine::plan(
-            tree.clone(),
-            &["orch".into()],
-            &cluster_ctx("a"),
-            &reg,
-            mode,
-        )
-        .unwrap();
+        let plan = cluster_plan(&tree, "a", mode);
         let opts = RunOptions {
             coordinator: Some(Arc::new(Refuse)),
             ..RunOptions::default()
@@ -711,30 +694,11 @@ gen:
 "#;
     let reg = Registry::builtin();
     let tree = tree(sls);
-    let plan = engine::plan(
-        tree.clone(),
-        &["orch".into()],
-        &cluster_ctx("a"),
-        &reg,
-        Mode::Ansible,
-    )
-    .unwrap();
+    let plan = cluster_plan(&tree, "a", Mode::Ansible);
     // Node b's step failed, so the value is not there; a dry run shows a placeholder.
     cluster.publish(
         "b",
-        &StepResult {
-            id: "gen".into(),
-            name: "gen".into(),
-            function: "test.fail_without_changes".into(),
-            sls: "orch".into(),
-            result: Some(false),
-            changes: json!({}),
-            comment: "Failure!".into(),
-            duration_ms: 0.0,
-            run_num: 0,
-            outputs: Map::new(),
-            ran: true,
-        },
+        &published("gen", "test.fail_without_changes", false, "Failure!", None),
     );
     let coordinator: Arc<dyn Coordinator> = Arc::new(NodeCoord {
         node: "a".into(),
@@ -781,20 +745,12 @@ fn a_panicking_coordinator_fails_the_run_instead_of_hanging_it() {
             panic!("leave is broken")
         }
     }
-    let reg = Registry::builtin();
     for sls in [
         "gated:\n  test.nop:\n    - sync: true\nafter:\n  test.nop:\n    - require:\n      - test: gated\n",
         "use:\n  cmd.run:\n    - name: echo ${{ nodes.b.steps.gen.stdout }}\n",
     ] {
         let tree = tree(sls);
-        let plan = engine::plan(
-            tree.clone(),
-            &["orch".into()],
-            &cluster_ctx("a"),
-            &reg,
-            Mode::Justdoit,
-        )
-        .unwrap();
+        let plan = cluster_plan(&tree, "a", Mode::Justdoit);
         let opts = RunOptions {
             coordinator: Some(Arc::new(Broken)),
             ..RunOptions::default()
