@@ -150,6 +150,7 @@ fn run_mode(text: &str, mode: Mode) -> Option<Run> {
     let opts = RunOptions {
         test: false,
         jobs: 4,
+        ..RunOptions::default()
     };
     let results = engine::run::run(&plan, &reg, tree.as_ref(), &opts, &Quiet);
     let log = rec.log.lock().unwrap().clone();
@@ -257,7 +258,11 @@ fn gate_run(mode: Mode, want: usize, jobs: usize) -> usize {
         &plan,
         &reg,
         tree.as_ref(),
-        &RunOptions { test: false, jobs },
+        &RunOptions {
+            test: false,
+            jobs,
+            ..RunOptions::default()
+        },
         &Quiet,
     );
     assert_eq!(results.len(), 5);

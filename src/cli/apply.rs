@@ -437,6 +437,7 @@ pub fn run(args: ApplyArgs) -> Result<i32> {
     let opts = RunOptions {
         test: args.test,
         jobs: args.jobs.max(1),
+        ..RunOptions::default()
     };
     let progress = Progress::new(!json_out);
     let start = Instant::now();

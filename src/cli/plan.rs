@@ -45,6 +45,9 @@ pub fn print_plan(w: &mut dyn Write, node: &str, plan: &Plan) -> std::io::Result
                 )?
             }
         }
+        if let Some(run) = s.run_options() {
+            writeln!(w, "{:width$}    run: {run}", "")?;
+        }
         for d in &s.deps {
             let t = &plan.steps[d.step];
             let what = if t.is_check() { " (prereq check)" } else { "" };

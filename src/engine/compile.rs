@@ -14,7 +14,13 @@
 //!    `module + name + function`, then the node tag.
 //!
 //! A cycle is an error naming every state on it. An unknown requisite target, module, function or
-//! `${{ steps.ID.FIELD }}` is an error before anything runs. This module is pure: no I/O.
+//! `${{ steps.ID.FIELD }}` is an error before anything runs. `${{ nodes.N.steps.ID.FIELD }}` is
+//! an error too unless [`CompileOptions::remote_refs`] says the plan is for a cluster run.
+//!
+//! The cross-node run options `serialize: N`, `sync: true` and `target_limit: N` are engine
+//! keys like `order`: read here into [`PlanStep`] (a bad value is an error naming the state,
+//! its `file:line` and the value), never passed to the module, and acted on by `run` through
+//! the run's coordinator. This module is pure: no I/O.
 
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BinaryHeap, HashMap};
@@ -144,6 +150,21 @@ pub struct PlanStep {
     pub prereq_check: Option<usize>,
     /// True when `args` hold `${{ ... }}` references.
     pub has_refs: bool,
+    /// `serialize: N`: at most N nodes run this step at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serialize: Option<u32>,
+    /// `sync: true`: every targeted node finishes this step before any node runs a step that
+    /// requires it.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub sync: bool,
+    /// `target_limit: N`: only N of the targeted nodes run this step (Ansible's `run_once` is
+    /// `target_limit: 1`); the others record it as skipped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_limit: Option<u32>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 impl PlanStep {
@@ -152,6 +173,26 @@ impl PlanStep {
     }
     pub fn is_check(&self) -> bool {
         self.prereq_check_of.is_some()
+    }
+    /// True when the step has cross-node run options (`serialize`, `sync`, `target_limit`), so
+    /// a cluster run asks its [`Coordinator`](super::coord::Coordinator) before and after it.
+    /// A prereq check entry (a test-mode probe) never does.
+    pub fn coordinated(&self) -> bool {
+        !self.is_check() && (self.serialize.is_some() || self.sync || self.target_limit.is_some())
+    }
+    /// The run options as written in SLS, e.g. `serialize: 1, sync: true`, for plan listings.
+    pub fn run_options(&self) -> Option<String> {
+        let mut parts = Vec::new();
+        if let Some(n) = self.serialize {
+            parts.push(format!("serialize: {n}"));
+        }
+        if self.sync {
+            parts.push("sync: true".to_string());
+        }
+        if let Some(n) = self.target_limit {
+            parts.push(format!("target_limit: {n}"));
+        }
+        (!parts.is_empty()).then(|| parts.join(", "))
     }
 }
 
@@ -185,6 +226,9 @@ const ENGINE_KEYS: &[&str] = &[
     "listen",
     "listen_in",
     "onfail_stop",
+    "serialize",
+    "sync",
+    "target_limit",
 ];
 
 /// Fields every step has, besides its module's outputs.
@@ -647,11 +691,29 @@ impl Ord for Key {
     }
 }
 
+/// What a compile allows beyond a plain local run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CompileOptions {
+    /// Accept `${{ nodes.NODE.steps.ID.FIELD }}`: the plan is for a cluster run, whose
+    /// coordinator resolves them. Without it such a reference is a compile error.
+    pub remote_refs: bool,
+}
+
 /// Compiles high data into a plan in Salt's order, checking modules, arguments and step
-/// references against `registry`.
+/// references against `registry`. References to other nodes are rejected (a local run).
 pub fn compile(high: &High, registry: &Registry, mode: Mode) -> Result<Plan> {
+    compile_with(high, registry, mode, CompileOptions::default())
+}
+
+/// [`compile`] with options; a cluster run sets [`CompileOptions::remote_refs`].
+pub fn compile_with(
+    high: &High,
+    registry: &Registry,
+    mode: Mode,
+    opts: CompileOptions,
+) -> Result<Plan> {
     let mut chunks = chunks_of(high)?;
-    add_ref_requires(&mut chunks, registry)?;
+    add_ref_requires(&mut chunks, registry, opts)?;
     let mut b = Builder {
         order: chunks
             .iter()
@@ -829,6 +891,7 @@ pub fn compile(high: &High, registry: &Registry, mode: Mode) -> Result<Plan> {
         module
             .validate(&c.function, &args)
             .map_err(|e| Error::InvalidInput(format!("{}: state {:?}: {e}", c.at, c.id)))?;
+        let run = run_options(c)?;
         let deps = b.graph.inn[node]
             .iter()
             .flat_map(|(src, kinds)| {
@@ -861,12 +924,59 @@ pub fn compile(high: &High, registry: &Registry, mode: Mode) -> Result<Plan> {
             prereq_check_of,
             prereq_check,
             has_refs,
+            serialize: run.serialize,
+            sync: run.sync,
+            target_limit: run.target_limit,
         });
     }
     Ok(Plan {
         mode,
         steps,
         rewrites: Vec::new(),
+    })
+}
+
+/// A state's cross-node run options, as read from its SLS.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct RunOpts {
+    serialize: Option<u32>,
+    sync: bool,
+    target_limit: Option<u32>,
+}
+
+/// Reads `serialize: N`, `sync: BOOL` and `target_limit: N`; a bad value is an error naming
+/// the state, where it is declared and the value.
+fn run_options(c: &Chunk) -> Result<RunOpts> {
+    let count = |key: &str, meaning: &str| -> Result<Option<u32>> {
+        let Some(v) = c.get(key) else {
+            return Ok(None);
+        };
+        match v.as_u64() {
+            Some(n) if n >= 1 && n <= u64::from(u32::MAX) => Ok(Some(n as u32)),
+            _ => Err(Error::InvalidInput(format!(
+                "{}: state {:?}: `{key}: {v}` is not a positive whole number; write \
+                 `{key}: N` with N at least 1 ({meaning})",
+                c.at, c.id
+            ))),
+        }
+    };
+    let serialize = count("serialize", "at most N nodes run the step at once")?;
+    let target_limit = count("target_limit", "only N of the targeted nodes run the step")?;
+    let sync = match c.get("sync") {
+        None => false,
+        Some(Value::Bool(b)) => *b,
+        Some(v) => {
+            return Err(Error::InvalidInput(format!(
+                "{}: state {:?}: `sync: {v}` is not true or false; write `sync: true` to make \
+                 every node finish the step before any node goes past it",
+                c.at, c.id
+            )))
+        }
+    };
+    Ok(RunOpts {
+        serialize,
+        sync,
+        target_limit,
     })
 }
 
@@ -889,7 +999,7 @@ fn module_args(c: &Chunk) -> Args {
 
 /// `${{ steps.ID.FIELD }}` in a state's arguments: check the step and field exist, and add an
 /// implicit `require` on the step.
-fn add_ref_requires(chunks: &mut [Chunk], registry: &Registry) -> Result<()> {
+fn add_ref_requires(chunks: &mut [Chunk], registry: &Registry, opts: CompileOptions) -> Result<()> {
     let ids: HashMap<String, Vec<usize>> =
         chunks
             .iter()
@@ -905,8 +1015,9 @@ fn add_ref_requires(chunks: &mut [Chunk], registry: &Registry) -> Result<()> {
         })?;
         let mut required: Vec<String> = Vec::new();
         for r in refs {
-            check_ref(&r, &chunks[i], chunks, &ids, registry)?;
-            if !required.contains(&r.step) {
+            check_ref(&r, &chunks[i], chunks, &ids, registry, opts)?;
+            // A step on another node is waited for through the coordinator, not a requisite.
+            if r.node.is_none() && !required.contains(&r.step) {
                 required.push(r.step.clone());
             }
         }
@@ -931,12 +1042,20 @@ fn check_ref(
     chunks: &[Chunk],
     ids: &HashMap<String, Vec<usize>>,
     registry: &Registry,
+    opts: CompileOptions,
 ) -> Result<()> {
     let at = format!("{}: state {:?}", me.at, me.id);
     if let Some(node) = &r.node {
+        // The other node compiles its own plan; its steps and fields are checked there, and
+        // the coordinator reports a missing one when this step runs.
+        if opts.remote_refs {
+            return Ok(());
+        }
         return Err(Error::InvalidInput(format!(
-            "{at}: ${{{{ nodes.{node}.steps.{}... }}}} refers to another node; only a cluster \
-             run can resolve it, not --local",
+            "{at}: ${{{{ nodes.{node}.steps.{}.{} }}}} refers to step {:?} on node {node:?}; \
+             only a cluster run (eden apply --target ...) can resolve it, not a --local run",
+            r.step,
+            r.path.join("."),
             r.step
         )));
     }

@@ -41,5 +41,12 @@ pub trait Coordinator: Send + Sync {
     /// Called after such a step finished here (ran, skipped or failed), with its result.
     /// Releases what `enter` took; for `sync: true` blocks until every node that runs the step
     /// has finished it.
+    ///
+    /// The engine calls it after the result is recorded and the run's observer has seen it
+    /// (so a result published by the observer is already visible to the other nodes), and
+    /// starts the step's dependents only when it returns. It is not called when `enter`
+    /// returned an error. A node where the step did not run because of its requisites never
+    /// calls `enter` or `leave` for it, but its result is recorded all the same: a `sync`
+    /// barrier should count a node as done when its result for the step is recorded.
     fn leave(&self, step: &PlanStep, result: &StepResult);
 }

@@ -14,7 +14,8 @@
 //!    dependents wait for the one that is kept.
 //!
 //! An edge a rewrite would add that closes a cycle is not added; the skip is recorded too.
-//! Steps that take part in a `prereq` are left alone. Pure: no I/O.
+//! Steps that take part in a `prereq`, or have cross-node run options (`serialize`, `sync`,
+//! `target_limit`), are never aggregated or de-duplicated. Pure: no I/O.
 
 use serde_json::Value;
 
@@ -73,6 +74,12 @@ impl Work {
     fn involved_in_prereq(&self, i: usize) -> bool {
         let s = &self.steps[i];
         s.is_check() || s.prereq_check.is_some() || s.deps.iter().any(|d| d.kind == ReqKind::Prereq)
+    }
+
+    /// Steps that must stay as written: those in a `prereq`, and those with cross-node run
+    /// options (merging one would change what the other nodes wait for).
+    fn left_alone(&self, i: usize) -> bool {
+        self.involved_in_prereq(i) || self.steps[i].coordinated()
     }
 
     fn requires(&self, i: usize, j: usize) -> bool {
@@ -204,7 +211,7 @@ pub fn rewrite(plan: &mut Plan) {
     let installs: Vec<usize> = pkgs
         .iter()
         .copied()
-        .filter(|&i| w.steps[i].function == "installed" && !w.involved_in_prereq(i))
+        .filter(|&i| w.steps[i].function == "installed" && !w.left_alone(i))
         .collect();
     let mut groups: Vec<Vec<usize>> = Vec::new();
     for &i in &installs {
@@ -264,12 +271,12 @@ pub fn rewrite(plan: &mut Plan) {
 
     // 4. Identical steps run once.
     for j in 0..n {
-        if !w.alive[j] || w.involved_in_prereq(j) {
+        if !w.alive[j] || w.left_alone(j) {
             continue;
         }
         let twin = (0..j).find(|&i| {
             w.alive[i]
-                && !w.involved_in_prereq(i)
+                && !w.left_alone(i)
                 && w.steps[i].module == w.steps[j].module
                 && w.steps[i].function == w.steps[j].function
                 && w.steps[i].args == w.steps[j].args

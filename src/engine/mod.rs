@@ -15,7 +15,10 @@
 //!    (`justdoit`, `genius`), with Salt's requisite semantics, and yields [`run::StepResult`]s.
 //!
 //! What the engine does not do: fetch state trees (callers give a [`SourceTree`]), talk to
-//! other nodes (`${{ nodes.N... }}` is rejected without a cluster), or print anything.
+//! other nodes, or print anything. A cluster run compiles with `eden.cluster: true` in the
+//! [`Context`] (otherwise `${{ nodes.N... }}` is a compile error) and hands [`run::run`] a
+//! [`Coordinator`] ([`coord`]): the engine asks it for other nodes' step values and before and
+//! after steps with cross-node run options (`serialize`, `sync`, `target_limit`).
 
 use std::sync::Arc;
 
@@ -30,7 +33,7 @@ pub mod run;
 pub mod sls;
 pub mod tree;
 
-pub use compile::{Mode, Plan, PlanStep, Rewrite};
+pub use compile::{CompileOptions, Mode, Plan, PlanStep, Rewrite};
 pub use coord::{Admission, Coordinator};
 pub use render::{Context, NodeInfo};
 pub use run::{Observer, Quiet, RunOptions, StepResult};
@@ -44,7 +47,9 @@ pub fn load(tree: Arc<dyn SourceTree>, sls: &[String], ctx: &Context) -> Result<
 }
 
 /// Renders, parses and compiles the named SLS files into a plan for `mode`. With no SLS names,
-/// `top.sls` chooses them for `ctx.node`.
+/// `top.sls` chooses them for `ctx.node`. `${{ nodes.N.steps... }}` references compile only
+/// when `ctx.eden["cluster"]` is `true` (a cluster run, which has a coordinator to resolve
+/// them).
 pub fn plan(
     tree: Arc<dyn SourceTree>,
     sls: &[String],
@@ -58,7 +63,10 @@ pub fn plan(
         sls.to_vec()
     };
     let high = load(tree, &names, ctx)?;
-    let mut plan = compile::compile(&high, registry, mode)?;
+    let opts = compile::CompileOptions {
+        remote_refs: ctx.eden.get("cluster").and_then(Value::as_bool) == Some(true),
+    };
+    let mut plan = compile::compile_with(&high, registry, mode, opts)?;
     if mode == Mode::Genius {
         genius::rewrite(&mut plan);
     }

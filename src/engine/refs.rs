@@ -7,7 +7,10 @@
 //! A string that is exactly one reference takes the referenced value with its JSON type (so
 //! `retcode` stays a number); a reference inside a longer string is spliced in as text.
 //! `${{ nodes.NAME.steps.ID.FIELD }}` names a step on another node; it parses here but only a
-//! cluster run can resolve it.
+//! cluster run can resolve it: the compiler rejects it unless the plan is compiled for a cluster
+//! ([`super::compile::CompileOptions::remote_refs`]), and at run time the run's
+//! [`super::coord::Coordinator::remote`] supplies the value (waiting for the other node). It
+//! adds no requisite, since the step it names is not in this node's plan.
 
 use serde_json::Value;
 

@@ -20,16 +20,36 @@
 //! entry whose requisites have finished, at most `jobs` at a time; the decision to run or skip
 //! is made on the scheduling thread (it only reads finished results), module calls run on
 //! worker threads. `run_num` is the order in which results were recorded.
+//!
+//! Cross-node orchestration (a cluster run gives [`RunOptions::coordinator`]):
+//! - A step with `serialize: N`, `sync: true` or `target_limit: N` that would run asks
+//!   [`Coordinator::enter`] first. `Skip(comment)` records it as succeeded, unchanged, not run;
+//!   an error fails it with the error as comment (and `leave` is not called). After its result
+//!   is recorded (the observer has seen it), [`Coordinator::leave`] is called, and only when
+//!   that returns may its dependents start: so `sync` holds back the steps that require the
+//!   synced step. In `ansible` mode that is every later step; in the parallel modes, as always,
+//!   only requisites order steps, so independent steps are not held back.
+//! - `${{ nodes.NODE.steps.ID.FIELD }}` comes from [`Coordinator::remote`] just before the step
+//!   runs; a failed lookup fails that step only, with a comment naming the node, step and why.
+//!   Such a reference adds no requisite (the step is on another node).
+//! - The blocking calls (`enter`, `remote`, `leave`) run on worker threads in the parallel
+//!   modes and take no `jobs` slot, so independent steps keep starting and finishing.
+//!
+//! Without a coordinator (a local run) this node is the whole run: `serialize`, `sync` and
+//! `target_limit` hold trivially and are not acted on, and a `${{ nodes... }}` reference fails
+//! its step (the compiler already rejects it unless the plan was compiled for a cluster).
 
-use std::collections::BTreeSet;
-use std::sync::mpsc;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::sync::{mpsc, Arc};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::compile::{Dep, Mode, Plan, PlanStep, ReqKind};
-use super::refs::{substitute, StepRef};
+use super::coord::{Admission, Coordinator};
+use super::refs::{find_refs, substitute, StepRef};
 use crate::error::{Error, Result};
 use crate::modules::{Call, Outcome, Registry, SourceTree};
 
@@ -59,12 +79,16 @@ fn yes() -> bool {
 }
 
 /// How to run a plan.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RunOptions {
     /// Dry run: modules report what would change and change nothing.
     pub test: bool,
-    /// The most steps running at once in the parallel modes.
+    /// The most module calls running at once in the parallel modes.
     pub jobs: usize,
+    /// The other nodes of a cluster run. `None` for a local run: this node is the only one,
+    /// so `serialize`, `sync` and `target_limit` hold trivially and are not acted on, and a
+    /// `${{ nodes.N... }}` reference fails its step.
+    pub coordinator: Option<Arc<dyn Coordinator>>,
 }
 
 impl Default for RunOptions {
@@ -72,7 +96,21 @@ impl Default for RunOptions {
         RunOptions {
             test: false,
             jobs: 8,
+            coordinator: None,
         }
+    }
+}
+
+impl fmt::Debug for RunOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RunOptions")
+            .field("test", &self.test)
+            .field("jobs", &self.jobs)
+            .field(
+                "coordinator",
+                &self.coordinator.as_ref().map(|_| "dyn Coordinator"),
+            )
+            .finish()
     }
 }
 
@@ -158,7 +196,12 @@ struct Runner<'a> {
     slots: Vec<Option<Res>>,
     run_nums: Vec<Option<usize>>,
     next_run_num: usize,
+    /// Results of normal steps recorded so far: the `done` count given to the observer.
+    recorded: usize,
 }
+
+/// This node's referenced values for one step, or why each is not available.
+type LocalValues = Vec<(StepRef, Result<Value>)>;
 
 impl<'a> Runner<'a> {
     /// The result a dependency of kind `kind` on entry `e` reads.
@@ -390,32 +433,37 @@ impl<'a> Runner<'a> {
         Ok(v)
     }
 
-    /// Prepares a module call: arguments with references substituted.
-    fn prepare(&self, i: usize) -> Result<Map<String, Value>> {
+    /// The values of the step's `${{ steps.ID... }}` references (this node's), read from the
+    /// results so far on the scheduling thread. References to other nodes are left to
+    /// [`resolve_args`], which may block.
+    fn local_values(&self, i: usize) -> Result<LocalValues> {
         let step = &self.plan.steps[i];
         if !step.has_refs {
-            return Ok(step.args.clone());
+            return Ok(Vec::new());
         }
-        // In a dry run the referenced step did not really run, so its outputs are unknown:
-        // the dry run goes on with a placeholder that says so.
-        let lookup = |r: &StepRef| match self.lookup(r) {
-            Err(_) if self.opts.test => Ok(Value::String(format!(
-                "<steps.{}.{}: known after {} runs>",
-                r.step,
-                r.path.join("."),
-                r.step
-            ))),
-            other => other,
-        };
-        match substitute(&Value::Object(step.args.clone()), &lookup)? {
-            Value::Object(m) => Ok(m),
-            _ => Err(Error::Internal(
-                "substituted arguments are not a map".into(),
-            )),
+        let mut out: LocalValues = Vec::new();
+        for r in find_refs(&Value::Object(step.args.clone()))? {
+            if r.node.is_some() || out.iter().any(|(k, _)| *k == r) {
+                continue;
+            }
+            // In a dry run the referenced step did not really run, so its outputs are unknown:
+            // the dry run goes on with a placeholder that says so.
+            let v = match self.lookup(&r) {
+                Err(_) if self.opts.test => Ok(Value::String(format!(
+                    "<steps.{}.{}: known after {} runs>",
+                    r.step,
+                    r.path.join("."),
+                    r.step
+                ))),
+                other => other,
+            };
+            out.push((r, v));
         }
+        Ok(out)
     }
 
-    fn record(&mut self, i: usize, res: Res, observer: &dyn Observer, done: usize) {
+    /// Records a result; a normal step's result gets its run number and goes to the observer.
+    fn record(&mut self, i: usize, res: Res, observer: &dyn Observer) {
         let step = &self.plan.steps[i];
         match step.prereq_check_of {
             Some(_) if res.ran => {
@@ -424,19 +472,20 @@ impl<'a> Runner<'a> {
             }
             Some(t) => {
                 self.slots[i] = Some(res.clone());
-                self.assign(t, res, observer, done);
+                self.assign(t, res, observer);
             }
-            None => self.assign(i, res, observer, done),
+            None => self.assign(i, res, observer),
         }
     }
 
-    fn assign(&mut self, i: usize, res: Res, observer: &dyn Observer, done: usize) {
+    fn assign(&mut self, i: usize, res: Res, observer: &dyn Observer) {
         self.next_run_num += res.calls.saturating_sub(1);
         self.run_nums[i] = Some(self.next_run_num);
         self.next_run_num += 1;
+        self.recorded += 1;
         self.slots[i] = Some(res);
         let r = self.result_of(i);
-        observer.finished(&r, done, self.total());
+        observer.finished(&r, self.recorded, self.total());
     }
 
     fn total(&self) -> usize {
@@ -524,7 +573,126 @@ fn call_module(
     }
 }
 
+/// The module arguments of `step` with every reference substituted: this node's from
+/// `locals`, other nodes' through the coordinator (which may block until the other node has
+/// recorded the step). Runs on a worker thread in the parallel modes.
+fn resolve_args(
+    step: &PlanStep,
+    locals: &Result<LocalValues>,
+    coordinator: Option<&dyn Coordinator>,
+    test: bool,
+) -> Result<Map<String, Value>> {
+    if !step.has_refs {
+        return Ok(step.args.clone());
+    }
+    let locals = locals.as_ref().map_err(Clone::clone)?;
+    let lookup = |r: &StepRef| -> Result<Value> {
+        match &r.node {
+            None => locals
+                .iter()
+                .find(|(k, _)| k == r)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_else(|| {
+                    Err(Error::Internal(format!(
+                        "eden bug: steps.{} was not looked up",
+                        r.step
+                    )))
+                }),
+            Some(node) => remote_value(r, node, coordinator, test),
+        }
+    };
+    match substitute(&Value::Object(step.args.clone()), &lookup)? {
+        Value::Object(m) => Ok(m),
+        _ => Err(Error::Internal(
+            "substituted arguments are not a map".into(),
+        )),
+    }
+}
+
+/// `${{ nodes.NODE.steps.ID.FIELD }}` through the coordinator.
+fn remote_value(
+    r: &StepRef,
+    node: &str,
+    coordinator: Option<&dyn Coordinator>,
+    test: bool,
+) -> Result<Value> {
+    let full = format!("nodes.{node}.steps.{}.{}", r.step, r.path.join("."));
+    let Some(c) = coordinator else {
+        return Err(Error::InvalidInput(format!(
+            "${{{{ {full} }}}} refers to step {:?} on node {node:?}; only a cluster run (eden \
+             apply --target ...) can resolve it, and this run has no other nodes",
+            r.step
+        )));
+    };
+    match c.remote(r) {
+        Ok(v) => Ok(v),
+        Err(_) if test => Ok(Value::String(format!(
+            "<{full}: known after {} runs on {node}>",
+            r.step
+        ))),
+        Err(e) => Err(Error::Unavailable(format!(
+            "${{{{ {full} }}}}: step {:?} on node {node:?} gave no value: {e}",
+            r.step
+        ))),
+    }
+}
+
+/// True when running `step` may block on other nodes: it has cross-node run options or
+/// refers to another node's step, and there is a coordinator to ask.
+fn waits_on_others(step: &PlanStep, coordinator: Option<&dyn Coordinator>) -> bool {
+    coordinator.is_some() && (step.coordinated() || refers_to_other_nodes(step))
+}
+
+fn refers_to_other_nodes(step: &PlanStep) -> bool {
+    step.has_refs
+        && find_refs(&Value::Object(step.args.clone()))
+            .map(|refs| refs.iter().any(|r| r.node.is_some()))
+            .unwrap_or(false)
+}
+
+/// The admission step of a step about to run: asks the coordinator when the step has
+/// cross-node run options, then resolves the arguments if it is to run. `Err` fails the step.
+/// Blocks; runs on a worker thread in the parallel modes.
+fn admit(
+    step: &PlanStep,
+    locals: &Result<LocalValues>,
+    coordinator: Option<&dyn Coordinator>,
+    test: bool,
+) -> Admitted {
+    let gate = coordinator.filter(|_| step.coordinated());
+    match gate.map(|c| c.enter(step)) {
+        None | Some(Ok(Admission::Run)) => Admitted::Run {
+            args: resolve_args(step, locals, coordinator, test),
+            entered: gate.is_some(),
+        },
+        Some(Ok(Admission::Skip(comment))) => Admitted::Skip(comment),
+        Some(Err(e)) => Admitted::Refused(e),
+    }
+}
+
+/// What [`admit`] decided.
+enum Admitted {
+    /// Call the module with these arguments (an `Err` fails the step). `entered`: the
+    /// coordinator admitted it, so it must hear `leave` afterwards.
+    Run {
+        args: Result<Map<String, Value>>,
+        entered: bool,
+    },
+    /// The coordinator said not to run it here; it must hear `leave` afterwards.
+    Skip(String),
+    /// `enter` failed: the step fails with this error, and `leave` is not called.
+    Refused(Error),
+}
+
 /// Runs a plan. Results come back in `run_num` order.
+///
+/// With a coordinator ([`RunOptions::coordinator`]), a step with `serialize`, `sync` or
+/// `target_limit` calls [`Coordinator::enter`] once its requisites are met and it would run,
+/// and [`Coordinator::leave`] after its result is recorded (so the observer has seen it); its
+/// dependents start only after `leave` returned. `${{ nodes.N... }}` values come from
+/// [`Coordinator::remote`] just before the step runs. In the parallel modes these blocking
+/// calls are made on worker threads and do not take a `jobs` slot, so independent steps keep
+/// running meanwhile; in `ansible` mode they are made in turn, like everything else.
 pub fn run(
     plan: &Plan,
     registry: &Registry,
@@ -541,6 +709,7 @@ pub fn run(
         slots: vec![None; n],
         run_nums: vec![None; n],
         next_run_num: 0,
+        recorded: 0,
     };
     if plan.mode == Mode::Ansible || opts.jobs <= 1 {
         for i in 0..n {
@@ -558,38 +727,125 @@ pub fn run(
 }
 
 fn run_one_inline(runner: &mut Runner, i: usize, observer: &dyn Observer) {
-    let done = runner.next_run_num + 1;
+    let coordinator = runner.opts.coordinator.as_deref();
     match runner.decide(i) {
         Action::Skip => {}
-        Action::Record(res) => runner.record(i, res, observer, done),
+        Action::Record(res) => runner.record(i, res, observer),
         Action::Call { test, watch } => {
-            let step = &runner.plan.steps[i];
-            observer.started(step);
-            let args = runner.prepare(i);
-            let res = call_module(runner.registry, runner.tree, step, args, test, watch);
-            runner.record(i, res, observer, done);
+            let plan = runner.plan;
+            let step = &plan.steps[i];
+            let locals = runner.local_values(i);
+            let (res, entered) = match admit(step, &locals, coordinator, test) {
+                Admitted::Run { args, entered } => {
+                    observer.started(step);
+                    let res = call_module(runner.registry, runner.tree, step, args, test, watch);
+                    (res, entered)
+                }
+                Admitted::Skip(comment) => (Res::not_run(true, comment), true),
+                Admitted::Refused(e) => (Res::not_run(false, e.to_string()), false),
+            };
+            runner.record(i, res, observer);
+            if let (true, Some(c)) = (entered, coordinator) {
+                c.leave(step, &runner.result_of(i));
+            }
         }
     }
+}
+
+/// What a worker thread reports to the scheduling thread.
+enum Event {
+    /// [`admit`] finished for entry `i`.
+    Admitted(usize, Admitted),
+    /// The module call of entry `i` finished.
+    Called(usize, Res),
+    /// [`Coordinator::leave`] returned for entry `i`: its dependents may start.
+    Left(usize),
+}
+
+/// Runs `work` on a worker thread and always tells the scheduling thread (`event` gets `None`
+/// if `work` panicked), so a panic cannot leave the run waiting forever; the panic is then
+/// passed on, and the thread scope raises it again when the run ends.
+fn report<T>(
+    tx: &mpsc::Sender<Event>,
+    work: impl FnOnce() -> T,
+    event: impl FnOnce(Option<T>) -> Event,
+) {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)) {
+        Ok(v) => {
+            let _ = tx.send(event(Some(v)));
+        }
+        Err(panic) => {
+            let _ = tx.send(event(None));
+            std::panic::resume_unwind(panic);
+        }
+    }
+}
+
+/// A step admitted to run, waiting for a `jobs` slot.
+struct ReadyCall {
+    args: Result<Map<String, Value>>,
+    test: bool,
+    watch: Option<Vec<String>>,
 }
 
 fn run_parallel(runner: &mut Runner, observer: &dyn Observer) {
     let plan = runner.plan;
     let n = plan.steps.len();
+    let jobs = runner.opts.jobs.max(1);
+    let coordinator = runner.opts.coordinator.as_deref();
+    // `finished`: dependents may start (for a coordinated step, after `leave` returned).
     let mut finished = vec![false; n];
     let mut started = vec![false; n];
+    // Per entry: the call mode decided for it, kept while `admit` runs on a worker.
+    let mut pending: Vec<Option<(bool, Option<Vec<String>>)>> = vec![None; n];
+    let mut entered = vec![false; n];
+    // Admitted steps waiting for a slot, lowest plan index first.
+    let mut queue: BTreeMap<usize, ReadyCall> = BTreeMap::new();
     let mut in_flight = 0usize;
     let mut finished_count = 0usize;
-    let (tx, rx) = mpsc::channel::<(usize, Res)>();
+    let (tx, rx) = mpsc::channel::<Event>();
     let registry = runner.registry;
     let tree = runner.tree;
     std::thread::scope(|scope| {
+        let spawn_call = |i: usize, call: ReadyCall, in_flight: &mut usize| {
+            let step = &plan.steps[i];
+            observer.started(step);
+            *in_flight += 1;
+            let tx = tx.clone();
+            scope.spawn(move || {
+                report(
+                    &tx,
+                    || call_module(registry, tree, step, call.args, call.test, call.watch),
+                    |res| {
+                        let res = res.unwrap_or_else(|| {
+                            Res::not_run(false, format!("eden bug: {} panicked", step.module))
+                        });
+                        Event::Called(i, res)
+                    },
+                )
+            });
+        };
+        let spawn_leave = |i: usize, result: StepResult| {
+            let step = &plan.steps[i];
+            let c = coordinator.expect("only a coordinator admits steps");
+            let tx = tx.clone();
+            scope.spawn(move || report(&tx, || c.leave(step, &result), |_| Event::Left(i)));
+        };
         while finished_count < n {
-            // Start everything ready, lowest plan index first, up to the pool size.
             let mut progressed = true;
             while progressed {
                 progressed = false;
+                // Admitted steps first: they were ready before anything decided now.
+                while in_flight < jobs {
+                    let Some((i, call)) = queue.pop_first() else {
+                        break;
+                    };
+                    spawn_call(i, call, &mut in_flight);
+                    progressed = true;
+                }
+                // Then everything newly ready, lowest plan index first, up to the pool size.
                 for i in 0..n {
-                    if started[i] || in_flight >= runner.opts.jobs.max(1) {
+                    if started[i] || in_flight >= jobs {
                         continue;
                     }
                     if !plan.steps[i].deps.iter().all(|d| finished[d.step]) {
@@ -597,27 +853,41 @@ fn run_parallel(runner: &mut Runner, observer: &dyn Observer) {
                     }
                     started[i] = true;
                     progressed = true;
-                    let done = runner.next_run_num + 1;
                     match runner.decide(i) {
                         Action::Skip => {
                             finished[i] = true;
                             finished_count += 1;
                         }
                         Action::Record(res) => {
-                            runner.record(i, res, observer, done);
+                            runner.record(i, res, observer);
                             finished[i] = true;
                             finished_count += 1;
                         }
                         Action::Call { test, watch } => {
                             let step = &plan.steps[i];
-                            observer.started(step);
-                            let args = runner.prepare(i);
-                            let tx = tx.clone();
-                            in_flight += 1;
-                            scope.spawn(move || {
-                                let res = call_module(registry, tree, step, args, test, watch);
-                                let _ = tx.send((i, res));
-                            });
+                            let locals = runner.local_values(i);
+                            if waits_on_others(step, coordinator) {
+                                pending[i] = Some((test, watch));
+                                let tx = tx.clone();
+                                scope.spawn(move || {
+                                    report(
+                                        &tx,
+                                        || admit(step, &locals, coordinator, test),
+                                        |a| {
+                                            let a = a.unwrap_or_else(|| {
+                                                Admitted::Refused(Error::Internal(
+                                                    "the coordinator panicked".into(),
+                                                ))
+                                            });
+                                            Event::Admitted(i, a)
+                                        },
+                                    )
+                                });
+                            } else {
+                                let args = resolve_args(step, &locals, coordinator, test);
+                                let call = ReadyCall { args, test, watch };
+                                spawn_call(i, call, &mut in_flight);
+                            }
                         }
                     }
                 }
@@ -625,12 +895,42 @@ fn run_parallel(runner: &mut Runner, observer: &dyn Observer) {
             if finished_count >= n {
                 break;
             }
-            let Ok((i, res)) = rx.recv() else { break };
-            in_flight -= 1;
-            let done = runner.next_run_num + 1;
-            runner.record(i, res, observer, done);
-            finished[i] = true;
-            finished_count += 1;
+            let Ok(event) = rx.recv() else { break };
+            match event {
+                Event::Admitted(i, admitted) => {
+                    let (test, watch) = pending[i].take().expect("admitted steps are pending");
+                    match admitted {
+                        Admitted::Run { args, entered: e } => {
+                            entered[i] = e;
+                            queue.insert(i, ReadyCall { args, test, watch });
+                        }
+                        Admitted::Skip(comment) => {
+                            runner.record(i, Res::not_run(true, comment), observer);
+                            entered[i] = true;
+                            spawn_leave(i, runner.result_of(i));
+                        }
+                        Admitted::Refused(e) => {
+                            runner.record(i, Res::not_run(false, e.to_string()), observer);
+                            finished[i] = true;
+                            finished_count += 1;
+                        }
+                    }
+                }
+                Event::Called(i, res) => {
+                    in_flight -= 1;
+                    runner.record(i, res, observer);
+                    if entered[i] {
+                        spawn_leave(i, runner.result_of(i));
+                    } else {
+                        finished[i] = true;
+                        finished_count += 1;
+                    }
+                }
+                Event::Left(i) => {
+                    finished[i] = true;
+                    finished_count += 1;
+                }
+            }
         }
     });
 }
