@@ -8,6 +8,7 @@
 //! - [`etcd`]: the etcd v3 gRPC services and JSON gateway over `eden_raft`.
 //! - [`engine`]: the state language: render, parse, graph, order, run. Pure; no network, no store.
 //! - [`modules`]: `cmd`, `file`, `pkg`, `pkgrepo`, `test`, external: what changes a server.
+//! - [`sources`]: where state trees come from: git repositories at a commit.
 //! - [`error`]: the one error type.
 //!
 //! Below this crate: `eden_raft` (openraft on sled) and `eden_storage` (the MVCC keyspace).
