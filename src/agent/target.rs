@@ -21,6 +21,8 @@
 //!   because labels are what the operator set on purpose. A value that is not a JSON string is
 //!   compared in its JSON text (`cpus=4`, `virtual=true`); a JSON array matches when any element
 //!   does (`ips=10.1.*`). A missing key never matches, not even `key=*`.
+//! - A dotted key that no label or fact has whole reaches into object values: `os.family=debian`
+//!   reads `{"os": {"family": "debian"}}`, again from the labels first.
 //! - A bare word is any run of characters other than whitespace, `(`, `)`, `,`, `=` and quotes.
 //!   Quote a word that has those, or one spelled like a keyword (`"not"`); inside quotes `\` escapes
 //!   the next character. `and`, `or` and `not` are keywords only in lower case and unquoted.
@@ -77,7 +79,7 @@ impl Expr {
     ) -> bool {
         match self {
             Expr::Name(glob) => fnmatch(name, glob),
-            Expr::Field { key, value } => match labels.get(key).or_else(|| facts.get(key)) {
+            Expr::Field { key, value } => match lookup(key, labels, facts) {
                 Some(v) => value_matches(v, value),
                 None => false,
             },
@@ -110,6 +112,28 @@ impl Expr {
             write!(f, "{child}")
         }
     }
+}
+
+/// The label, else the fact, named `key`; else, for a dotted key, the path into an object-valued
+/// label or fact (`os.family` reads `{"os": {"family": ..}}`), labels again first.
+fn lookup<'a>(
+    key: &str,
+    labels: &'a Map<String, Value>,
+    facts: &'a Map<String, Value>,
+) -> Option<&'a Value> {
+    if let Some(v) = labels.get(key).or_else(|| facts.get(key)) {
+        return Some(v);
+    }
+    let mut parts = key.split('.');
+    let first = parts.next()?;
+    let path: Vec<&str> = parts.collect();
+    if path.is_empty() {
+        return None;
+    }
+    [labels, facts].into_iter().find_map(|map| {
+        path.iter()
+            .try_fold(map.get(first)?, |v, part| v.as_object()?.get(*part))
+    })
 }
 
 fn value_matches(v: &Value, glob: &str) -> bool {
@@ -511,6 +535,33 @@ mod tests {
         assert_eq!(select("virtual=true", &fleet()), ["api-1"]);
         assert_eq!(select("ips=10.1.*", &fleet()), ["db-1"]);
         assert_eq!(select("ips=fe80::1", &fleet()), ["db-1"]);
+    }
+
+    #[test]
+    fn dotted_keys_reach_into_objects() {
+        let fleet = vec![
+            (
+                "a",
+                json!({}),
+                json!({"os": {"family": "debian", "release": 12}}),
+            ),
+            (
+                "b",
+                json!({"os": {"family": "custom"}}),
+                json!({"os": {"family": "debian"}}),
+            ),
+            (
+                "c",
+                json!({"os.family": "flat"}),
+                json!({"os": {"family": "debian"}}),
+            ),
+            ("d", json!({}), json!({"os": "debian"})),
+        ];
+        assert_eq!(select("os.family=debian", &fleet), ["a"]);
+        assert_eq!(select("os.family=custom", &fleet), ["b"]);
+        assert_eq!(select("os.family=flat", &fleet), ["c"]);
+        assert_eq!(select("os.release=12", &fleet), ["a"]);
+        assert_eq!(select("os.family.x=*", &fleet), Vec::<String>::new());
     }
 
     #[test]
