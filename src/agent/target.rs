@@ -683,4 +683,71 @@ mod tests {
         let e = err("a,,b");
         assert!(e.contains("column 3") && e.contains("found ','"), "{e}");
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Words that exercise quoting: keywords, spaces, quotes, operators' characters.
+        fn word() -> impl Strategy<Value = String> {
+            prop_oneof![
+                "[a-z*?-]{1,6}",
+                Just("not".to_string()),
+                Just("and".to_string()),
+                Just("a b".to_string()),
+                Just("x=y".to_string()),
+                Just("q\"uote".to_string()),
+                Just("back\\slash".to_string()),
+                Just("(p),".to_string()),
+            ]
+        }
+
+        /// Trees in the parser's own shape: no Or directly under Or, no And under And, no Not
+        /// under Not, at least two operands.
+        fn canonical() -> impl Strategy<Value = Expr> {
+            let leaf = prop_oneof![
+                word().prop_map(Expr::Name),
+                (word(), prop_oneof![word(), Just(String::new())])
+                    .prop_map(|(key, value)| Expr::Field { key, value }),
+            ];
+            leaf.prop_recursive(4, 24, 3, |inner| {
+                prop_oneof![
+                    inner
+                        .clone()
+                        .prop_filter("not under not", |e| !matches!(e, Expr::Not(_)))
+                        .prop_map(|e| Expr::Not(Box::new(e))),
+                    prop::collection::vec(
+                        inner
+                            .clone()
+                            .prop_filter("or under or", |e| !matches!(e, Expr::Or(_))),
+                        2..4
+                    )
+                    .prop_map(Expr::Or),
+                    prop::collection::vec(
+                        inner.prop_filter("and under and", |e| !matches!(e, Expr::And(_))),
+                        2..4
+                    )
+                    .prop_map(Expr::And),
+                ]
+            })
+        }
+
+        proptest! {
+            #[test]
+            fn printing_then_parsing_gives_the_same_tree(e in canonical()) {
+                let text = e.to_string();
+                let back = parse(&text).map_err(|err| TestCaseError::fail(err.to_string()))?;
+                prop_assert_eq!(&back, &e, "printed as {}", text);
+                prop_assert_eq!(back.to_string(), text);
+            }
+
+            #[test]
+            fn parsing_any_text_never_panics(s in "[a-z ()=,'\"\\*!-]{0,24}") {
+                if let Ok(e) = parse(&s) {
+                    // What parses prints to a form that parses to the same tree.
+                    prop_assert_eq!(parse(&e.to_string()).unwrap(), e);
+                }
+            }
+        }
+    }
 }
