@@ -390,3 +390,92 @@ fn not_a_repository_unreachable_and_empty_fail_by_name() {
         "{e}"
     );
 }
+
+#[test]
+fn links_and_submodules_in_a_real_tree() {
+    let f = fixture();
+    let w = &f.work;
+    std::os::unix::fs::symlink("web", w.join("conf")).unwrap();
+    std::os::unix::fs::symlink("../../etc/passwd", w.join("web/passwd")).unwrap();
+    std::os::unix::fs::symlink("/etc/hosts", w.join("hosts")).unwrap();
+    std::os::unix::fs::symlink("missing.sls", w.join("dangling")).unwrap();
+    git(w, &["add", "-A"]);
+    // A submodule entry (gitlink) without a .gitmodules: what matters is the tree entry.
+    let gitlink = format!("160000,{},vendor/lib", f.first);
+    git(w, &["update-index", "--add", "--cacheinfo", &gitlink]);
+    git(w, &["commit", "-q", "-m", "links"]);
+    let url = file_url(w);
+
+    let c = fetch(&url, "main", &f.cache).unwrap();
+    assert_eq!(
+        paths(&c),
+        [
+            "bin/run.sh",
+            "conf/extra.sls",
+            "conf/init.sls",
+            "current",
+            "top.sls",
+            "version.txt",
+            "web/extra.sls",
+            "web/init.sls"
+        ]
+    );
+    assert_eq!(c.files["conf/init.sls"], c.files["web/init.sls"]);
+    let skipped: Vec<(&str, &str)> = c
+        .skipped
+        .iter()
+        .map(|s| (s.path.as_str(), s.reason.as_str()))
+        .collect();
+    assert_eq!(skipped.len(), 4, "{skipped:?}");
+    assert_eq!(skipped[0].0, "dangling");
+    assert!(skipped[0].1.contains("does not exist"), "{skipped:?}");
+    assert_eq!(skipped[1].0, "hosts");
+    assert!(skipped[1].1.contains("outside the tree"), "{skipped:?}");
+    assert_eq!(skipped[2].0, "vendor/lib");
+    assert!(
+        skipped[2].1.contains("submodule") && skipped[2].1.contains(&f.first),
+        "{skipped:?}"
+    );
+    assert_eq!(skipped[3].0, "web/passwd");
+    assert!(skipped[3].1.contains("outside the tree"), "{skipped:?}");
+}
+
+#[test]
+fn deleted_branches_and_moved_tags_upstream_are_seen() {
+    let f = fixture();
+    let url = file_url(&f.bare);
+    git(&f.bare, &["branch", "feature", &f.first]);
+    assert_eq!(fetch(&url, "feature", &f.cache).unwrap().commit, f.first);
+    assert_eq!(fetch(&url, "v1", &f.cache).unwrap().commit, f.first);
+
+    git(&f.bare, &["branch", "-D", "feature"]);
+    git(&f.bare, &["tag", "-f", "v1", &f.second]);
+    // The cache still has refs/remotes/origin/feature from the first fetch until pruned; the
+    // lookup goes by what the remote advertises now.
+    let e = fetch(&url, "feature", &f.cache).unwrap_err();
+    assert!(matches!(e, Error::NotFound(_)), "{e:?}");
+    assert!(e.to_string().contains("feature"), "{e}");
+    assert_eq!(fetch(&url, "v1", &f.cache).unwrap().commit, f.second);
+}
+
+#[test]
+fn concurrent_fetches_of_one_url_share_the_cache() {
+    let f = fixture();
+    let url = file_url(&f.bare);
+    let results: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|i| {
+                let (url, cache) = (&url, &f.cache);
+                let refname = if i % 2 == 0 { "main" } else { "v1" };
+                s.spawn(move || fetch(url, refname, cache))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, r) in results.into_iter().enumerate() {
+        let c = r.unwrap_or_else(|e| panic!("fetch {i}: {e}"));
+        let want = if i % 2 == 0 { &f.second } else { &f.first };
+        assert_eq!(&c.commit, want, "fetch {i}");
+    }
+    assert_eq!(cache_repos(&f.cache).len(), 1);
+}

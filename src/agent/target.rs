@@ -21,6 +21,8 @@
 //!   because labels are what the operator set on purpose. A value that is not a JSON string is
 //!   compared in its JSON text (`cpus=4`, `virtual=true`); a JSON array matches when any element
 //!   does (`ips=10.1.*`). A missing key never matches, not even `key=*`.
+//! - A dotted key that no label or fact has whole reaches into object values: `os.family=debian`
+//!   reads `{"os": {"family": "debian"}}`, again from the labels first.
 //! - A bare word is any run of characters other than whitespace, `(`, `)`, `,`, `=` and quotes.
 //!   Quote a word that has those, or one spelled like a keyword (`"not"`); inside quotes `\` escapes
 //!   the next character. `and`, `or` and `not` are keywords only in lower case and unquoted.
@@ -77,7 +79,7 @@ impl Expr {
     ) -> bool {
         match self {
             Expr::Name(glob) => fnmatch(name, glob),
-            Expr::Field { key, value } => match labels.get(key).or_else(|| facts.get(key)) {
+            Expr::Field { key, value } => match lookup(key, labels, facts) {
                 Some(v) => value_matches(v, value),
                 None => false,
             },
@@ -110,6 +112,28 @@ impl Expr {
             write!(f, "{child}")
         }
     }
+}
+
+/// The label, else the fact, named `key`; else, for a dotted key, the path into an object-valued
+/// label or fact (`os.family` reads `{"os": {"family": ..}}`), labels again first.
+fn lookup<'a>(
+    key: &str,
+    labels: &'a Map<String, Value>,
+    facts: &'a Map<String, Value>,
+) -> Option<&'a Value> {
+    if let Some(v) = labels.get(key).or_else(|| facts.get(key)) {
+        return Some(v);
+    }
+    let mut parts = key.split('.');
+    let first = parts.next()?;
+    let path: Vec<&str> = parts.collect();
+    if path.is_empty() {
+        return None;
+    }
+    [labels, facts].into_iter().find_map(|map| {
+        path.iter()
+            .try_fold(map.get(first)?, |v, part| v.as_object()?.get(*part))
+    })
 }
 
 fn value_matches(v: &Value, glob: &str) -> bool {
@@ -514,6 +538,33 @@ mod tests {
     }
 
     #[test]
+    fn dotted_keys_reach_into_objects() {
+        let fleet = vec![
+            (
+                "a",
+                json!({}),
+                json!({"os": {"family": "debian", "release": 12}}),
+            ),
+            (
+                "b",
+                json!({"os": {"family": "custom"}}),
+                json!({"os": {"family": "debian"}}),
+            ),
+            (
+                "c",
+                json!({"os.family": "flat"}),
+                json!({"os": {"family": "debian"}}),
+            ),
+            ("d", json!({}), json!({"os": "debian"})),
+        ];
+        assert_eq!(select("os.family=debian", &fleet), ["a"]);
+        assert_eq!(select("os.family=custom", &fleet), ["b"]);
+        assert_eq!(select("os.family=flat", &fleet), ["c"]);
+        assert_eq!(select("os.release=12", &fleet), ["a"]);
+        assert_eq!(select("os.family.x=*", &fleet), Vec::<String>::new());
+    }
+
+    #[test]
     fn missing_keys_never_match() {
         assert_eq!(select("rack=*", &fleet()), Vec::<String>::new());
         assert_eq!(select("dc=*", &fleet()), ["web-1", "web-2", "api-1"]);
@@ -631,5 +682,72 @@ mod tests {
 
         let e = err("a,,b");
         assert!(e.contains("column 3") && e.contains("found ','"), "{e}");
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Words that exercise quoting: keywords, spaces, quotes, operators' characters.
+        fn word() -> impl Strategy<Value = String> {
+            prop_oneof![
+                "[a-z*?-]{1,6}",
+                Just("not".to_string()),
+                Just("and".to_string()),
+                Just("a b".to_string()),
+                Just("x=y".to_string()),
+                Just("q\"uote".to_string()),
+                Just("back\\slash".to_string()),
+                Just("(p),".to_string()),
+            ]
+        }
+
+        /// Trees in the parser's own shape: no Or directly under Or, no And under And, no Not
+        /// under Not, at least two operands.
+        fn canonical() -> impl Strategy<Value = Expr> {
+            let leaf = prop_oneof![
+                word().prop_map(Expr::Name),
+                (word(), prop_oneof![word(), Just(String::new())])
+                    .prop_map(|(key, value)| Expr::Field { key, value }),
+            ];
+            leaf.prop_recursive(4, 24, 3, |inner| {
+                prop_oneof![
+                    inner
+                        .clone()
+                        .prop_filter("not under not", |e| !matches!(e, Expr::Not(_)))
+                        .prop_map(|e| Expr::Not(Box::new(e))),
+                    prop::collection::vec(
+                        inner
+                            .clone()
+                            .prop_filter("or under or", |e| !matches!(e, Expr::Or(_))),
+                        2..4
+                    )
+                    .prop_map(Expr::Or),
+                    prop::collection::vec(
+                        inner.prop_filter("and under and", |e| !matches!(e, Expr::And(_))),
+                        2..4
+                    )
+                    .prop_map(Expr::And),
+                ]
+            })
+        }
+
+        proptest! {
+            #[test]
+            fn printing_then_parsing_gives_the_same_tree(e in canonical()) {
+                let text = e.to_string();
+                let back = parse(&text).map_err(|err| TestCaseError::fail(err.to_string()))?;
+                prop_assert_eq!(&back, &e, "printed as {}", text);
+                prop_assert_eq!(back.to_string(), text);
+            }
+
+            #[test]
+            fn parsing_any_text_never_panics(s in "[a-z ()=,'\"\\*!-]{0,24}") {
+                if let Ok(e) = parse(&s) {
+                    // What parses prints to a form that parses to the same tree.
+                    prop_assert_eq!(parse(&e.to_string()).unwrap(), e);
+                }
+            }
+        }
     }
 }
