@@ -207,7 +207,8 @@ async fn runs_target_by_label_pass_values_between_nodes_and_order_steps_across_t
     assert_eq!(token.len(), 36, "a uuid: {token:?}");
     for n in ["n1", "n2", "n3", "n4", "a1"] {
         let got = std::fs::read_to_string(fleet.out(&format!("{n}-token"))).unwrap();
-        assert_eq!(got, token, "{n} got the token made on n3");
+        // file.managed ends contents with a newline, as Salt does.
+        assert_eq!(got, format!("{token}\n"), "{n} got the token made on n3");
     }
     let once = std::fs::read_to_string(fleet.out("once")).unwrap();
     assert_eq!(once.lines().count(), 1, "target_limit 1 ran once: {once:?}");

@@ -302,16 +302,6 @@ fn field(r: &StepRef, res: &StepResult) -> Result<Value> {
     Ok(v)
 }
 
-// MERGE: read the fields directly.
-fn step_opts(step: &PlanStep) -> (Option<u32>, bool, Option<u32>) {
-    let v = serde_json::to_value(step).unwrap_or_default();
-    (
-        v["serialize"].as_u64().map(|x| x as u32),
-        v["sync"].as_bool().unwrap_or(false),
-        v["target_limit"].as_u64().map(|x| x as u32),
-    )
-}
-
 impl Coordinator for KvCoordinator {
     fn remote(&self, r: &StepRef) -> Result<Value> {
         let node = r
@@ -324,7 +314,7 @@ impl Coordinator for KvCoordinator {
 
     fn enter(&self, step: &PlanStep) -> Result<Admission> {
         self.handle.block_on(async {
-            if let Some(k) = step_opts(step).2 {
+            if let Some(k) = step.target_limit {
                 let chosen: Vec<String> = self
                     .participants(&step.id)
                     .await?
@@ -338,7 +328,7 @@ impl Coordinator for KvCoordinator {
                     )));
                 }
             }
-            if let Some(k) = step_opts(step).0 {
+            if let Some(k) = step.serialize {
                 self.take_slot(step, k.max(1)).await?;
             }
             Ok(Admission::Run)
@@ -358,7 +348,7 @@ impl Coordinator for KvCoordinator {
                     tracing::warn!(%key, "releasing a serialize slot: {e}");
                 }
             }
-            if step_opts(step).1 {
+            if step.sync {
                 // The step's own result must be visible to the others before waiting on them.
                 let key = step_key(&self.run, &self.me, &step.id);
                 if let Ok(v) = serde_json::to_vec(result) {

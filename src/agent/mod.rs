@@ -297,6 +297,7 @@ impl Agent {
         eden.insert("mode".into(), json!(mode.to_string()));
         eden.insert("test".into(), json!(req.test));
         eden.insert("local".into(), json!(false));
+        eden.insert("cluster".into(), json!(true));
         eden.insert("run".into(), json!(run));
         let ctx = Context {
             node: NodeInfo {
@@ -392,9 +393,8 @@ impl Agent {
         let opts = RunOptions {
             test: req.test,
             jobs: req.jobs.max(1),
-            // MERGE coordinator: Some(coordinator),
+            coordinator: Some(coordinator),
         };
-        drop(coordinator);
         let started = std::time::Instant::now();
         let results = {
             let tree = tree.clone();

@@ -442,7 +442,14 @@ async fn cluster_apply(
         .map_err(|e| Error::Unavailable(e.to_string()))?;
     let agent = Command::new(exe)
         .arg("serve")
-        .args(["--name", "a1", "--datastore", "never", "--labels", "role=web"])
+        .args([
+            "--name",
+            "a1",
+            "--datastore",
+            "never",
+            "--labels",
+            "role=web",
+        ])
         .arg("--data-dir")
         .arg(dir.join("a1"))
         .args(["--join", via, "--token", token])
@@ -540,7 +547,12 @@ async fn cluster_apply(
     names.push("a1".into());
     let got = names
         .iter()
-        .filter(|n| std::fs::read_to_string(out.join(n).join("token")).ok().as_deref() == Some(made.as_str()))
+        .filter(|n| {
+            std::fs::read_to_string(out.join(n).join("token"))
+                .ok()
+                .as_deref()
+                == Some(made.as_str())
+        })
         .count();
     println!(
         "token made on n3 ({}...) found on {got} of {} nodes",
