@@ -33,6 +33,7 @@ impl Fleet {
         let mut c = Command::new(env!("CARGO_BIN_EXE_eden"));
         c.args(args).args(["--endpoints", &self.endpoints()]);
         c.env_remove("EDEN_CREDS").env_remove("EDEN_ENDPOINTS");
+        c.env("XDG_CACHE_HOME", self.root.join("cache"));
         c
     }
 
@@ -268,6 +269,73 @@ async fn runs_target_by_label_pass_values_between_nodes_and_order_steps_across_t
             "sync: {n} moved on at {after} before every node finished (last at {last_staggered})"
         );
     }
+
+    // 4. A git source at two commits: the ref is resolved once per run, recorded in the run,
+    //    and every node runs that commit's states.
+    let repo = tmp.path().join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    let git = |args: &[&str]| {
+        let o = Command::new("git")
+            .args([
+                "-c",
+                "user.name=t",
+                "-c",
+                "user.email=t@t",
+                "-c",
+                "init.defaultBranch=main",
+            ])
+            .args(args)
+            .current_dir(&repo)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    git(&["init", "-q"]);
+    let site = |version: &str| {
+        format!(
+            "site:\n  file.managed:\n    - name: {out}/{{{{ node.name }}}}-site\n    - contents: {version}\n"
+        )
+    };
+    std::fs::write(repo.join("site.sls"), site("v1")).unwrap();
+    git(&["add", "site.sls"]);
+    git(&["commit", "-q", "-m", "v1"]);
+    git(&["tag", "v1"]);
+    let c1 = git(&["rev-parse", "HEAD"]);
+    std::fs::write(repo.join("site.sls"), site("v2")).unwrap();
+    git(&["commit", "-q", "-am", "v2"]);
+    let c2 = git(&["rev-parse", "HEAD"]);
+    let url = format!("file://{}", repo.display());
+    let o = fleet
+        .eden(&["repo", "add", "site", &url, "--ref", "main"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for (spec, want, commit) in [("site@v1", "v1", &c1), ("site", "v2", &c2)] {
+        let (code, v) = fleet.json(&["apply", "--repo", spec, "site", "--target", "n2,a1"]);
+        assert_eq!(code, 0, "{v}");
+        for n in ["n2", "a1"] {
+            let got = std::fs::read_to_string(fleet.out(&format!("{n}-site"))).unwrap();
+            assert_eq!(got.trim(), want, "{n} ran {spec}");
+        }
+        let (_, runs) = fleet.json(&["runs", "list"]);
+        let this = runs
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["id"] == v["run"])
+            .unwrap_or_else(|| panic!("run {} not listed: {runs}", v["run"]));
+        assert_eq!(
+            this["request"]["source"]["commit"],
+            commit.as_str(),
+            "{this}"
+        );
+    }
+    assert_ne!(c1, c2);
     drop(fleet);
 }
 

@@ -24,7 +24,8 @@ use crate::modules::Registry;
 /// Which states, for which node, in which mode: shared by `apply` and `plan`.
 #[derive(Args, Debug, Clone)]
 pub struct Selection {
-    /// The state tree: a directory holding `*.sls` files (and `top.sls`, `vars/`).
+    /// The state tree: a directory holding `*.sls` files (and `top.sls`, `vars/`). Not given
+    /// with --repo (the words are then all SLS names).
     pub path: Option<PathBuf>,
     /// SLS names to apply (e.g. `web` or `web.nginx`). None: `top.sls` decides.
     pub sls: Vec<String>,

@@ -524,11 +524,14 @@ pub fn apply_cluster(args: &super::apply::ApplyArgs) -> Result<i32> {
     let mode: crate::engine::Mode = sel.mode()?;
     block_on(async {
         let kv = args.remote.kv()?;
+        // With --repo there is no PATH: the first positional word is an SLS name.
+        let mut sls = sel.sls.clone();
         let (files, source) = match (&sel.path, &sel.repo) {
-            (Some(_), Some(_)) => {
-                return Err(Error::InvalidInput(
-                    "give either a state tree PATH or --repo NAME[@REF], not both".into(),
-                ))
+            (path, Some(spec)) => {
+                if let Some(first) = path {
+                    sls.insert(0, first.display().to_string());
+                }
+                repo_files(&kv, spec).await?
             }
             (Some(path), None) => {
                 let files = blobs::read_dir_tree(path)?;
@@ -542,7 +545,6 @@ pub fn apply_cluster(args: &super::apply::ApplyArgs) -> Result<i32> {
                 };
                 (files, source)
             }
-            (None, Some(spec)) => repo_files(&kv, spec).await?,
             (None, None) => {
                 return Err(Error::InvalidInput(
                     "what should run? give a state tree PATH or --repo NAME[@REF] \
@@ -555,7 +557,7 @@ pub fn apply_cluster(args: &super::apply::ApplyArgs) -> Result<i32> {
             kind: "apply".into(),
             files,
             source,
-            sls: sel.sls.clone(),
+            sls,
             target,
             mode: mode.to_string(),
             test: args.test,
@@ -577,10 +579,7 @@ async fn run_and_report(kv: &Kv, sub: Submission, json_out: bool) -> Result<i32>
 
 /// The files of `NAME[@REF]` from the repository registered with `eden repo add`.
 async fn repo_files(kv: &Kv, spec: &str) -> Result<(BTreeMap<String, Vec<u8>>, Source)> {
-    let (name, refname) = match spec.split_once('@') {
-        Some((n, r)) => (n.to_string(), Some(r.to_string())),
-        None => (spec.to_string(), None),
-    };
+    let (name, refname) = crate::sources::parse_repo_arg(spec)?;
     let rec = kv.get(&repo_key(&name)).await?.ok_or_else(|| {
         Error::NotFound(format!(
             "no repository {name:?}; register it with `eden repo add {name} URL [--ref REF]`"
@@ -589,7 +588,7 @@ async fn repo_files(kv: &Kv, spec: &str) -> Result<(BTreeMap<String, Vec<u8>>, S
     let rec: RepoRecord = serde_json::from_slice(&rec.value)
         .map_err(|e| Error::InvalidData(format!("{}: {e}", repo_key(&name))))?;
     let refname = refname.unwrap_or_else(|| rec.refname.clone());
-    let cache = repo_cache_dir()?;
+    let cache = crate::sources::git::default_cache_dir();
     let url = rec.url.clone();
     let r = refname.clone();
     let checkout =
@@ -611,15 +610,19 @@ async fn repo_files(kv: &Kv, spec: &str) -> Result<(BTreeMap<String, Vec<u8>>, S
     Ok((checkout.files, source))
 }
 
-fn repo_cache_dir() -> Result<PathBuf> {
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(std::env::temp_dir);
-    let dir = base.join("eden").join("repos");
-    std::fs::create_dir_all(&dir)
-        .map_err(|e| Error::Io(format!("creating {}: {e}", dir.display())))?;
-    Ok(dir)
+/// A repository URL as stored: a local path becomes absolute, so every later `--repo` finds
+/// it whatever the current directory.
+fn absolute_url(url: &str) -> Result<String> {
+    if url.contains("://") {
+        return Ok(url.to_string());
+    }
+    let p = PathBuf::from(url);
+    let abs = if p.is_absolute() {
+        p
+    } else {
+        std::env::current_dir()?.join(p)
+    };
+    Ok(abs.display().to_string())
 }
 
 /// `eden run`: one module function on the targeted nodes, like `salt '*' cmd.run ...`.
@@ -928,10 +931,11 @@ pub fn repo(args: RepoArgs) -> Result<i32> {
             remote,
         } => {
             crate::cluster::join::validate_name(&name)?;
+            let url = absolute_url(&url)?;
             block_on(async move {
                 let kv = remote.kv()?;
                 // Checked now, so a wrong URL or ref fails here rather than in a run.
-                let cache = repo_cache_dir()?;
+                let cache = crate::sources::git::default_cache_dir();
                 let (u, r) = (url.clone(), refname.clone());
                 let c =
                     tokio::task::spawn_blocking(move || crate::sources::git::fetch(&u, &r, &cache))
