@@ -355,6 +355,12 @@ fn eden_demo_runs_a_takeover_and_loses_nothing() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("kill -9 the leader"), "{stdout}");
+    // The cluster-wide apply of examples/demo, with the token handed from n3 to every node.
+    assert!(
+        stdout.contains("on 6 nodes: ") && stdout.contains("0 failed"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("found on 6 of 6 nodes"), "{stdout}");
     assert!(
         stdout.contains("acknowledged writes lost       0"),
         "{stdout}"

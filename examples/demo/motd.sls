@@ -5,4 +5,4 @@ motd:
     - makedirs: True
     - contents: |
         {{ node.name }}: {{ node.facts.os }} {{ node.facts.osrelease }}, {{ node.facts.cpus }} cpus
-        role: {{ node.labels.get('role', 'none') }}
+        role: {{ node.labels.role | default('none') }}
