@@ -323,41 +323,35 @@ impl Kv {
                         continue;
                     }
                 };
-                loop {
-                    match stream.message().await {
-                        Ok(Some(r)) => {
-                            if r.compact_revision > 0 {
-                                let _ = tx
-                                    .send(Err(Error::Unavailable(format!(
-                                        "watching {prefix}: history before revision {} was \
-                                         compacted",
-                                        r.compact_revision
-                                    ))))
-                                    .await;
-                                return;
-                            }
-                            if r.canceled {
-                                break;
-                            }
-                            if r.events.is_empty() {
-                                continue;
-                            }
-                            let events: Vec<Event> = r
-                                .events
-                                .into_iter()
-                                .filter_map(|e| {
-                                    let put = e.r#type == mvccpb::event::EventType::Put as i32;
-                                    e.kv.map(|kv| Event { put, kv })
-                                })
-                                .collect();
-                            if let Some(last) = events.last() {
-                                next = last.kv.mod_revision + 1;
-                            }
-                            if tx.send(Ok(events)).await.is_err() {
-                                return;
-                            }
-                        }
-                        Ok(None) | Err(_) => break,
+                while let Ok(Some(r)) = stream.message().await {
+                    if r.compact_revision > 0 {
+                        let _ = tx
+                            .send(Err(Error::Unavailable(format!(
+                                "watching {prefix}: history before revision {} was compacted",
+                                r.compact_revision
+                            ))))
+                            .await;
+                        return;
+                    }
+                    if r.canceled {
+                        break;
+                    }
+                    if r.events.is_empty() {
+                        continue;
+                    }
+                    let events: Vec<Event> = r
+                        .events
+                        .into_iter()
+                        .filter_map(|e| {
+                            let put = e.r#type == mvccpb::event::EventType::Put as i32;
+                            e.kv.map(|kv| Event { put, kv })
+                        })
+                        .collect();
+                    if let Some(last) = events.last() {
+                        next = last.kv.mod_revision + 1;
+                    }
+                    if tx.send(Ok(events)).await.is_err() {
+                        return;
                     }
                 }
                 if tx.is_closed() {

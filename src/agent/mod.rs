@@ -144,7 +144,7 @@ impl Agent {
             }
             renewals += 1;
             // Renew the event lease now and then, so events stay for EVENT_TTL after the last.
-            if renewals % 600 == 0 {
+            if renewals.is_multiple_of(600) {
                 if let Ok(l) = self.kv.grant(EVENT_TTL).await {
                     self.event_lease.store(l as u64, Ordering::Relaxed);
                 }

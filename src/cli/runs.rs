@@ -765,8 +765,8 @@ pub fn runs(args: RunsArgs) -> Result<i32> {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
                 println!(
-                    "{:<22} {:<8} {:<7} {:<20} {}",
-                    "RUN", "STATE", "KIND", "TARGET", "WHAT"
+                    "{:<22} {:<8} {:<7} {:<20} WHAT",
+                    "RUN", "STATE", "KIND", "TARGET"
                 );
                 for (id, (req, st)) in &rows {
                     let state = st.as_ref().map(|s| s.state.as_str()).unwrap_or("pending");
