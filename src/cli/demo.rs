@@ -21,10 +21,12 @@ use tonic::transport::Channel;
 use crate::error::{Error, Result};
 use crate::etcd::pb::etcdserverpb as pb;
 
-/// Start a local cluster, kill its leader, and watch it carry on.
+/// Start a local cluster, apply states through it, kill its leader, and watch it carry on.
 ///
 /// Starts NODES `eden serve` processes on loopback in a temporary directory (3 voters and the
-/// rest standbys), writes keys, kills the leader with SIGKILL while a client keeps writing, and
+/// rest standbys) and an agent-only node, applies the sample states of examples/demo to all of
+/// them through the cluster (a token made on n3 is handed to every node), writes keys, kills
+/// the leader with SIGKILL while a client keeps writing, and
 /// prints the election, the promotion of a standby and the removal of the dead voter as they
 /// happen. Ends with the measured times and a check that no acknowledged write was lost, then
 /// stops the nodes and removes the directory (unless --keep).

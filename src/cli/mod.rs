@@ -33,7 +33,7 @@ pub struct Cli {
 #[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Run a node: a voter or standby of the datastore, serving the etcd API.
+    /// Run a node: a voter or standby of the datastore serving the etcd API, or an agent only.
     Serve(serve::ServeArgs),
     /// Apply states to the nodes --target selects (or to this machine with --local).
     Apply(apply::ApplyArgs),
@@ -51,7 +51,7 @@ pub enum Command {
     Doc(doc::DocArgs),
     /// Signed extension modules: keygen, sign, verify, add.
     Module(module::ModuleArgs),
-    /// Start a 5-node cluster on loopback and show a live failover.
+    /// Start a 5-node cluster on loopback, apply states through it, show a live failover.
     Demo(demo::DemoArgs),
     /// Inspect and repair the cluster: `status`, `recover`.
     Cluster(cluster::ClusterArgs),

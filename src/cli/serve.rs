@@ -15,8 +15,12 @@ use crate::error::{Error, Result};
 ///       --client-addr 10.0.0.1:2379 --init
 ///   eden serve --name n2 --data-dir /var/lib/eden --peer-addr 10.0.0.2:2380 \
 ///       --client-addr 10.0.0.2:2379 --join 10.0.0.1:2380 --token "$(cat join-token)"
+///   eden serve --name w7 --data-dir /var/lib/eden --datastore never --labels role=web \
+///       --join 10.0.0.1:2380 --token "$(cat join-token)"     # an agent-only node
 ///   eden serve --data-dir /var/lib/eden        # restart
 ///
+/// Every node runs an agent: it publishes the node's facts under /eden/nodes/NAME and runs
+/// the states of cluster runs that target it (eden apply --target, eden run).
 /// --init prints a join token and writes DATA/admin/{ca.crt,admin.crt,admin.key,join-token}.
 /// Logs go to stderr; set EDEN_LOG (e.g. EDEN_LOG=debug) for more.
 #[derive(Args, Debug)]
@@ -43,7 +47,8 @@ pub struct ServeArgs {
     /// The join token (eden1:<CA sha256>:<secret>) from `eden serve --init`.
     #[arg(long, env = "EDEN_JOIN_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
-    /// auto: may hold the datastore (voter or standby); never: agent only (not built yet).
+    /// auto: may hold the datastore (voter or standby); never: agent only (no Raft, no ports:
+    /// it reaches the datastore nodes' etcd API; only with --join).
     #[arg(long, value_name = "auto|never")]
     pub datastore: Option<String>,
     /// Labels for targeting, k=v,k=v.

@@ -11,8 +11,13 @@
 //!    `--join` ([`join`]) runs the exchange in `join.rs`. Both write `node.json` last and remove
 //!    what they wrote if a later step fails.
 //! 5. It starts Raft ([`RaftNode::start`]), the peer server (Raft routes + join routes) and the
-//!    etcd API on the client port, then waits for the shutdown signal (SIGTERM or Ctrl-C), and
-//!    stops them in reverse order.
+//!    etcd API on the client port, then the node's agent and the run controller (both through
+//!    this node's own etcd API; see `crate::agent`), waits for the shutdown signal (SIGTERM or
+//!    Ctrl-C), and stops them in reverse order.
+//!
+//! A `--datastore never` node ([`join_agent`], [`serve_agent`]) binds nothing and starts no
+//! Raft: it joins for a certificate and the datastore nodes' client URLs, then runs only its
+//! agent against them.
 
 use std::collections::BTreeMap;
 use std::future::Future;
