@@ -218,7 +218,7 @@ impl Observer for Publisher {
 /// The Jinja context of a cluster run on `node`.
 fn cluster_ctx(node: &str) -> Context {
     let mut eden = Map::new();
-    eden.insert("cluster".into(), json!(true));
+    eden.insert("local".into(), json!(false));
     Context {
         node: NodeInfo {
             name: node.into(),
@@ -914,13 +914,20 @@ use:
   cmd.run:
     - name: echo ${{ nodes.db1.steps.token.stdout }}
 "#;
-    // Compiled for a local run: an error naming the reference and the way out.
-    let err = plan_local(sls).unwrap_err().to_string();
-    assert!(
-        err.contains("nodes.db1.steps.token.stdout")
-            && err.contains("only a cluster run (eden apply --target ...)"),
-        "{err}"
-    );
+    // Compiled for a local run (no `eden.local`, or `true` as `eden apply --local` sets it):
+    // an error naming the reference and the way out.
+    let mut local = Context::default();
+    local.eden.insert("local".into(), json!(true));
+    let reg = Registry::builtin();
+    let as_apply_local = engine::plan(tree(sls), &["orch".into()], &local, &reg, Mode::Ansible);
+    for err in [plan_local(sls).unwrap_err(), as_apply_local.unwrap_err()] {
+        let err = err.to_string();
+        assert!(
+            err.contains("nodes.db1.steps.token.stdout")
+                && err.contains("only a cluster run (eden apply --target ...)"),
+            "{err}"
+        );
+    }
     // Compiled for a cluster: no implicit requisite (the step is elsewhere) ...
     let reg = Registry::builtin();
     let plan = engine::plan(

@@ -15,7 +15,7 @@
 //!    (`justdoit`, `genius`), with Salt's requisite semantics, and yields [`run::StepResult`]s.
 //!
 //! What the engine does not do: fetch state trees (callers give a [`SourceTree`]), talk to
-//! other nodes, or print anything. A cluster run compiles with `eden.cluster: true` in the
+//! other nodes, or print anything. A cluster run compiles with `eden.local: false` in the
 //! [`Context`] (otherwise `${{ nodes.N... }}` is a compile error) and hands [`run::run`] a
 //! [`Coordinator`] ([`coord`]): the engine asks it for other nodes' step values and before and
 //! after steps with cross-node run options (`serialize`, `sync`, `target_limit`).
@@ -48,8 +48,8 @@ pub fn load(tree: Arc<dyn SourceTree>, sls: &[String], ctx: &Context) -> Result<
 
 /// Renders, parses and compiles the named SLS files into a plan for `mode`. With no SLS names,
 /// `top.sls` chooses them for `ctx.node`. `${{ nodes.N.steps... }}` references compile only
-/// when `ctx.eden["cluster"]` is `true` (a cluster run, which has a coordinator to resolve
-/// them).
+/// when `ctx.eden["local"]` is `false`: a cluster run's agent says so, and its coordinator
+/// resolves them. Absent or `true` (`eden apply --local`), they are an error.
 pub fn plan(
     tree: Arc<dyn SourceTree>,
     sls: &[String],
@@ -64,7 +64,7 @@ pub fn plan(
     };
     let high = load(tree, &names, ctx)?;
     let opts = compile::CompileOptions {
-        remote_refs: ctx.eden.get("cluster").and_then(Value::as_bool) == Some(true),
+        remote_refs: ctx.eden.get("local").and_then(Value::as_bool) == Some(false),
     };
     let mut plan = compile::compile_with(&high, registry, mode, opts)?;
     if mode == Mode::Genius {

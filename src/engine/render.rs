@@ -3,7 +3,7 @@
 //! The template context holds:
 //! - `node`: `name`, `labels`, `facts` of the node the states are for;
 //! - `vars`: the variables chosen for that node (like Salt's pillar);
-//! - `eden`: `version`, `mode`, `test`, and `cluster: true` in a cluster run (which lets
+//! - `eden`: `version`, `mode`, `test`, and `local` (`false` in a cluster run, which lets
 //!   `${{ nodes.N.steps... }}` references compile; see [`super::plan`]);
 //! - `grains` and `pillar`: aliases of `node.facts` and `vars`, so Salt states that use them
 //!   render unchanged.
