@@ -336,6 +336,76 @@ async fn runs_target_by_label_pass_values_between_nodes_and_order_steps_across_t
         );
     }
     assert_ne!(c1, c2);
+
+    // 5. Extension modules travel with the tree and are verified on each node against the
+    //    keys in /eden/cluster/config; a tampered one runs nowhere.
+    let mods = tmp.path().join("mods");
+    std::fs::create_dir_all(mods.join("_modules")).unwrap();
+    let key = tmp.path().join("signer.key");
+    let plain = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_eden"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let o = plain(&["module", "keygen", "--out", key.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let public = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    let config = serde_json::json!({"voters": 3, "standbys": 1, "module_keys": [public]});
+    put_retrying(
+        &fleet.data[0].endpoint(),
+        "/eden/cluster/config",
+        &config.to_string(),
+    )
+    .await;
+    let module = mods.join("_modules/hello");
+    std::fs::write(
+        &module,
+        format!(
+            "#!/bin/sh\ncat >> '{out}/ext.log'\necho >> '{out}/ext.log'\n\
+             echo '{{\"result\": true, \"changes\": {{}}, \"comment\": \"greeted\", \"outputs\": {{}}}}'\n"
+        ),
+    )
+    .unwrap();
+    let o = plain(&[
+        "module",
+        "sign",
+        "--key",
+        key.to_str().unwrap(),
+        module.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    write(
+        &mods,
+        &[(
+            "greet.sls",
+            "say hi:\n  hello.greet:\n    - who: {{ node.name }}\n",
+        )],
+    );
+    let mods_s = mods.display().to_string();
+    let (code, v) = fleet.json(&["apply", &mods_s, "greet", "--target", "n2,a1"]);
+    assert_eq!(code, 0, "{v}");
+    let log = std::fs::read_to_string(fleet.out("ext.log")).unwrap();
+    let callers: BTreeSet<&str> = ["n2", "a1"]
+        .into_iter()
+        .filter(|n| log.contains(&format!("\"who\":\"{n}\"")))
+        .collect();
+    assert_eq!(callers.len(), 2, "both nodes ran the module: {log}");
+    let mut text = std::fs::read_to_string(&module).unwrap();
+    text.push_str("# changed after signing\n");
+    std::fs::write(&module, text).unwrap();
+    let (code, v) = fleet.json(&["apply", &mods_s, "greet", "--target", "n2,a1"]);
+    assert_eq!(code, 1, "{v}");
+    let c = step(&v, "a1", "say hi")["comment"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(c.contains("refused"), "{c}");
+    assert_eq!(
+        std::fs::read_to_string(fleet.out("ext.log")).unwrap(),
+        log,
+        "ran nowhere"
+    );
     drop(fleet);
 }
 

@@ -250,10 +250,15 @@ async fn five_nodes_survive_killed_leaders_voters_and_standbys_and_lose_no_write
             }
             // `eden cluster status` agrees.
             let st = cluster_status(&nodes[oi].endpoint());
-            let members = st["members"].as_array().unwrap();
+            let members = st["nodes"].as_array().unwrap();
             let count = |role: &str| members.iter().filter(|m| m["role"] == role).count();
             assert_eq!((count("voter"), count("standby")), (3, 1), "{st:#}");
-            assert!(members.iter().all(|m| m["health"] == "alive"), "{st:#}");
+            assert!(
+                members
+                    .iter()
+                    .all(|m| m["health"] == "alive" && m["healthy"] == true),
+                "{st:#}"
+            );
             assert_eq!(
                 members.iter().filter(|m| m["leader"] == true).count(),
                 1,
@@ -356,11 +361,12 @@ fn eden_demo_runs_a_takeover_and_loses_nothing() {
     );
     assert!(stdout.contains("kill -9 the leader"), "{stdout}");
     // The cluster-wide apply of examples/demo, with the token handed from n3 to every node.
+    // --nodes 4, plus the agent-only node.
     assert!(
-        stdout.contains("on 6 nodes: ") && stdout.contains("0 failed"),
+        stdout.contains("on 5 nodes: ") && stdout.contains(" 0 failed"),
         "{stdout}"
     );
-    assert!(stdout.contains("found on 6 of 6 nodes"), "{stdout}");
+    assert!(stdout.contains("found on 5 of 5 nodes"), "{stdout}");
     assert!(
         stdout.contains("acknowledged writes lost       0"),
         "{stdout}"

@@ -308,7 +308,23 @@ impl Agent {
             vars,
             eden,
         };
-        let registry = Registry::builtin();
+        // Extension modules travel in the tree (`_modules/`), verified before every call
+        // against the keys the cluster trusts (`module_keys` in /eden/cluster/config).
+        let trusted = match self.kv.get(crate::modules::ext::CLUSTER_CONFIG).await? {
+            Some(c) => serde_json::from_slice::<Value>(&c.value)
+                .ok()
+                .map(|v| crate::modules::ext::TrustedKeys::from_cluster_config(&v))
+                .transpose()?
+                .unwrap_or_default(),
+            None => crate::modules::ext::TrustedKeys::default(),
+        };
+        let mut registry = Registry::builtin();
+        crate::modules::ext::register_modules_in(
+            &mut registry,
+            tree.as_ref(),
+            tree.paths().cloned().collect::<Vec<_>>().into_iter(),
+            Arc::new(trusted),
+        )?;
         let sls = req.sls.clone();
         let plan = {
             let tree = tree.clone();

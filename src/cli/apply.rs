@@ -430,6 +430,13 @@ pub fn print_human(
 /// Runs `eden apply`. Returns the exit code: 0 when every step succeeded, 1 otherwise.
 pub fn run(args: ApplyArgs) -> Result<i32> {
     if !args.selection.local {
+        if args.selection.target.is_none() {
+            return Err(Error::InvalidInput(
+                "say where to apply: --target EXPR for nodes of the cluster (for example \
+                 --target '*' or --target role=web), or use --local to apply to this machine"
+                    .into(),
+            ));
+        }
         return super::runs::apply_cluster(&args);
     }
     let registry = args.selection.registry()?;

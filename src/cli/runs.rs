@@ -503,7 +503,9 @@ fn step_json(r: &StepResult) -> Value {
 pub fn apply_cluster(args: &super::apply::ApplyArgs) -> Result<i32> {
     let sel = &args.selection;
     let json_out = sel.json()?;
-    let target = sel.target.clone().unwrap_or_else(|| "*".into());
+    let target = sel.target.clone().ok_or_else(|| {
+        Error::InvalidInput("cluster runs need --target EXPR (for example --target '*')".into())
+    })?;
     if args.dry_targets {
         return block_on(async {
             let kv = args.remote.kv()?;

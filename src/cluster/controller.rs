@@ -50,6 +50,10 @@ pub struct ClusterConfig {
     pub standbys: usize,
     /// How long a voter must be unreachable before it is replaced, in milliseconds.
     pub failover_after_ms: u64,
+    /// Public keys whose signatures on extension modules the cluster trusts (read by the
+    /// agents and `eden module`, see `modules::ext::TrustedKeys::from_cluster_config`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub module_keys: Vec<String>,
 }
 
 impl Default for ClusterConfig {
@@ -58,6 +62,7 @@ impl Default for ClusterConfig {
             voters: 3,
             standbys: 1,
             failover_after_ms: 3000,
+            module_keys: Vec::new(),
         }
     }
 }

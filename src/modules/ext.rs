@@ -613,12 +613,47 @@ pub fn register_tree_modules(
     let Ok(entries) = std::fs::read_dir(&dir) else {
         return Ok(Vec::new());
     };
-    let mut files: Vec<String> = entries
+    let files: Vec<String> = entries
         .filter_map(|e| e.ok())
         .filter(|e| e.file_type().map(|t| t.is_file()).unwrap_or(false))
         .filter_map(|e| e.file_name().into_string().ok())
-        .filter(|n| !n.ends_with(".sig") && !n.starts_with('.'))
         .collect();
+    register_modules(
+        registry,
+        files,
+        &|sig| std::fs::read(dir.join(sig)).ok(),
+        trusted,
+    )
+}
+
+/// Registers the extension modules of a state tree that is not on the local disk (a cluster
+/// run's blobs): every `_modules/<file>` among `paths`, read through `tree` when called.
+pub fn register_modules_in(
+    registry: &mut Registry,
+    tree: &dyn crate::modules::SourceTree,
+    paths: impl Iterator<Item = String>,
+    trusted: Arc<TrustedKeys>,
+) -> Result<Vec<String>> {
+    let files: Vec<String> = paths
+        .filter_map(|p| p.strip_prefix("_modules/").map(str::to_string))
+        .filter(|f| !f.contains('/'))
+        .collect();
+    register_modules(
+        registry,
+        files,
+        &|sig| tree.read(&format!("_modules/{sig}")).ok(),
+        trusted,
+    )
+}
+
+/// `files`: names in `_modules/`; `read_sig` reads one of them (for the declared outputs).
+fn register_modules(
+    registry: &mut Registry,
+    mut files: Vec<String>,
+    read_sig: &dyn Fn(&str) -> Option<Vec<u8>>,
+    trusted: Arc<TrustedKeys>,
+) -> Result<Vec<String>> {
+    files.retain(|n| !n.ends_with(".sig") && !n.starts_with('.'));
     files.sort();
     let mut names = Vec::new();
     for file in files {
@@ -631,8 +666,7 @@ pub fn register_tree_modules(
         }
         let rel = format!("_modules/{file}");
         // Declared outputs come from the signature file when it is readable.
-        let outputs = std::fs::read(dir.join(format!("{file}.sig")))
-            .ok()
+        let outputs = read_sig(&format!("{file}.sig"))
             .and_then(|b| ModuleSignature::parse(&b, &rel).ok())
             .map(|s| s.outputs)
             .unwrap_or_default();
