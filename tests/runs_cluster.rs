@@ -185,6 +185,40 @@ async fn runs_target_by_label_pass_values_between_nodes_and_order_steps_across_t
     }
     assert_eq!(v["summary"]["changed"], 2, "{v}");
     assert_eq!(v["summary"]["nodes"], 2, "{v}");
+    // The run can be read back, and its events say what happened on each node.
+    let run = v["run"].as_str().unwrap().to_string();
+    let (code, shown) = fleet.json(&["runs", "show", &run]);
+    assert_eq!(code, 0, "{shown}");
+    assert_eq!(
+        shown["nodes"], v["nodes"],
+        "runs show gives the same results"
+    );
+    let o = fleet
+        .eden(&["events", "--run", &run, "--output", "json"])
+        .output()
+        .unwrap();
+    let events: Vec<Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let kinds = |node: &str| -> Vec<String> {
+        events
+            .iter()
+            .filter(|e| e["node"] == node)
+            .map(|e| e["kind"].as_str().unwrap().to_string())
+            .collect()
+    };
+    for n in ["a1", "n2"] {
+        assert_eq!(
+            kinds(n),
+            ["run.started", "step.finished", "run.finished"],
+            "{n}: {events:?}"
+        );
+    }
+    assert!(
+        kinds("controller").contains(&"run.finished".to_string()),
+        "{events:?}"
+    );
 
     // 2. A value made on one node reaches the others; target_limit runs a step once.
     write(

@@ -128,6 +128,9 @@ struct Tracking {
 }
 
 async fn lead(kv: &Kv) -> Result<()> {
+    // Events are kept for a day, as the agents' are.
+    let lease = kv.grant(super::EVENT_TTL).await?;
+    EVENT_LEASE.store(lease, std::sync::atomic::Ordering::Relaxed);
     let (keys, rev) = kv
         .range(crate::etcd::pb::etcdserverpb::RangeRequest {
             key: RUNS.as_bytes().to_vec(),
@@ -316,9 +319,12 @@ fn event_op(
     Ok(kv::put_op(
         &event_key("controller", next_seq()),
         serde_json::to_vec(&e)?,
-        0,
+        EVENT_LEASE.load(std::sync::atomic::Ordering::Relaxed),
     ))
 }
+
+/// The lease the controller's events are attached to while it leads (0 until granted).
+static EVENT_LEASE: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
 
 fn next_seq() -> u64 {
     static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);

@@ -268,7 +268,7 @@ pub fn now_ms() -> u64 {
 
 /// An event key that sorts by time: `/eden/events/<ms, 13 digits>-<node>-<seq>`.
 pub fn event_key(node: &str, seq: u64) -> String {
-    format!("{EVENTS}{:013}-{node}-{seq}", now_ms())
+    format!("{EVENTS}{:013}-{node}-{seq:08}", now_ms())
 }
 
 /// A new run id: time-ordered, unique enough across CLIs (millis plus random bits).
