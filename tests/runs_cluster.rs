@@ -561,3 +561,93 @@ async fn wait_file(p: &Path) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The datastore nodes of the cluster as `via` sees them: (voters, standbys) by name.
+async fn roles(via: &Node) -> (BTreeSet<String>, BTreeSet<String>) {
+    let m = members(&via.endpoint()).await;
+    let pick = |learner: bool| {
+        m.iter()
+            .filter(|m| m.is_learner == learner)
+            .map(|m| m.name.clone())
+            .collect()
+    };
+    (pick(false), pick(true))
+}
+
+/// Waits until the cluster, as `via` sees it, has three voters and none of them is `dead`.
+async fn wait_replaced(via: &Node, dead: &[&str]) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (voters, _) = roles(via).await;
+        if voters.len() == 3 && dead.iter().all(|d| !voters.contains(*d)) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "voters {voters:?} still hold one of {dead:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_only_node_follows_the_datastore_when_the_nodes_it_joined_through_are_gone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut nodes = three_nodes(root, &[]).await;
+    let token = nodes[0].token();
+    let via = nodes[0].peer.clone();
+    // a1 joins while n1..n3 are the whole datastore: those are the endpoints it is given.
+    let mut a1 = Node::new(root, "a1");
+    a1.create(Some((&via, &token)), &["--datastore", "never"]);
+    wait_agents(&nodes[0], &["a1"]).await;
+    for name in ["n4", "n5"] {
+        let mut n = Node::new(root, name);
+        n.create(Some((&via, &token)), &[]);
+        n.ready().await;
+        nodes.push(n);
+    }
+    // It learns about n4 and n5 from the node records, and remembers them.
+    let node_json = a1.dir.join("node.json");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = std::fs::read_to_string(&node_json).unwrap_or_default();
+        if [&nodes[3], &nodes[4]]
+            .iter()
+            .all(|n| text.contains(n.client.as_str()))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "a1 never used n4 and n5: {text}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Every node a1 joined through goes; the role controller replaces them one at a time.
+    nodes[0].kill9();
+    wait_replaced(&nodes[3], &["n1"]).await;
+    nodes[1].kill9();
+    wait_replaced(&nodes[3], &["n1", "n2"]).await;
+    nodes[2].kill9();
+    // n4 and n5 are two of three voters: the cluster still has quorum, and a1 still runs
+    // what it is given.
+    let eps = format!("{},{}", nodes[3].endpoint(), nodes[4].endpoint());
+    let out = Command::new(env!("CARGO_BIN_EXE_eden"))
+        .args(["run", "--target", "a1", "cmd.run", "echo still here"])
+        .args(["--endpoints", &eps, "--output", "json"])
+        .env_remove("EDEN_CREDS")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| {
+        panic!(
+            "no JSON ({e}): {text}\n{}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            a1.log_text()
+        )
+    });
+    assert_eq!(out.status.code(), Some(0), "{v}\n{}", a1.log_text());
+    assert_eq!(
+        step(&v, "a1", "run")["outputs"]["stdout"],
+        "still here",
+        "{v}"
+    );
+}

@@ -10,6 +10,7 @@
 use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tonic::transport::channel::Change;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Status};
 
@@ -33,7 +34,28 @@ pub struct Event {
 #[derive(Clone)]
 pub struct Kv {
     channel: Channel,
-    what: String,
+    endpoints: std::sync::Arc<std::sync::Mutex<Endpoints>>,
+}
+
+/// The endpoints the balanced channel uses, so they can be changed while it runs.
+struct Endpoints {
+    urls: std::collections::BTreeSet<String>,
+    tls: Option<ClientTlsConfig>,
+    changes: mpsc::Sender<Change<String, Endpoint>>,
+}
+
+fn endpoint(url: &str, tls: Option<&ClientTlsConfig>) -> Result<Endpoint> {
+    let mut e = Endpoint::from_shared(url.to_string())
+        .map_err(|e| Error::InvalidInput(format!("bad endpoint {url:?}: {e}")))?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(15))
+        .tcp_nodelay(true);
+    if let Some(tls) = tls {
+        e = e
+            .tls_config(tls.clone())
+            .map_err(|e| Error::InvalidInput(format!("TLS for {url}: {e}")))?;
+    }
+    Ok(e)
 }
 
 /// `prefix`'s range end: the key after every key that starts with it.
@@ -69,27 +91,57 @@ impl Kv {
     /// A client for `urls` (`https://H:P` with `tls`, or `http://H:P`). Connects lazily: an
     /// endpoint that is down is skipped while others answer.
     pub fn new(urls: &[String], tls: Option<&ClientTlsConfig>) -> Result<Kv> {
-        let mut endpoints = Vec::new();
-        for url in urls {
-            let mut e = Endpoint::from_shared(url.clone())
-                .map_err(|e| Error::InvalidInput(format!("bad endpoint {url:?}: {e}")))?
-                .connect_timeout(Duration::from_secs(2))
-                .timeout(Duration::from_secs(15))
-                .tcp_nodelay(true);
-            if let Some(tls) = tls {
-                e = e
-                    .tls_config(tls.clone())
-                    .map_err(|e| Error::InvalidInput(format!("TLS for {url}: {e}")))?;
-            }
-            endpoints.push(e);
-        }
-        if endpoints.is_empty() {
+        if urls.is_empty() {
             return Err(Error::InvalidInput("no etcd endpoint given".into()));
         }
+        let (channel, changes) = Channel::balance_channel::<String>(64);
+        let mut set = std::collections::BTreeSet::new();
+        for url in urls {
+            let e = endpoint(url, tls)?;
+            changes
+                .try_send(Change::Insert(url.clone(), e))
+                .map_err(|e| Error::Internal(format!("adding endpoint {url}: {e}")))?;
+            set.insert(url.clone());
+        }
         Ok(Kv {
-            channel: Channel::balance_list(endpoints.into_iter()),
-            what: urls.join(","),
+            channel,
+            endpoints: std::sync::Arc::new(std::sync::Mutex::new(Endpoints {
+                urls: set,
+                tls: tls.cloned(),
+                changes,
+            })),
         })
+    }
+
+    /// The endpoints in use.
+    pub fn endpoints(&self) -> Vec<String> {
+        let e = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
+        e.urls.iter().cloned().collect()
+    }
+
+    /// Uses exactly `urls` from now on (ignored when empty). True if anything changed.
+    pub fn set_endpoints(&self, urls: &[String]) -> Result<bool> {
+        if urls.is_empty() {
+            return Ok(false);
+        }
+        let mut e = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
+        let want: std::collections::BTreeSet<String> = urls.iter().cloned().collect();
+        if want == e.urls {
+            return Ok(false);
+        }
+        for url in want.difference(&e.urls) {
+            let ep = endpoint(url, e.tls.as_ref())?;
+            e.changes
+                .try_send(Change::Insert(url.clone(), ep))
+                .map_err(|err| Error::Internal(format!("adding endpoint {url}: {err}")))?;
+        }
+        for url in e.urls.difference(&want) {
+            e.changes
+                .try_send(Change::Remove(url.clone()))
+                .map_err(|err| Error::Internal(format!("removing endpoint {url}: {err}")))?;
+        }
+        e.urls = want;
+        Ok(true)
     }
 
     /// Runs `op` until it succeeds, fails for a reason retrying cannot fix, or [`RETRY_FOR`]
@@ -114,7 +166,7 @@ impl Kv {
                         "{what}: {} (no datastore node at {} answered for {}s; is the cluster \
                          up and does it have a leader? see `eden cluster status`)",
                         s.message(),
-                        self.what,
+                        self.endpoints().join(","),
                         RETRY_FOR.as_secs()
                     )))
                 }

@@ -812,10 +812,47 @@ async fn serve_agent(
     tracing::info!(name = %file.name, endpoints = %urls.join(","), "serving as an agent-only node");
     let agent = Agent::new(node_record(&file), kv.clone());
     let task = tokio::spawn(agent.clone().run());
+    let dir = Arc::new(dir);
+    let follow = tokio::spawn(follow_datastore(kv.clone(), dir.clone(), file));
     shutdown.await;
     tracing::info!("shutting down");
     task.abort();
+    follow.abort();
     leave_agent(&kv, &agent).await;
     drop(dir);
     Ok(())
+}
+
+/// Keeps an agent-only node's endpoints on the live datastore nodes: the role controller
+/// replaces dead voters with other nodes, so the nodes it joined through may all be gone one
+/// day. Every few seconds the client URLs of the datastore nodes whose agents are alive become
+/// the endpoints, and `node.json` remembers them for a restart.
+async fn follow_datastore(kv: Kv, dir: Arc<DataDir>, mut file: NodeFile) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Ok(all) = crate::agent::controller::nodes(&kv).await else {
+            continue;
+        };
+        let tls = kv.endpoints().iter().any(|u| u.starts_with("https://"));
+        let urls: Vec<String> = all
+            .values()
+            .filter(|v| v.alive)
+            .filter_map(|v| v.record.as_ref())
+            .filter(|r| r.datastore != "never" && !r.client_addr.is_empty())
+            .map(|r| crate::cli::client::url(&r.client_addr, tls))
+            .collect();
+        match kv.set_endpoints(&urls) {
+            Ok(true) => {
+                tracing::info!(endpoints = %urls.join(","), "datastore endpoints changed");
+                file.endpoints = urls;
+                if let Err(e) = dir.commit_node(&file) {
+                    tracing::warn!("remembering the datastore endpoints: {e}");
+                }
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!("updating the datastore endpoints: {e}"),
+        }
+    }
 }
