@@ -159,7 +159,7 @@ async fn runs_target_by_label_pass_values_between_nodes_and_order_steps_across_t
             "web.sls",
             &format!(
                 "role-file:\n  file.managed:\n    - name: {out}/{{{{ node.name }}}}-role\n    \
-                 - contents: \"{{{{ node.labels.role }}}} {{{{ node.facts.os }}}}\"\n"
+                 - contents: \"{{{{ node.labels.role }}}} {{{{ node.facts.os }}}} {{{{ vars.greeting }}}}\"\n"
             ),
         )],
     );
@@ -169,13 +169,22 @@ async fn runs_target_by_label_pass_values_between_nodes_and_order_steps_across_t
     let (code, dry) = fleet.json(&["apply", "--target", "role=web", "--dry-targets"]);
     assert_eq!(code, 0, "{dry}");
     assert_eq!(dry["nodes"], serde_json::json!(["a1", "n2"]));
-    let (code, v) = fleet.json(&["apply", &tree_s, "web", "--target", "role=web"]);
+    let vars = tmp.path().join("extra.yaml");
+    std::fs::write(&vars, "greeting: hello\n").unwrap();
+    let vars_s = vars.display().to_string();
+    let (code, v) = fleet.json(&[
+        "apply", &tree_s, "web", "--target", "role=web", "--vars", &vars_s,
+    ]);
     assert_eq!(code, 0, "{v}");
     assert_eq!(node_names(&v), BTreeSet::from(["a1".into(), "n2".into()]));
     for n in ["a1", "n2"] {
         assert_eq!(step(&v, n, "role-file")["result"], true, "{v}");
         let text = std::fs::read_to_string(fleet.out(&format!("{n}-role"))).unwrap();
         assert!(text.starts_with("web "), "{n}: {text}");
+        assert!(
+            text.trim_end().ends_with(" hello"),
+            "--vars reached {n}: {text}"
+        );
     }
     for n in ["n1", "n3", "n4"] {
         assert!(

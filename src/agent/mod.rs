@@ -492,13 +492,18 @@ impl engine::Observer for Forward {
     }
 }
 
-/// Variables for a node from any state tree: `vars/common.yaml`, then `vars/nodes/NAME.yaml`;
-/// maps merge deeply, later files win.
+/// Where `eden apply --vars FILE...` puts the merged files in a cluster run's tree (a
+/// dot-directory, which a local tree never uploads).
+pub const CLI_VARS: &str = ".eden/vars.yaml";
+
+/// Variables for a node from any state tree: `vars/common.yaml`, then `vars/nodes/NAME.yaml`,
+/// then the `--vars` files ([`CLI_VARS`]); maps merge deeply, later files win.
 pub fn vars_from_tree(tree: &dyn SourceTree, node: &str) -> Result<Value> {
     let mut vars = Value::Object(Map::new());
     for path in [
         "vars/common.yaml".to_string(),
         format!("vars/nodes/{node}.yaml"),
+        CLI_VARS.to_string(),
     ] {
         let text = match tree.read(&path) {
             Ok(b) => String::from_utf8_lossy(&b).into_owned(),

@@ -29,7 +29,8 @@ pub struct Selection {
     pub path: Option<PathBuf>,
     /// SLS names to apply (e.g. `web` or `web.nginx`). None: `top.sls` decides.
     pub sls: Vec<String>,
-    /// Nodes to target: a glob on names or key=value on labels and facts (cluster runs).
+    /// Cluster runs: the nodes to run on. Name globs (web-*), key=value on labels and facts,
+    /// lists (web-1,web-2), and/or/not with parentheses: 'role=db and not db-3'.
     #[arg(long)]
     pub target: Option<String>,
     /// A state source registered with `eden repo add`, optionally at a ref (cluster runs).
@@ -45,16 +46,25 @@ pub struct Selection {
     /// human or json.
     #[arg(long, default_value = "human")]
     pub output: String,
-    /// Extra variables files (YAML), merged over the tree's `vars/`.
+    /// Extra variables files (YAML), merged over the tree's `vars/` (in cluster runs they are
+    /// sent with the tree and apply to every node).
     #[arg(long = "vars", value_name = "FILE")]
     pub vars: Vec<PathBuf>,
-    /// The node name templates see (default: this host's name).
+    /// --local only: the node name templates see (default: this host's name).
     #[arg(long)]
     pub node_name: Option<String>,
 }
 
 /// `eden apply` arguments.
 #[derive(Args, Debug)]
+#[command(after_help = "Examples:\n  \
+    eden apply --local ./states web              # this machine, like salt-call --local\n  \
+    eden apply ./states --target '*'             # every node; top.sls picks the SLS\n  \
+    eden apply ./states web --target 'role=web and dc=eu' --mode justdoit\n  \
+    eden apply --repo site@v1.2 web --target 'web-*' --test\n  \
+    eden apply ./states --target 'db-*' --dry-targets   # which nodes would run\n\n\
+    Cluster runs need the cluster's address and credentials: --endpoints URL --creds DIR\n\
+    (or EDEN_ENDPOINTS / EDEN_CREDS), or --data-dir of a datastore node on this machine.")]
 pub struct ApplyArgs {
     #[command(flatten)]
     pub selection: Selection,

@@ -526,9 +526,16 @@ pub fn apply_cluster(args: &super::apply::ApplyArgs) -> Result<i32> {
     let mode: crate::engine::Mode = sel.mode()?;
     block_on(async {
         let kv = args.remote.kv()?;
+        if sel.node_name.is_some() {
+            return Err(Error::InvalidInput(
+                "--node-name is for --local runs: in a cluster run every node renders with its \
+                 own name"
+                    .into(),
+            ));
+        }
         // With --repo there is no PATH: the first positional word is an SLS name.
         let mut sls = sel.sls.clone();
-        let (files, source) = match (&sel.path, &sel.repo) {
+        let (mut files, source) = match (&sel.path, &sel.repo) {
             (path, Some(spec)) => {
                 if let Some(first) = path {
                     sls.insert(0, first.display().to_string());
@@ -555,6 +562,24 @@ pub fn apply_cluster(args: &super::apply::ApplyArgs) -> Result<i32> {
                 ))
             }
         };
+        // --vars files travel with the tree; every node merges them last.
+        if !sel.vars.is_empty() {
+            let mut merged = Value::Object(Map::new());
+            for f in &sel.vars {
+                let text = std::fs::read_to_string(f)
+                    .map_err(|e| Error::NotFound(format!("vars file {}: {e}", f.display())))?;
+                let v: Value = serde_yaml::from_str(&text).map_err(|e| {
+                    Error::InvalidInput(format!("vars file {}: not valid YAML: {e}", f.display()))
+                })?;
+                super::apply::merge_deep(&mut merged, v);
+            }
+            files.insert(
+                crate::agent::CLI_VARS.into(),
+                serde_yaml::to_string(&merged)
+                    .map_err(|e| Error::Internal(e.to_string()))?
+                    .into_bytes(),
+            );
+        }
         let sub = Submission {
             kind: "apply".into(),
             files,
