@@ -449,6 +449,67 @@ async fn runs_target_by_label_pass_values_between_nodes_and_order_steps_across_t
         log,
         "ran nowhere"
     );
+
+    // 6. A file from the datastore (`source: kv:///KEY`) and a module stored in the datastore
+    //    with `eden module add`, neither in the tree.
+    put_retrying(
+        &fleet.data[0].endpoint(),
+        "/config/banner",
+        "from the datastore",
+    )
+    .await;
+    let stored = tmp.path().join("stored.sh");
+    std::fs::write(
+        &stored,
+        format!(
+            "#!/bin/sh\ncat >> '{out}/stored.log'\necho >> '{out}/stored.log'\n\
+             echo '{{\"result\": true, \"changes\": {{}}, \"comment\": \"stored ran\", \"outputs\": {{}}}}'\n"
+        ),
+    )
+    .unwrap();
+    let o = plain(&[
+        "module",
+        "sign",
+        "--key",
+        key.to_str().unwrap(),
+        stored.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = fleet
+        .eden(&[
+            "module",
+            "add",
+            stored.to_str().unwrap(),
+            "--name",
+            "stored",
+            "--trust",
+            &public,
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let kvtree = tmp.path().join("kvtree");
+    write(
+        &kvtree,
+        &[(
+            "kv.sls",
+            &format!(
+                "banner:\n  file.managed:\n    - name: {out}/{{{{ node.name }}}}-banner\n    \
+                 - source: kv:///config/banner\n\
+                 stored-call:\n  stored.go:\n    - who: {{{{ node.name }}}}\n"
+            ),
+        )],
+    );
+    let kvtree_s = kvtree.display().to_string();
+    let (code, v) = fleet.json(&["apply", &kvtree_s, "kv", "--target", "n2,a1"]);
+    assert_eq!(code, 0, "{v}");
+    for n in ["n2", "a1"] {
+        let got = std::fs::read_to_string(fleet.out(&format!("{n}-banner"))).unwrap();
+        assert_eq!(got.trim_end(), "from the datastore", "{n}");
+        assert_eq!(step(&v, n, "stored-call")["comment"], "stored ran", "{v}");
+    }
+    let log = std::fs::read_to_string(fleet.out("stored.log")).unwrap();
+    assert_eq!(log.matches("\"function\":\"go\"").count(), 2, "{log}");
     drop(fleet);
 }
 

@@ -105,14 +105,27 @@ pub async fn upload(
     Ok(index)
 }
 
-/// The files of one run, read from the store and checked against their hashes.
+/// The files of one run, read from the store and checked against their hashes, and the
+/// datastore keys the run's `kv://` sources name ([`BlobTree::add_key`]).
 pub struct BlobTree {
     files: HashMap<String, Vec<u8>>,
+    keys: std::sync::RwLock<HashMap<String, Vec<u8>>>,
 }
 
 impl BlobTree {
     pub fn from_files(files: HashMap<String, Vec<u8>>) -> BlobTree {
-        BlobTree { files }
+        BlobTree {
+            files,
+            keys: Default::default(),
+        }
+    }
+
+    /// Makes `kv://KEY` readable with the value the caller read from the datastore.
+    pub fn add_key(&self, key: &str, value: Vec<u8>) {
+        self.keys
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.to_string(), value);
     }
 
     pub async fn fetch(kv: &Kv, source: &Source) -> Result<BlobTree> {
@@ -137,7 +150,7 @@ impl BlobTree {
             cache.insert(sha, kv_.value.clone());
             files.insert(path.clone(), kv_.value);
         }
-        Ok(BlobTree { files })
+        Ok(BlobTree::from_files(files))
     }
 
     pub fn paths(&self) -> impl Iterator<Item = &String> {
@@ -147,6 +160,15 @@ impl BlobTree {
 
 impl SourceTree for BlobTree {
     fn read(&self, path: &str) -> Result<Vec<u8>> {
+        if let Some(key) = path.strip_prefix("kv://") {
+            return self
+                .keys
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(key)
+                .cloned()
+                .ok_or_else(|| Error::NotFound(format!("no key {key:?} in the datastore")));
+        }
         let p = path.trim_start_matches('/');
         self.files
             .get(p)

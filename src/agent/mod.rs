@@ -318,13 +318,15 @@ impl Agent {
                 .unwrap_or_default(),
             None => crate::modules::ext::TrustedKeys::default(),
         };
+        let trusted = Arc::new(trusted);
         let mut registry = Registry::builtin();
         crate::modules::ext::register_modules_in(
             &mut registry,
             tree.as_ref(),
             tree.paths().cloned().collect::<Vec<_>>().into_iter(),
-            Arc::new(trusted),
+            trusted.clone(),
         )?;
+        self.register_stored_modules(&mut registry, trusted).await?;
         let sls = req.sls.clone();
         let plan = {
             let tree = tree.clone();
@@ -359,6 +361,17 @@ impl Agent {
                     .await;
             }
         };
+        // `source: kv:///KEY` reads a key of the datastore: read now, for the whole run.
+        for step in &plan.steps {
+            let Some(Value::String(src)) = step.args.get("source") else {
+                continue;
+            };
+            if let Some(key) = src.strip_prefix("kv://") {
+                if let Some(v) = self.kv.get(key).await? {
+                    tree.add_key(key, v.value);
+                }
+            }
+        }
         let total = plan.steps.iter().filter(|s| !s.is_check()).count();
         self.kv
             .txn(crate::etcd::pb::etcdserverpb::TxnRequest {
@@ -437,6 +450,40 @@ impl Agent {
             },
         )
         .await
+    }
+
+    /// Registers the modules stored with `eden module add` (`/eden/modules/<name>`); a tree
+    /// module of the same name wins. Each is verified before every call, like the tree's.
+    async fn register_stored_modules(
+        &self,
+        registry: &mut Registry,
+        trusted: Arc<crate::modules::ext::TrustedKeys>,
+    ) -> Result<()> {
+        use crate::modules::ext::{ExtModule, ModuleRecord, MODULES_PREFIX};
+        let (records, _) = self.kv.list(MODULES_PREFIX).await?;
+        for item in records {
+            let key = String::from_utf8_lossy(&item.key).into_owned();
+            let name = key[MODULES_PREFIX.len()..].to_string();
+            if name.contains('/') || registry.get(&name).is_some() {
+                continue;
+            }
+            let registered = async {
+                let rec = ModuleRecord::parse(&item.value, &name)?;
+                let blob = match rec.blob_key() {
+                    Some(k) => self.kv.get(&k).await?.map(|kv| kv.value),
+                    None => None,
+                };
+                let outputs = rec.signature.outputs.clone();
+                let source = rec.into_source(blob)?;
+                ExtModule::new(&name, source, trusted.clone(), &outputs)
+            }
+            .await;
+            match registered {
+                Ok(m) => registry.register(Arc::new(m)),
+                Err(e) => tracing::warn!(module = %name, "stored module not offered: {e}"),
+            }
+        }
+        Ok(())
     }
 
     async fn write_results(&self, run: &str, batch: &[StepResult]) {

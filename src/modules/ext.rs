@@ -395,7 +395,8 @@ pub struct ExtModule {
 
 impl ExtModule {
     /// `name` and `outputs` live as long as the process (the registry hands out `'static`
-    /// names); a process registers each module once.
+    /// names); they are interned, so an agent that registers a tree's modules for every run
+    /// does not grow.
     pub fn new(
         name: &str,
         source: ModuleSource,
@@ -411,17 +412,40 @@ impl ExtModule {
                 "extension module name {name:?}: use lowercase letters, digits and _"
             )));
         }
-        let outputs: Vec<&'static str> = outputs
-            .iter()
-            .map(|o| &*Box::leak(o.clone().into_boxed_str()))
-            .collect();
+        let outputs: Vec<&'static str> = outputs.iter().map(|o| intern(o)).collect();
         Ok(ExtModule {
-            name: Box::leak(name.to_string().into_boxed_str()),
+            name: intern(name),
             source,
             trusted,
-            outputs: Box::leak(outputs.into_boxed_slice()),
+            outputs: intern_list(outputs),
         })
     }
+}
+
+/// One `'static` copy of each string, made on first use.
+fn intern(s: &str) -> &'static str {
+    static SEEN: std::sync::Mutex<std::collections::BTreeSet<&'static str>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(found) = seen.get(s) {
+        return found;
+    }
+    let leaked: &'static str = Box::leak(s.to_string().into_boxed_str());
+    seen.insert(leaked);
+    leaked
+}
+
+/// One `'static` copy of each list of interned strings.
+fn intern_list(list: Vec<&'static str>) -> &'static [&'static str] {
+    type Lists = std::collections::BTreeSet<&'static [&'static str]>;
+    static SEEN: std::sync::Mutex<Lists> = std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(found) = seen.get(list.as_slice()) {
+        return found;
+    }
+    let leaked: &'static [&'static str] = Box::leak(list.into_boxed_slice());
+    seen.insert(leaked);
+    leaked
 }
 
 impl Module for ExtModule {

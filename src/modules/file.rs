@@ -2,7 +2,8 @@
 //! `file.absent` and `file.symlink` states.
 //!
 //! - `file.managed`: the file `name` holds `contents` (a string, or a list of lines) or the bytes
-//!   of `source` (a `salt://` or `eden://` path in the state tree, or an absolute local path).
+//!   of `source` (a `salt://` or `eden://` path in the state tree, a `kv:///KEY` in the
+//!   datastore, which the agent reads for the run, or an absolute local path).
 //!   `contents` gets a final newline when it lacks one, as in Salt (`contents_newline`).
 //!   `template: jinja` renders the text first with `defaults` overlaid by `context` (undefined
 //!   names are errors). `mode` (e.g. `"0644"` or `644`), `user`, `group`, `makedirs`.
@@ -305,6 +306,16 @@ fn raw_contents(call: &Call) -> Result<Option<Vec<u8>>> {
             )),
             other => other,
         };
+        if src.starts_with("kv://") {
+            return call.tree.read(src).map(Some).map_err(|e| match e {
+                Error::NotFound(m) => Error::NotFound(format!(
+                    "file.managed {}: source {src}: {m}; a kv:// source is a key of the \
+                     cluster's datastore, read when a cluster run (eden apply --target) starts",
+                    call.name()
+                )),
+                other => other,
+            });
+        }
         for prefix in ["salt://", "eden://"] {
             if let Some(rel) = src.strip_prefix(prefix) {
                 return Ok(Some(call.tree.read(rel).map_err(missing)?));
