@@ -223,3 +223,29 @@ fn jinja_errors_name_the_line_and_missing_sls_says_where_it_looked() {
     let e = error_of(&[("j.sls", "a:\n  test.nop: []\n")], &["web.nginx"]);
     assert_has(&e, &["web/nginx.sls", "web/nginx/init.sls"]);
 }
+
+#[test]
+fn salt_keywords_eden_does_not_act_on_are_refused_with_what_to_write_instead() {
+    for (key, hint) in [
+        ("listen", "use `watch`"),
+        ("listen_in", "use `watch_in`"),
+        ("failhard", "`require` this one"),
+    ] {
+        let e = error_of(
+            &[(
+                "web.sls",
+                &format!("a:\n  test.nop: []\nb:\n  test.nop:\n    - {key}:\n      - test: a\n"),
+            )],
+            &["web"],
+        );
+        assert_has(
+            &e,
+            &[
+                "web.sls",
+                "\"b\"",
+                &format!("`{key}` is not supported"),
+                hint,
+            ],
+        );
+    }
+}

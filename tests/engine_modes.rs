@@ -398,3 +398,38 @@ fn genius_aggregation_keeps_pinned_versions_and_refresh() {
     assert!(nginx.args.get("version").is_none(), "{:?}", nginx.args);
     assert_eq!(nginx.args["refresh"], serde_json::json!(true));
 }
+
+#[test]
+fn genius_merges_only_steps_whose_requisites_and_watchers_stay_the_same() {
+    // a and b differ in their requisites (b waits for a check); c is watched through
+    // onchanges; d is named by a step reference. None of them may be merged with another.
+    let plan = genius_plan(
+        "check:\n  test.nop: []\n\
+         a:\n  pkg.installed: []\n\
+         b:\n  pkg.installed:\n    - onfail:\n      - test: check\n\
+         c:\n  pkg.installed: []\n\
+         restart:\n  test.nop:\n    - onchanges:\n      - pkg: c\n\
+         d:\n  pkg.installed: []\n\
+         show:\n  test.nop:\n    - name: \"${{ steps.d.comment }}\"\n\
+         e:\n  pkg.installed: []\n",
+    );
+    let ids: Vec<&str> = plan.steps.iter().map(|s| s.id.as_str()).collect();
+    for id in ["a", "b", "c", "d", "restart", "show"] {
+        assert!(ids.contains(&id), "{id} was merged away: {ids:?}");
+    }
+    // a and e have the same (no) requisites and nothing watches them: one transaction.
+    let agg: Vec<&Vec<String>> = plan
+        .rewrites
+        .iter()
+        .filter(|r| r.kind == "pkg-aggregate")
+        .map(|r| &r.steps)
+        .collect();
+    assert_eq!(
+        agg,
+        vec![&vec!["a".to_string(), "e".to_string()]],
+        "{:?}",
+        plan.rewrites
+    );
+    let restart = plan.steps.iter().find(|s| s.id == "restart").unwrap();
+    assert_eq!(plan.steps[restart.deps[0].step].id, "c");
+}

@@ -218,13 +218,10 @@ const ENGINE_KEYS: &[&str] = &[
     "names",
     "fun",
     "state",
-    "failhard",
     "parallel",
     "aggregate",
     "fire_event",
     "reload_modules",
-    "listen",
-    "listen_in",
     "onfail_stop",
     "serialize",
     "sync",
@@ -878,6 +875,7 @@ pub fn compile_with(
     let mut steps = Vec::with_capacity(n);
     for &node in &topo {
         let c = &b.chunks[b.chunk_of(node)];
+        let run = run_options(c)?;
         let args = module_args(c);
         let module = registry.get(&c.module).ok_or_else(|| {
             Error::InvalidInput(format!(
@@ -891,7 +889,6 @@ pub fn compile_with(
         module
             .validate(&c.function, &args)
             .map_err(|e| Error::InvalidInput(format!("{}: state {:?}: {e}", c.at, c.id)))?;
-        let run = run_options(c)?;
         let deps = b.graph.inn[node]
             .iter()
             .flat_map(|(src, kinds)| {
@@ -944,9 +941,36 @@ struct RunOpts {
     target_limit: Option<u32>,
 }
 
+/// Salt keywords eden accepts in the SLS but does not act on would silently change what a tree
+/// does (a `listen` that never restarts a service, a `failhard` that does not stop the run),
+/// so they are refused, each with what to write instead.
+const UNSUPPORTED_KEYS: &[(&str, &str)] = &[
+    (
+        "listen",
+        "use `watch` (the watch action then runs right after the watched state, not at the end)",
+    ),
+    (
+        "listen_in",
+        "use `watch_in` (the watch action then runs right after the watched state, not at the end)",
+    ),
+    (
+        "failhard",
+        "remove it, and make the states that must not run after a failure `require` this one",
+    ),
+];
+
 /// Reads `serialize: N`, `sync: BOOL` and `target_limit: N`; a bad value is an error naming
-/// the state, where it is declared and the value.
+/// the state, where it is declared and the value. A keyword eden does not implement is refused
+/// here too (see [`UNSUPPORTED_KEYS`]).
 fn run_options(c: &Chunk) -> Result<RunOpts> {
+    for (key, instead) in UNSUPPORTED_KEYS {
+        if c.get(key).is_some() {
+            return Err(Error::InvalidInput(format!(
+                "{}: state {:?}: `{key}` is not supported by eden; {instead}",
+                c.at, c.id
+            )));
+        }
+    }
     let count = |key: &str, meaning: &str| -> Result<Option<u32>> {
         let Some(v) = c.get(key) else {
             return Ok(None);

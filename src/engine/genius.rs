@@ -7,15 +7,17 @@
 //! 2. **parent directory before its files**: a `file.*` step requires the `file.directory` step
 //!    of its nearest managed ancestor directory.
 //! 3. **pkg aggregation**: `pkg.installed` steps become one step with a `pkgs:` list (one package
-//!    transaction). Only steps with no requisite path between them are grouped, and a group never
-//!    gains a step that would put the group on a cycle, so requisites keep holding; Salt's
-//!    aggregation ignored them (salt#47628).
-//! 4. **deduplication**: steps with the same module, function and arguments run once; the others'
-//!    dependents wait for the one that is kept.
+//!    transaction). Only steps with the same requisites and no requisite path between them are
+//!    grouped, so the group starts exactly when each of them would have and requisites keep
+//!    holding; Salt's aggregation ignored them (salt#47628).
+//! 4. **deduplication**: steps with the same module, function, arguments and requisites run
+//!    once; the others' dependents wait for the one that is kept.
 //!
 //! An edge a rewrite would add that closes a cycle is not added; the skip is recorded too.
-//! Steps that take part in a `prereq`, or have cross-node run options (`serialize`, `sync`,
-//! `target_limit`), are never aggregated or de-duplicated. Pure: no I/O.
+//! Never aggregated or de-duplicated: steps that take part in a `prereq`, have cross-node run
+//! options (`serialize`, `sync`, `target_limit`), are watched by another step through
+//! `onchanges`, `onfail` or `watch` (merged, one step's changes or failure would answer for
+//! all), or are named by a `${{ steps.ID.FIELD }}`. Pure: no I/O.
 
 use serde_json::Value;
 
@@ -79,7 +81,42 @@ impl Work {
     /// Steps that must stay as written: those in a `prereq`, and those with cross-node run
     /// options (merging one would change what the other nodes wait for).
     fn left_alone(&self, i: usize) -> bool {
-        self.involved_in_prereq(i) || self.steps[i].coordinated()
+        self.involved_in_prereq(i)
+            || self.steps[i].coordinated()
+            || self.gates_others(i)
+            || self.referenced(i)
+    }
+
+    /// Another step reacts to how `i` went (onchanges, onfail, watch, their `_any`/`_all`
+    /// forms): merged, `i` would answer for the whole group, so it stays as written.
+    fn gates_others(&self, i: usize) -> bool {
+        (0..self.steps.len()).filter(|&x| self.alive[x]).any(|x| {
+            self.steps[x]
+                .deps
+                .iter()
+                .any(|d| self.find(d.step) == i && d.kind != ReqKind::Require)
+        })
+    }
+
+    /// A `${{ steps.ID.FIELD }}` names `i`: its own result must exist, so it is not merged.
+    fn referenced(&self, i: usize) -> bool {
+        let needle = format!("steps.{}.", self.steps[i].id);
+        self.steps.iter().any(|s| {
+            s.has_refs && serde_json::to_string(&s.args).is_ok_and(|a| a.contains(&needle))
+        })
+    }
+
+    /// `a` and `b` wait on the same steps in the same ways, so one step can stand for both
+    /// without running earlier or later than either would have.
+    fn same_requisites(&self, a: usize, b: usize) -> bool {
+        let set = |i: usize| -> std::collections::BTreeSet<(ReqKind, usize)> {
+            self.steps[i]
+                .deps
+                .iter()
+                .map(|d| (d.kind, self.find(d.step)))
+                .collect()
+        };
+        set(a) == set(b)
     }
 
     fn requires(&self, i: usize, j: usize) -> bool {
@@ -218,7 +255,7 @@ pub fn rewrite(plan: &mut Plan) {
         let mut placed = false;
         for g in groups.iter_mut() {
             let head = g[0];
-            if !w.reaches(head, i) && !w.reaches(i, head) {
+            if !w.reaches(head, i) && !w.reaches(i, head) && w.same_requisites(head, i) {
                 w.merge(head, i);
                 g.push(i);
                 placed = true;
@@ -261,8 +298,8 @@ pub fn rewrite(plan: &mut Plan) {
             kind: "pkg-aggregate".into(),
             steps: g.iter().map(|&i| w.steps[i].id.clone()).collect(),
             reason: format!(
-                "no requisite orders these installs against each other, so they run as one \
-                 package transaction ({}) under {}; their requisites now apply to it",
+                "these installs have the same requisites and none orders them against each \
+                 other, so they run as one package transaction ({}) under {}",
                 list.join(", "),
                 w.steps[head].id
             ),
@@ -282,7 +319,7 @@ pub fn rewrite(plan: &mut Plan) {
                 && w.steps[i].args == w.steps[j].args
         });
         let Some(i) = twin else { continue };
-        if w.reaches(i, j) || w.reaches(j, i) {
+        if w.reaches(i, j) || w.reaches(j, i) || !w.same_requisites(i, j) {
             continue;
         }
         w.merge(i, j);
