@@ -93,6 +93,20 @@ fn timeout_kills_the_whole_process_group() {
 }
 
 #[test]
+fn timeout_holds_for_a_command_that_closed_its_output() {
+    // Both pipes close at once, so only the wait is left to bound.
+    let started = std::time::Instant::now();
+    let out = run(json!({"name": "exec >/dev/null 2>&1; sleep 300", "timeout": 1})).unwrap();
+    assert_eq!(out.result, Some(false), "{}", out.comment);
+    assert!(out.comment.contains("timed out"), "{}", out.comment);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(60),
+        "the wait went on for {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
 fn output_is_limited_and_the_limit_is_reported() {
     let out = run(json!({"name": "head -c 3000000 /dev/zero | tr '\\0' a; echo err >&2"})).unwrap();
     assert_eq!(out.result, Some(true));

@@ -205,6 +205,17 @@ fn bad_input_fails_clearly_and_writes_nothing() {
     .to_string();
     assert!(e.contains("is not a directory"), "{e}");
 
+    // The root is never made absent. Asked in test mode, so a broken check removes nothing.
+    for root in ["/", "//", "/./..", "/.."] {
+        let e = call("absent", json!({ "name": root }), true)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("refusing") && e.contains("root directory"),
+            "{root}: {e}"
+        );
+    }
+
     assert_eq!(listing(d), before, "no file and no temporary file was left");
     assert_eq!(
         std::fs::read_to_string(d.join("existing")).unwrap(),

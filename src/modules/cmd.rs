@@ -464,8 +464,17 @@ fn run_shell(command: &str, args: &Args, timeout: Option<Duration>) -> Result<Ra
     };
     let pid = child.id();
     let deadline = timeout.map(|t| Instant::now() + t);
-    let (streams, timed_out) = read_both(&mut child, limit, deadline)?;
-    let status = child.wait()?;
+    let (streams, mut timed_out) = read_both(&mut child, limit, deadline)?;
+    // Both pipes can close long before the command ends (`exec >/dev/null 2>&1; sleep 999`),
+    // so the deadline holds for the wait too.
+    let status = match deadline {
+        Some(d) if !timed_out => {
+            let (status, late) = wait_until(&mut child, d)?;
+            timed_out = late;
+            status
+        }
+        _ => child.wait()?,
+    };
     use std::os::unix::process::ExitStatusExt;
     let retcode = status
         .code()
@@ -484,6 +493,34 @@ fn run_shell(command: &str, args: &Args, timeout: Option<Duration>) -> Result<Ra
         timed_out,
         dropped,
     })
+}
+
+/// Waits for `child` until `deadline`, then kills its process group (it has one whenever there
+/// is a deadline) and reaps it; true if it had to be killed.
+fn wait_until(
+    child: &mut std::process::Child,
+    deadline: Instant,
+) -> Result<(std::process::ExitStatus, bool)> {
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok((status, false));
+        }
+        if Instant::now() >= deadline {
+            kill_group(child);
+            return Ok((child.wait()?, true));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Kills the process group made for `child` (`process_group(0)`), then the child itself.
+fn kill_group(child: &mut std::process::Child) {
+    // SAFETY: kill(2) with a negative pid signals the process group made for this child
+    // (process_group(0) is set whenever there is a deadline).
+    unsafe {
+        libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL);
+    }
+    let _ = child.kill();
 }
 
 /// A missing cwd also gives NotFound from spawn; that is an error, not "command not found".
@@ -536,12 +573,7 @@ fn read_both(
             Some(d) => {
                 let left = d.saturating_duration_since(Instant::now());
                 if left.is_zero() {
-                    // SAFETY: kill(2) with a negative pid signals the process group made for
-                    // this child (process_group(0) is set whenever there is a deadline).
-                    unsafe {
-                        libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL);
-                    }
-                    let _ = child.kill();
+                    kill_group(child);
                     return Ok((out, true));
                 }
                 left.as_millis().clamp(1, i32::MAX as u128) as libc::c_int

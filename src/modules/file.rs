@@ -880,6 +880,19 @@ fn lookup_arg(args: &Args, key: &str, db: &str) -> Option<u32> {
 
 fn absent(call: &Call, path: &Path) -> Result<Outcome> {
     let name = path.display().to_string();
+    // `/`, `//`, `/.` and `/..` all name the root: never removed (Salt refuses it too).
+    use std::path::Component;
+    if path.components().all(|c| {
+        matches!(
+            c,
+            Component::RootDir | Component::CurDir | Component::ParentDir
+        )
+    }) {
+        return Err(Error::InvalidInput(format!(
+            "file.absent: refusing to remove {name:?}, which is the root directory; name the \
+             files or directories under it that should go"
+        )));
+    }
     let meta = match fs::symlink_metadata(path) {
         Ok(m) => m,
         // Nothing under a missing path or under a file: absent already.
