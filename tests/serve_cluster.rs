@@ -1,6 +1,7 @@
 //! `eden serve` as real processes on loopback: a cluster formed with --init and --join, the
 //! leader killed with SIGKILL, a follower that catches up from a snapshot, a peer with a
-//! certificate from another CA, and joins with bad tokens.
+//! certificate from another CA, joins with bad tokens, and set-ups refused for a dir in use, a
+//! dir of another cluster or of someone else, a port taken and plain etcd off loopback.
 //!
 //! The nodes serve the etcd API in plaintext on loopback (`--client-plaintext`) so the test can
 //! drive them with the generated etcd clients; one test also runs etcdctl over TLS with the
@@ -327,4 +328,154 @@ async fn etcdctl_over_tls_with_the_admin_credentials() {
         .output()
         .unwrap();
     assert!(!out.status.success(), "a plaintext client was served");
+}
+
+/// Runs `eden serve` with `args` to completion; it must fail, and say `expect`.
+fn refused(case: &str, args: &[&str], expect: &str) {
+    let out = Command::new(env!("CARGO_BIN_EXE_eden"))
+        .arg("serve")
+        .args(args)
+        .env("EDEN_LOG", "warn")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{case}: it started:\n{stderr}");
+    assert!(
+        stderr.contains(expect),
+        "{case}: the error does not say {expect:?}:\n{stderr}"
+    );
+}
+
+fn listing(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = walk(dir)
+        .into_iter()
+        .map(|p| p.strip_prefix(dir).unwrap().display().to_string())
+        .collect();
+    names.sort();
+    names
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        }
+        out.push(p);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_setups_are_refused_with_a_clear_error_and_change_nothing() {
+    let root = tempfile::tempdir().unwrap();
+    let mut n1 = Node::new(root.path(), "n1");
+    n1.create(None, &[]);
+    n1.ready().await;
+    let token = n1.token();
+    let n1_dir = n1.dir.to_str().unwrap().to_string();
+    let fresh = root.path().join("fresh");
+    let fresh_dir = fresh.to_str().unwrap();
+    let free = free_addr();
+
+    // The data dir of a running node.
+    refused(
+        "dir in use",
+        &["--data-dir", &n1_dir],
+        "in use by another eden process",
+    );
+    // A port another process holds: nothing is written, the new dir is not left behind.
+    for (case, peer, client) in [
+        ("peer port taken", n1.peer.as_str(), free.as_str()),
+        ("client port taken", free.as_str(), n1.client.as_str()),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_eden"))
+            .args(["serve", "--data-dir", fresh_dir, "--name", "x", "--init"])
+            .args([
+                "--peer-addr",
+                peer,
+                "--client-addr",
+                client,
+                "--client-plaintext",
+            ])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{case}: it started");
+        assert!(
+            stderr.contains("cannot listen") && (stderr.contains(peer) || stderr.contains(client)),
+            "{case}: {stderr}"
+        );
+        assert!(!fresh.exists(), "{case}: left {} behind", fresh.display());
+    }
+    // Plain etcd on a non-loopback address.
+    refused(
+        "plaintext off loopback",
+        &[
+            "--data-dir",
+            fresh_dir,
+            "--name",
+            "x",
+            "--init",
+            "--peer-addr",
+            "127.0.0.1:0",
+            "--client-addr",
+            "0.0.0.0:0",
+            "--client-plaintext",
+        ],
+        "only allowed on a loopback --client-addr",
+    );
+    assert!(
+        !fresh.exists(),
+        "plaintext off loopback: left the dir behind"
+    );
+
+    n1.terminate();
+    let before = listing(&n1.dir);
+    // A dir that already belongs to a cluster is neither re-created nor joined elsewhere.
+    refused(
+        "init over a cluster's dir",
+        &["--data-dir", &n1_dir, "--name", "n1", "--init"],
+        "already holds node \"n1\"",
+    );
+    refused(
+        "join with a cluster's dir",
+        &[
+            "--data-dir",
+            &n1_dir,
+            "--name",
+            "n1",
+            "--join",
+            &n1.peer,
+            "--token",
+            &token,
+        ],
+        "already holds node \"n1\"",
+    );
+    assert_eq!(listing(&n1.dir), before, "a refused start changed n1's dir");
+    // A dir that holds someone else's files.
+    std::fs::create_dir_all(&fresh).unwrap();
+    std::fs::write(fresh.join("notes.txt"), "mine\n").unwrap();
+    refused(
+        "foreign dir",
+        &[
+            "--data-dir",
+            fresh_dir,
+            "--name",
+            "x",
+            "--init",
+            "--peer-addr",
+            "127.0.0.1:0",
+            "--client-addr",
+            "127.0.0.1:0",
+            "--client-plaintext",
+        ],
+        "not an eden data dir",
+    );
+    assert_eq!(listing(&fresh), vec!["notes.txt".to_string()]);
+    // n1 still restarts from its dir and serves.
+    n1.restart(&[]);
+    n1.ready().await;
+    put_retrying(&n1.endpoint(), "still", "here").await;
 }

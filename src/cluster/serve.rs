@@ -75,6 +75,7 @@ enum Mode {
 /// Serves until `shutdown` resolves. Returns after a clean stop.
 pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()>) -> Result<()> {
     let existed = opts.data_dir.exists();
+    let lock_existed = opts.data_dir.join("lock").exists();
     let dir = DataDir::lock(&opts.data_dir)?;
     let remove_dir = |dir: DataDir| {
         // Called only when `dir` holds nothing but the lock: a refused setup leaves the dir as
@@ -91,6 +92,10 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()>) -> Re
         Err(e) => {
             if dir.is_empty().unwrap_or(false) {
                 remove_dir(dir);
+            } else if !lock_existed {
+                // Someone else's files: leave them exactly as they were.
+                drop(dir);
+                let _ = std::fs::remove_file(opts.data_dir.join("lock"));
             }
             return Err(e);
         }
