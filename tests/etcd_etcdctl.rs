@@ -163,6 +163,47 @@ async fn etcdctl_watch_lease_members_status() {
         assert!(m.get("isLearner").is_none());
     }
 
+    // Membership changes eden's roles do not allow give etcd's errors, or say what to do.
+    let peer = members[0]["peerURLs"][0].as_str().unwrap().to_string();
+    for (args, expect) in [
+        (
+            vec!["member", "remove", "ffff"],
+            "etcdserver: member not found",
+        ),
+        (
+            vec!["member", "promote", "1"],
+            "etcdserver: can only promote a learner member",
+        ),
+        (
+            vec!["member", "add", "x", &format!("--peer-urls={peer}")],
+            "etcdserver: Peer URLs already exists",
+        ),
+        (
+            vec!["member", "add", "x", "--peer-urls=https://127.0.0.1:9"],
+            "eden serve --join",
+        ),
+        (
+            vec!["member", "update", "2", "--peer-urls=https://127.0.0.1:9"],
+            "restart that node",
+        ),
+        (
+            vec![
+                "member",
+                "update",
+                "ffff",
+                "--peer-urls=https://127.0.0.1:9",
+            ],
+            "etcdserver: member not found",
+        ),
+    ] {
+        let out = c.etcdctl(&e1, &args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(stderr.contains(expect), "{args:?}: {stderr}");
+    }
+    let after = json(&c.etcdctl(&e1, &["member", "list", "-w", "json"]));
+    assert_eq!(after["members"].as_array().unwrap().len(), 3, "{after}");
+
     // endpoint status on every node agrees on the leader.
     let status = json(&c.etcdctl(&c.endpoints(), &["endpoint", "status", "-w", "json"]));
     let status = status.as_array().unwrap();

@@ -169,6 +169,38 @@ async fn runs_target_by_label_pass_values_between_nodes_and_order_steps_across_t
     let (code, dry) = fleet.json(&["apply", "--target", "role=web", "--dry-targets"]);
     assert_eq!(code, 0, "{dry}");
     assert_eq!(dry["nodes"], serde_json::json!(["a1", "n2"]));
+    // Every node published its facts, and targets match on them as well as on labels.
+    for n in ["n1", "n2", "n3", "n4", "a1"] {
+        let key = format!("/eden/nodes/{n}/facts");
+        let raw = local_get(&fleet.data[0].endpoint(), &key)
+            .await
+            .unwrap_or_else(|| panic!("{key} is missing"));
+        let facts: Value = serde_json::from_slice(&raw).unwrap();
+        for field in ["os", "kernel", "hostname", "fqdn", "ips", "cpus", "memory"] {
+            assert!(
+                !facts[field].is_null() && facts[field] != "",
+                "{key}: no {field}: {facts}"
+            );
+        }
+        assert!(facts["cpus"].as_u64().unwrap() >= 1, "{facts}");
+        assert!(facts["labels"]["role"].is_string(), "{facts}");
+    }
+    let os = {
+        let raw = local_get(&fleet.data[0].endpoint(), "/eden/nodes/a1/facts")
+            .await
+            .unwrap();
+        serde_json::from_slice::<Value>(&raw).unwrap()["os"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let expr = format!("kernel=Linux and os=\"{os}\" and not (role=db or n4)");
+    let (code, dry) = fleet.json(&["apply", "--target", &expr, "--dry-targets"]);
+    assert_eq!(code, 0, "{dry}");
+    assert_eq!(dry["nodes"], serde_json::json!(["a1", "n2"]), "{expr}");
+    let (code, dry) = fleet.json(&["apply", "--target", "os=no-such-os,n3", "--dry-targets"]);
+    assert_eq!(code, 0, "{dry}");
+    assert_eq!(dry["nodes"], serde_json::json!(["n3"]));
     let vars = tmp.path().join("extra.yaml");
     std::fs::write(&vars, "greeting: hello\n").unwrap();
     let vars_s = vars.display().to_string();
