@@ -1,4 +1,5 @@
-//! Datastore takeover with real processes: five `eden serve` nodes (3 voters, 2 standbys). The
+//! Datastore takeover with real processes: five `eden serve` nodes (3 voters, 1 standby and an
+//! eligible agent, as `standbys: 1` asks). The
 //! leader, then a follower voter, is killed with SIGKILL while a client writes; each time the
 //! role controller promotes a standby and removes the dead voter, the cluster is back to three
 //! voters, and no acknowledged write is lost.
@@ -191,11 +192,23 @@ async fn five_nodes_survive_killed_leaders_voters_and_standbys_and_lose_no_write
         n.ready().await;
         nodes.push(n);
     }
-    wait_shape(&nodes[0].endpoint(), 3, 2, &[]).await;
-    let mut ids = Vec::new();
-    for n in nodes.iter_mut() {
-        ids.push(n.ready().await.header.unwrap().member_id);
-    }
+    // Five datastore-capable nodes, one standby wanted: 3 voters, 1 standby, 1 eligible agent.
+    let first = member_endpoint(&nodes, None).await.1;
+    wait_shape(&first, 3, 1, &[]).await;
+    let st = wait_status(&first, 5).await;
+    let ids: Vec<u64> = nodes
+        .iter()
+        .map(|n| {
+            st["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|m| m["name"] == n.name.as_str())
+                .unwrap_or_else(|| panic!("{} is not in {st:#}", n.name))["raft_id"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
     let writer = Writer::start(nodes.iter().map(|n| n.endpoint()).collect());
     tokio::time::sleep(Duration::from_millis(500)).await;
 
@@ -203,7 +216,7 @@ async fn five_nodes_survive_killed_leaders_voters_and_standbys_and_lose_no_write
     let mut replaced: Vec<(Victim, Duration)> = Vec::new();
     for round in 0..rounds() {
         for kind in [Victim::Leader, Victim::FollowerVoter, Victim::Standby] {
-            let observer = nodes[0].endpoint();
+            let observer = member_endpoint(&nodes, None).await.1;
             let (voters, learners) = shape(&observer).await.unwrap();
             let leader = status(&observer).await.unwrap().leader;
             let victim_id = match kind {
@@ -212,11 +225,12 @@ async fn five_nodes_survive_killed_leaders_voters_and_standbys_and_lose_no_write
                 Victim::Standby => learners[0],
             };
             let vi = leader_index(&nodes, victim_id, &ids);
-            let oi = (0..5).find(|i| *i != vi).unwrap();
+            let oi = member_endpoint(&nodes, Some(vi)).await.0;
             writer.avoid(&nodes[vi].endpoint());
             let killed_at = Instant::now();
             nodes[vi].kill9();
-            // Back to 3 voters and 1 standby, without the dead node.
+            // Back to 3 voters and 1 standby, without the dead node: the eligible agent is
+            // admitted as the new standby when the old one was promoted or died.
             let took = wait_shape(&nodes[oi].endpoint(), 3, 1, &[victim_id]).await;
             // Not a speed check: the controller must not act on a member that has been
             // unreachable for less than failover-after (3 s by default).
@@ -248,26 +262,37 @@ async fn five_nodes_survive_killed_leaders_voters_and_standbys_and_lose_no_write
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
-            // `eden cluster status` agrees.
-            let st = cluster_status(&nodes[oi].endpoint());
-            let members = st["nodes"].as_array().unwrap();
-            let count = |role: &str| members.iter().filter(|m| m["role"] == role).count();
-            assert_eq!((count("voter"), count("standby")), (3, 1), "{st:#}");
-            assert!(
-                members
-                    .iter()
-                    .all(|m| m["health"] == "alive" && m["healthy"] == true),
-                "{st:#}"
-            );
-            assert_eq!(
-                members.iter().filter(|m| m["leader"] == true).count(),
-                1,
-                "{st:#}"
-            );
-            // The killed node restarts from its data dir and is admitted again as a standby.
+            // `eden cluster status` agrees (a standby just admitted serves its etcd API a
+            // moment after the membership shows it, so this is polled briefly).
+            let agreed = Instant::now() + Duration::from_secs(10);
+            loop {
+                let st = cluster_status(&nodes[oi].endpoint());
+                let members = st["nodes"].as_array().cloned().unwrap_or_default();
+                let count = |role: &str| members.iter().filter(|m| m["role"] == role).count();
+                // Every member is healthy; the killed node, if listed, is an agent now.
+                let ok = (count("voter"), count("standby")) == (3, 1)
+                    && members
+                        .iter()
+                        .filter(|m| m["role"] != "agent")
+                        .all(|m| m["health"] == "alive" && m["healthy"] == true)
+                    && members
+                        .iter()
+                        .filter(|m| m["raft_id"] == victim_id)
+                        .all(|m| m["role"] == "agent")
+                    && members.iter().filter(|m| m["leader"] == true).count() == 1;
+                if ok {
+                    break;
+                }
+                assert!(Instant::now() < agreed, "round {round} {kind:?}: {st:#}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            // The killed node restarts from its data dir and is admitted again (as a standby,
+            // and then the controller keeps one standby: one of the two becomes an eligible
+            // agent again).
             nodes[vi].restart(&[]);
             nodes[vi].ready().await;
-            wait_shape(&nodes[oi].endpoint(), 3, 2, &[]).await;
+            wait_shape(&nodes[oi].endpoint(), 3, 1, &[]).await;
+            wait_status(&nodes[oi].endpoint(), 5).await;
             writer.include(&nodes[vi].endpoint());
             eprintln!(
                 "round {round} {kind:?}: first write after {:?}, replaced after {took:?}",
@@ -301,13 +326,22 @@ async fn five_nodes_survive_killed_leaders_voters_and_standbys_and_lose_no_write
         "only {} writes were acknowledged",
         acked.len()
     );
-    for (i, n) in nodes.iter().enumerate() {
+    // Every member holds every acknowledged write (the eligible agent holds no replica).
+    let observer = member_endpoint(&nodes, None).await.1;
+    let (voters, learners) = shape(&observer).await.unwrap();
+    let members: Vec<&Node> = voters
+        .iter()
+        .chain(&learners)
+        .map(|id| &nodes[leader_index(&nodes, *id, &ids)])
+        .collect();
+    assert_eq!(members.len(), 4);
+    for (i, n) in members.iter().enumerate() {
         put_retrying(&n.endpoint(), &format!("barrier/{i}"), "b").await;
-        for m in &nodes {
+        for m in &members {
             wait_local_value(m, &format!("barrier/{i}"), "b").await;
         }
     }
-    for n in &nodes {
+    for n in &members {
         for key in &acked {
             assert_eq!(
                 local_get(&n.endpoint(), key).await.as_deref(),
@@ -318,7 +352,7 @@ async fn five_nodes_survive_killed_leaders_voters_and_standbys_and_lose_no_write
         }
     }
     // The controller recorded what it did and why.
-    let ch = channel(&nodes[0].endpoint()).await.unwrap();
+    let ch = channel(&observer).await.unwrap();
     let events = Kv::new(ch)
         .range(eden::etcd::pb::etcdserverpb::RangeRequest {
             key: b"/eden/events/".to_vec(),
@@ -345,6 +379,62 @@ async fn five_nodes_survive_killed_leaders_voters_and_standbys_and_lose_no_write
             .any(|t| t.contains("\"promote\"") && t.contains("unreachable")),
         "no event records a promotion with its reason: {texts:#?}"
     );
+    for action in ["\"admit\"", "\"retire\""] {
+        assert!(
+            texts
+                .iter()
+                .any(|t| t.contains(action) && t.contains("eligible agent")),
+            "no event records an {action} of an eligible agent: {texts:#?}"
+        );
+    }
+}
+
+/// The running node (other than `not`) whose etcd API serves and whose replica is the most
+/// current (highest applied index), so its view of the membership is not one a node just
+/// retired still holds: its index and endpoint.
+async fn member_endpoint(nodes: &[Node], not: Option<usize>) -> (usize, String) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut best: Option<(u64, usize)> = None;
+        for (i, n) in nodes.iter().enumerate() {
+            if Some(i) == not || n.child.is_none() {
+                continue;
+            }
+            if let Ok(s) = status(&n.endpoint()).await {
+                if best.is_none_or(|(a, _)| s.raft_applied_index > a) {
+                    best = Some((s.raft_applied_index, i));
+                }
+            }
+        }
+        if let Some((_, i)) = best {
+            return (i, nodes[i].endpoint());
+        }
+        assert!(Instant::now() < deadline, "no member answers");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until `eden cluster status` through `endpoint` lists `nodes` nodes, all healthy: 3
+/// voters, 1 standby and the rest agents.
+async fn wait_status(endpoint: &str, nodes: usize) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = cluster_status(endpoint);
+        let rows = st["nodes"].as_array().cloned().unwrap_or_default();
+        let count = |role: &str| rows.iter().filter(|m| m["role"] == role).count();
+        if rows.len() == nodes
+            && (count("voter"), count("standby"), count("agent")) == (3, 1, nodes - 4)
+            && rows.iter().all(|m| m["healthy"] == true)
+        {
+            return st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "cluster status did not show {nodes} healthy nodes (3 voters, 1 standby) within \
+             60 s: {st:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 #[test]

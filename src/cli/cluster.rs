@@ -338,8 +338,9 @@ pub async fn status(connector: &Connector) -> Result<ClusterStatus> {
             r.lag = Some(l.saturating_sub(a));
         }
     }
-    // Agent-only nodes are not Raft members: their agents register under /eden/nodes/, and
-    // their alive key (on the agent's lease) is their health.
+    // Agents are not Raft members (agent-only nodes, and eligible agents: datastore-capable
+    // nodes the role controller keeps outside Raft): their agents register under
+    // /eden/nodes/, and their alive key (on the agent's lease) is their health.
     let alive: std::collections::BTreeSet<String> = registered
         .iter()
         .filter_map(|kv| {
@@ -353,7 +354,7 @@ pub async fn status(connector: &Connector) -> Result<ClusterStatus> {
         let Ok(rec) = serde_json::from_slice::<crate::agent::records::NodeRecord>(&kv.value) else {
             continue;
         };
-        if rec.datastore != "never" || rows.iter().any(|r| r.name == rec.name) {
+        if rows.iter().any(|r| r.name == rec.name) {
             continue;
         }
         let up = alive.contains(&rec.name);
@@ -362,7 +363,7 @@ pub async fn status(connector: &Connector) -> Result<ClusterStatus> {
             role: "agent",
             health: if up { "alive" } else { "dead" }.into(),
             healthy: up,
-            raft_id: 0,
+            raft_id: rec.raft_id,
             leader: false,
             applied_index: None,
             lag: None,

@@ -23,16 +23,16 @@ use crate::etcd::pb::etcdserverpb as pb;
 
 /// Start a local cluster, apply states through it, kill its leader, and watch it carry on.
 ///
-/// Starts NODES `eden serve` processes on loopback in a temporary directory (3 voters and the
-/// rest standbys) and an agent-only node, applies the sample states of examples/demo to all of
+/// Starts NODES `eden serve` processes on loopback in a temporary directory (3 voters, 1
+/// standby, the rest eligible agents that hold no replica) and an agent-only node, applies the sample states of examples/demo to all of
 /// them through the cluster (a token made on n3 is handed to every node), writes keys, kills
 /// the leader with SIGKILL while a client keeps writing, and
-/// prints the election, the promotion of a standby and the removal of the dead voter as they
-/// happen. Ends with the measured times and a check that no acknowledged write was lost, then
+/// prints the election, the promotion of the standby, the removal of the dead voter and the
+/// admission of an eligible agent as the new standby as they happen. Ends with the measured times and a check that no acknowledged write was lost, then
 /// stops the nodes and removes the directory (unless --keep).
 #[derive(Args, Debug)]
 pub struct DemoArgs {
-    /// Nodes to start (3 voters, the rest standbys).
+    /// Nodes to start (3 voters, 1 standby, the rest eligible agents).
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(4..=9))]
     pub nodes: u64,
     /// Keep the data directory (and print where it is).
@@ -88,6 +88,31 @@ async fn status(endpoint: &str) -> Option<pb::StatusResponse> {
         .await
         .ok()
         .map(|r| r.into_inner())
+}
+
+/// The process behind `endpoint` is up: it answers Status, or refuses it because it is an
+/// eligible agent outside Raft (which serves no etcd API).
+async fn up(endpoint: &str) -> bool {
+    let Some(ch) = channel(endpoint).await else {
+        return false;
+    };
+    match pb::maintenance_client::MaintenanceClient::new(ch)
+        .status(pb::StatusRequest {})
+        .await
+    {
+        Ok(_) => true,
+        Err(e) => e.message().contains("not a datastore member"),
+    }
+}
+
+/// The first node that answers as a Raft member, other than `not`.
+async fn member_endpoint(nodes: &[DemoNode], not: Option<usize>) -> Option<String> {
+    for (i, n) in nodes.iter().enumerate() {
+        if Some(i) != not && n.child.is_some() && status(&n.endpoint()).await.is_some() {
+            return Some(n.endpoint());
+        }
+    }
+    None
 }
 
 async fn members(endpoint: &str) -> Option<Vec<pb::Member>> {
@@ -187,7 +212,7 @@ async fn wait_ready(node: &mut DemoNode, dir: &Path) -> Result<()> {
                 )));
             }
         }
-        if status(&node.endpoint()).await.is_some() {
+        if up(&node.endpoint()).await {
             return Ok(());
         }
         if Instant::now() > deadline {
@@ -224,14 +249,16 @@ async fn run_demo(args: &DemoArgs, dir: &Path) -> Result<()> {
         wait_ready(node, dir).await?;
         println!("  {} joined", node.name);
     }
-    let want_standbys = nodes.len() - 3;
+    // One standby is wanted (`standbys` in /eden/cluster/config); nodes beyond 3 voters and
+    // that standby are eligible agents.
+    let want_standbys = nodes.len().saturating_sub(3).min(1);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let m = members(&nodes[0].endpoint()).await.unwrap_or_default();
-        let leader = status(&nodes[0].endpoint())
+        let observer = member_endpoint(&nodes, None)
             .await
-            .map(|s| s.leader)
-            .unwrap_or(0);
+            .unwrap_or_else(|| nodes[0].endpoint());
+        let m = members(&observer).await.unwrap_or_default();
+        let leader = status(&observer).await.map(|s| s.leader).unwrap_or(0);
         let (line, v, s) = shape_line(&m, leader);
         if v == 3 && s == want_standbys {
             println!(
@@ -286,10 +313,13 @@ async fn run_demo(args: &DemoArgs, dir: &Path) -> Result<()> {
     println!("a client is writing: {before} writes acknowledged in the first second");
 
     // Kill the leader.
-    let st = status(&nodes[0].endpoint())
+    let first = member_endpoint(&nodes, None)
         .await
-        .ok_or_else(|| Error::Unavailable("n1 stopped answering".into()))?;
-    let m = members(&nodes[0].endpoint()).await.unwrap_or_default();
+        .ok_or_else(|| Error::Unavailable("no datastore node answers".into()))?;
+    let st = status(&first)
+        .await
+        .ok_or_else(|| Error::Unavailable("the datastore stopped answering".into()))?;
+    let m = members(&first).await.unwrap_or_default();
     let leader_name = m
         .iter()
         .find(|m| m.id == st.leader)
@@ -309,7 +339,9 @@ async fn run_demo(args: &DemoArgs, dir: &Path) -> Result<()> {
         let _ = c.wait();
     }
     println!("\nkill -9 the leader {leader_name}\n");
-    let observer = nodes[(li + 1) % nodes.len()].endpoint();
+    let observer = member_endpoint(&nodes, Some(li))
+        .await
+        .ok_or_else(|| Error::Unavailable("no other datastore node answers".into()))?;
     let mut last_line = String::new();
     let mut elected = None;
     let mut restored = None;
@@ -322,7 +354,13 @@ async fn run_demo(args: &DemoArgs, dir: &Path) -> Result<()> {
             elected = Some(killed.elapsed());
         }
         let dead_gone = !m.iter().any(|m| m.id == st.leader);
-        if dead_gone && v == 3 && s == want_standbys - 1 {
+        // With an eligible agent, it becomes the new standby; without one, none is left.
+        let standbys_after = if nodes.len() > 4 {
+            want_standbys
+        } else {
+            want_standbys.saturating_sub(1)
+        };
+        if dead_gone && v == 3 && s == standbys_after {
             restored = Some(killed.elapsed());
         }
         if line != last_line {

@@ -15,6 +15,14 @@
 //! 4. More live voters than wanted (the config was lowered): demote the most lagging
 //!    non-leader voter to a standby.
 //! 5. A standby dead for `failover_after`: remove it (its place goes to a live node).
+//! 6. Fewer healthy standbys than `standbys` (or none while a voter seat needs filling), and an
+//!    eligible agent (a datastore-capable node outside Raft, see [`View::eligible`]) that answers
+//!    a ping: admit it as a standby. It keeps its raft id and its log (it was a member before,
+//!    or it joined and was retired at once), and catches up by log or snapshot.
+//! 7. More healthy standbys than `standbys`, with every voter seat filled and no voter dead:
+//!    retire the most lagging standby to an eligible agent (it leaves Raft; the node stops
+//!    serving the etcd API and its agent reaches the members instead, see
+//!    `serve::follow_membership`).
 //!
 //! It never removes a voter while that would leave fewer voters than desired, and never
 //! targets two voters (a cluster of two is less available than one). Every change is recorded
@@ -316,6 +324,20 @@ pub enum Decision {
         name: String,
         reason: String,
     },
+    /// An eligible agent becomes a standby (a Raft learner).
+    Admit {
+        id: NodeId,
+        name: String,
+        #[serde(skip)]
+        info: NodeInfo,
+        reason: String,
+    },
+    /// A standby leaves Raft and becomes an eligible agent: more standbys than wanted.
+    Retire {
+        id: NodeId,
+        name: String,
+        reason: String,
+    },
 }
 
 /// What one tick sees: the inputs of [`decide`].
@@ -328,6 +350,9 @@ pub struct View {
     pub lag: BTreeMap<NodeId, u64>,
     /// How long each dead member has been dead.
     pub dead_for: BTreeMap<NodeId, Duration>,
+    /// Eligible agents: nodes registered with `datastore: auto` and a raft id that are not
+    /// members, minus those that lately failed to answer a ping.
+    pub eligible: BTreeMap<NodeId, NodeInfo>,
 }
 
 /// Most entries a standby may be behind to be promoted to fill a missing voter seat (a
@@ -424,6 +449,55 @@ pub fn decide(view: &View, config: &ClusterConfig) -> Option<Decision> {
             ),
         });
     }
+    // Standbys: learners not dead count toward the wanted number (a suspect one is not
+    // replaced before `failover_after`); only those without any suspicion may be retired or
+    // promoted.
+    let standing = view.learners.keys().filter(|id| !dead(id)).count();
+    let healthy: Vec<NodeId> = view
+        .learners
+        .keys()
+        .filter(|id| !view.dead_for.contains_key(id))
+        .copied()
+        .collect();
+    let voter_missing = view.voters.len() < config.voters || dead_voter.is_some();
+    let short = standing < config.standbys || (healthy.is_empty() && voter_missing);
+    if short {
+        if let Some((id, info)) = view.eligible.iter().min_by_key(|(id, i)| (&i.name, **id)) {
+            return Some(Decision::Admit {
+                id: *id,
+                name: name(info),
+                info: info.clone(),
+                reason: format!(
+                    "{} healthy standbys, {} wanted{}; {} is an eligible agent",
+                    healthy.len(),
+                    config.standbys,
+                    if voter_missing {
+                        ", and a voter seat needs filling"
+                    } else {
+                        ""
+                    },
+                    info.name
+                ),
+            });
+        }
+    }
+    let voters_settled = view.voters.len() >= config.voters
+        && !view.voters.keys().any(|id| view.dead_for.contains_key(id));
+    if healthy.len() > config.standbys && voters_settled {
+        if let Some(id) = healthy.iter().max_by_key(|id| (lag(id), **id)) {
+            let info = &view.learners[id];
+            return Some(Decision::Retire {
+                id: *id,
+                name: name(info),
+                reason: format!(
+                    "{} healthy standbys, {} wanted; {} becomes an eligible agent",
+                    healthy.len(),
+                    config.standbys,
+                    info.name
+                ),
+            });
+        }
+    }
     None
 }
 
@@ -432,6 +506,8 @@ pub async fn run(node: Arc<RaftNode>, health: Arc<dyn Health>) {
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut published: Option<HealthReport> = None;
+    // Eligible agents that did not answer a ping lately, and since when.
+    let mut unreachable: BTreeMap<NodeId, Instant> = BTreeMap::new();
     loop {
         tick.tick().await;
         if !node.is_leader() {
@@ -449,12 +525,22 @@ pub async fn run(node: Arc<RaftNode>, health: Arc<dyn Health>) {
                 dead_for.insert(*id, d);
             }
         }
+        unreachable.retain(|_, since: &mut Instant| since.elapsed() < UNREACHABLE_FOR);
+        let eligible = eligible_agents(&node)
+            .into_iter()
+            .filter(|(id, _)| {
+                !m.voters.contains_key(id)
+                    && !m.learners.contains_key(id)
+                    && !unreachable.contains_key(id)
+            })
+            .collect();
         let view = View {
             leader: node.id(),
             lag: m.replication.iter().map(|(id, p)| (*id, p.lag)).collect(),
             voters: m.voters,
             learners: m.learners,
             dead_for,
+            eligible,
         };
         let report = health_report(&view, &config);
         if published.as_ref() != Some(&report) {
@@ -472,13 +558,56 @@ pub async fn run(node: Arc<RaftNode>, health: Arc<dyn Health>) {
             continue;
         };
         tracing::info!(?decision, "role controller");
+        if let Decision::Admit { id, info, .. } = &decision {
+            // Only a node that answers is added: adding waits until it has caught up.
+            let ping = node
+                .peer_pool()
+                .call(
+                    &info.peer_addr,
+                    PING_PATH,
+                    Vec::new(),
+                    Duration::from_secs(1),
+                )
+                .await;
+            if let Err(e) = ping {
+                tracing::info!(node = %info.name, "eligible agent does not answer a ping: {e}");
+                unreachable.insert(*id, Instant::now());
+                continue;
+            }
+        }
         let result = match &decision {
             Decision::Promote { id, .. } => node.promote(*id).await,
-            Decision::Remove { id, .. } => node.remove(*id).await,
+            Decision::Remove { id, .. } | Decision::Retire { id, .. } => node.remove(*id).await,
             Decision::Demote { id, .. } => node.demote(*id).await,
+            Decision::Admit { id, info, .. } => node.add_learner(*id, info.clone()).await,
         };
-        if let (Decision::Remove { id, .. }, Ok(())) = (&decision, &result) {
-            health.forget(*id);
+        if let (Decision::Retire { id, .. }, Ok(())) = (&decision, &result) {
+            // Tell it at once, so it does not serve its replica (no longer kept current) until
+            // its own next look at the membership.
+            let addr = eligible_agents(&node).get(id).map(|i| i.peer_addr.clone());
+            if let Some(addr) = addr {
+                let notice = node
+                    .peer_pool()
+                    .call(
+                        &addr,
+                        super::join::RETIRED,
+                        b"{}".to_vec(),
+                        Duration::from_secs(1),
+                    )
+                    .await;
+                if let Err(e) = notice {
+                    tracing::info!(%addr, "retire notice not delivered (it will find out): {e}");
+                }
+            }
+        }
+        match (&decision, &result) {
+            (Decision::Remove { id, .. } | Decision::Retire { id, .. }, Ok(())) => {
+                health.forget(*id)
+            }
+            (Decision::Admit { id, .. }, Err(_)) => {
+                unreachable.insert(*id, Instant::now());
+            }
+            _ => {}
         }
         let outcome = match &result {
             Ok(()) => "done".to_string(),
@@ -492,6 +621,40 @@ pub async fn run(node: Arc<RaftNode>, health: Arc<dyn Health>) {
         }
         record(&node, &decision, &outcome).await;
     }
+}
+
+/// How long an eligible agent that failed a ping (or an admission) is left out.
+const UNREACHABLE_FOR: Duration = Duration::from_secs(10);
+
+/// The datastore-capable nodes registered under `/eden/nodes/` (from the local replica, which
+/// on the leader is current): raft id and address for each. Members are among them; the caller
+/// filters them out.
+fn eligible_agents(node: &RaftNode) -> BTreeMap<NodeId, NodeInfo> {
+    use crate::agent::records::{NodeRecord, NODES};
+    let req = eden_storage::RangeRequest {
+        key: NODES.as_bytes().to_vec(),
+        range_end: crate::agent::kv::prefix_end(NODES.as_bytes()),
+        ..Default::default()
+    };
+    let Ok(resp) = node.store().range(&req) else {
+        return BTreeMap::new();
+    };
+    resp.kvs
+        .iter()
+        .filter(|kv| !kv.key[NODES.len()..].contains(&b'/'))
+        .filter_map(|kv| serde_json::from_slice::<NodeRecord>(&kv.value).ok())
+        .filter(|r| r.datastore == "auto" && r.raft_id != 0 && !r.peer_addr.is_empty())
+        .map(|r| {
+            (
+                r.raft_id,
+                NodeInfo {
+                    name: r.name,
+                    peer_addr: r.peer_addr,
+                    client_addr: r.client_addr,
+                },
+            )
+        })
+        .collect()
 }
 
 /// Writes the decision as an event (`/eden/events/<unix ms>-controller`).
@@ -542,6 +705,7 @@ mod tests {
                 .collect(),
             lag: voters.iter().chain(learners).map(|i| (*i, 0)).collect(),
             dead_for: BTreeMap::new(),
+            eligible: BTreeMap::new(),
         }
     }
 
@@ -608,6 +772,7 @@ mod tests {
     fn a_lower_voter_target_demotes_voters_one_at_a_time_but_never_the_leader() {
         let config = ClusterConfig {
             voters: 1,
+            standbys: 2,
             ..ClusterConfig::default()
         };
         let mut v = view(&[1, 2, 3], &[]);
@@ -627,6 +792,63 @@ mod tests {
         assert!(!matches!(
             decide(&v, &ClusterConfig::default()),
             Some(Decision::Demote { .. })
+        ));
+    }
+
+    #[test]
+    fn standbys_are_kept_at_the_wanted_count_from_eligible_agents() {
+        let config = ClusterConfig::default();
+        // Two healthy standbys, one wanted: the most lagging leaves Raft.
+        let mut v = view(&[1, 2, 3], &[4, 5]);
+        v.lag.insert(4, 9);
+        assert!(matches!(
+            decide(&v, &config),
+            Some(Decision::Retire { id: 4, .. })
+        ));
+        // Not while a voter seat is open or a voter is suspect.
+        let mut v = view(&[1, 2], &[4, 5]);
+        v.lag.insert(4, PROMOTE_MAX_LAG + 1);
+        v.lag.insert(5, PROMOTE_MAX_LAG + 1);
+        assert_eq!(decide(&v, &config), None);
+        let mut v = view(&[1, 2, 3], &[4, 5]);
+        v.dead_for.insert(2, Duration::from_millis(100));
+        assert_eq!(decide(&v, &config), None);
+        // No standby: an eligible agent is admitted, the first by name.
+        let mut v = view(&[1, 2, 3], &[]);
+        v.eligible.insert(7, info("n7"));
+        v.eligible.insert(6, info("n6"));
+        assert!(matches!(
+            decide(&v, &config),
+            Some(Decision::Admit { id: 6, .. })
+        ));
+        // A dead voter and no standby: admitting one comes first, so it can be promoted.
+        let mut v = view(&[1, 2, 3], &[]);
+        v.dead_for.insert(3, DEAD);
+        v.eligible.insert(6, info("n6"));
+        assert!(matches!(
+            decide(&v, &config),
+            Some(Decision::Admit { id: 6, .. })
+        ));
+        // Enough standbys: eligible agents stay agents.
+        let mut v = view(&[1, 2, 3], &[4]);
+        v.eligible.insert(6, info("n6"));
+        assert_eq!(decide(&v, &config), None);
+        // A suspect standby is not replaced before it is dead (then rule 5 removes it first).
+        let mut v = view(&[1, 2, 3], &[4]);
+        v.dead_for.insert(4, Duration::from_millis(100));
+        v.eligible.insert(6, info("n6"));
+        assert_eq!(decide(&v, &config), None);
+        v.dead_for.insert(4, DEAD);
+        assert!(matches!(
+            decide(&v, &config),
+            Some(Decision::Remove { id: 4, .. })
+        ));
+        let mut v = view(&[1, 2, 3], &[]);
+        v.eligible.insert(6, info("n6"));
+        v.dead_for.insert(1, DEAD); // the leader's own entry is ignored; still one to admit
+        assert!(matches!(
+            decide(&v, &config),
+            Some(Decision::Admit { id: 6, .. })
         ));
     }
 

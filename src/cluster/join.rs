@@ -35,6 +35,28 @@ use crate::error::{Error, Result};
 
 pub const JOIN: &str = "/join";
 pub const ADMIT: &str = "/join/admit";
+/// The membership as the answering member sees it ([`MemberList`]); for cluster nodes only.
+pub const MEMBERS: &str = "/join/members";
+
+/// Sent by the leader to a node it just retired from Raft: stop serving the etcd API now
+/// (`serve::follow_membership` then confirms with [`MEMBERS`] and moves the agent's endpoints).
+pub const RETIRED: &str = "/join/retired";
+
+/// The answer of [`MEMBERS`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct MemberList {
+    pub voters: Vec<(u64, NodeInfo)>,
+    pub learners: Vec<(u64, NodeInfo)>,
+}
+
+impl MemberList {
+    pub fn contains(&self, id: u64) -> bool {
+        self.voters
+            .iter()
+            .chain(&self.learners)
+            .any(|(i, _)| *i == id)
+    }
+}
 
 /// Largest join request body.
 const MAX_JOIN_BODY: usize = 64 << 10;
@@ -157,6 +179,40 @@ impl JoinService {
                 }
                 json_response(StatusCode::OK, &"pong")
             }
+            RETIRED => {
+                if cert.is_none() {
+                    return refuse(
+                        StatusCode::FORBIDDEN,
+                        "the retire notice is for cluster nodes",
+                    );
+                }
+                let m = self.node.metrics();
+                if self.node.is_leader() {
+                    return refuse(StatusCode::CONFLICT, "the leader is not retired");
+                }
+                tracing::info!(
+                    voters = m.voters.len(),
+                    "the leader retired this node from Raft: the etcd API stops serving"
+                );
+                self.etcd.set_serving(false);
+                json_response(StatusCode::OK, &"ok")
+            }
+            MEMBERS => {
+                if cert.is_none() {
+                    return refuse(
+                        StatusCode::FORBIDDEN,
+                        "the member list is for cluster nodes",
+                    );
+                }
+                let m = self.node.metrics();
+                json_response(
+                    StatusCode::OK,
+                    &MemberList {
+                        voters: m.voters.into_iter().collect(),
+                        learners: m.learners.into_iter().collect(),
+                    },
+                )
+            }
             JOIN => match serde_json::from_slice::<JoinRequest>(&body) {
                 Ok(r) => match self.join(r).await {
                     Ok(grant) => json_response(StatusCode::OK, &grant),
@@ -248,7 +304,7 @@ impl JoinService {
 
     /// Step 3: adds the node as a learner, then promotes it while voters are short.
     pub async fn admit(&self, req: AdmitRequest) -> Result<Admitted> {
-        // Idempotent: a restarted member asks again (see `serve::rejoin`).
+        // Idempotent: a joining node that retries after a lost answer is already a member.
         let m = self.node.metrics();
         if m.voters.contains_key(&req.raft_id) {
             return Ok(Admitted { voter: true });

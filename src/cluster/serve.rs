@@ -113,19 +113,11 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()>) -> Re
         return serve_agent(dir, file, shutdown).await;
     };
     let started = match mode {
+        // A node the controller removed while it was down is an eligible agent now: the
+        // controller admits it again (with its id and intact log) when a standby is wanted.
         Mode::Restart => {
             let tls = load_tls(&dir)?;
-            let mut started = start(&dir, &file, &tls, peer, opts.snapshot_count).await?;
-            let client_tls = pki::client_config(tls.ca.cert_pem(), &tls.identity)?;
-            started.background.push(tokio::spawn(rejoin(
-                started.node.clone(),
-                client_tls,
-                AdmitRequest {
-                    raft_id: file.raft_id,
-                    info: node_info(&file),
-                },
-            )));
-            started
+            start(&dir, &file, &tls, peer, opts.snapshot_count).await?
         }
         Mode::Init | Mode::Join { .. } => {
             let set_up = match &mode {
@@ -486,49 +478,6 @@ async fn seed_gossip(node: Arc<RaftNode>, gossip: Arc<Gossip>) {
     }
 }
 
-/// After a restart: asks a member, every few seconds for the first minute, to admit this node
-/// again. For a node that is still a member this changes nothing; a node the role controller
-/// removed while it was down comes back as a standby, with its intact log and its id (a node
-/// whose data was wiped has no id and must `--join` again, so ids are never reused). It stops
-/// after that minute, so a node an operator removes while it runs stays out.
-async fn rejoin(node: Arc<RaftNode>, tls: Arc<rustls::ClientConfig>, req: AdmitRequest) {
-    let mut tick = tokio::time::interval(Duration::from_secs(3));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let until = tokio::time::Instant::now() + Duration::from_secs(60);
-    let mut admitted = false;
-    loop {
-        tick.tick().await;
-        if admitted && tokio::time::Instant::now() > until {
-            return;
-        }
-        let m = node.metrics();
-        let peers: Vec<String> = m
-            .voters
-            .values()
-            .chain(m.learners.values())
-            .filter(|i| i.peer_addr != req.info.peer_addr)
-            .map(|i| i.peer_addr.clone())
-            .collect();
-        for peer in peers {
-            let r: Result<Admitted> = join::post_json(
-                &peer,
-                tls.clone(),
-                join::ADMIT,
-                &req,
-                Duration::from_secs(120),
-            )
-            .await;
-            match r {
-                Ok(_) => {
-                    admitted = true;
-                    break;
-                }
-                Err(e) => tracing::debug!(%peer, "asking to be admitted again: {e}"),
-            }
-        }
-    }
-}
-
 /// `--init`: a new cluster with this node as its only voter.
 async fn init(
     dir: &DataDir,
@@ -706,10 +655,19 @@ async fn serve_until(
         started.node.clone(),
         kv.clone(),
     ));
+    let node_tls = load_tls(&dir)?;
+    let membership_task = tokio::spawn(follow_membership(
+        started.node.clone(),
+        started.etcd.clone(),
+        kv.clone(),
+        pki::client_config(node_tls.ca.cert_pem(), &node_tls.identity)?,
+        !file.client_plaintext,
+    ));
     shutdown.await;
     tracing::info!("shutting down");
     agent_task.abort();
     controller_task.abort();
+    membership_task.abort();
     leave_agent(&kv, &agent).await;
     let _ = client_stop.send(());
     if let Ok(Err(e)) = client_task.await {
@@ -718,6 +676,102 @@ async fn serve_until(
     started.stop().await;
     drop(dir);
     Ok(())
+}
+
+/// Keeps a datastore node's etcd API and agent right when the role controller moves it out of
+/// Raft (retires it to an eligible agent) or back in (admits it as a standby).
+///
+/// A node outside the membership is never told so by Raft (the leader simply stops
+/// replicating to it), and its replica then falls behind for good. So every 2 s (300 ms while
+/// outside) it asks a member for the membership ([`join::MEMBERS`]): while it is not in it, its etcd API
+/// refuses requests as Unavailable (etcd clients move to another endpoint) and its agent
+/// reaches the members' etcd API instead of its own; once admitted again, both come back.
+async fn follow_membership(
+    node: Arc<RaftNode>,
+    etcd: Arc<crate::etcd::Backend>,
+    kv: Kv,
+    tls: Arc<rustls::ClientConfig>,
+    https: bool,
+) {
+    let own = vec![crate::cli::client::url(&node.info().client_addr, https)];
+    let me = node.id();
+    let mut known: Vec<String> = Vec::new();
+    let mut first = true;
+    loop {
+        // The first look is at once (a node restarted after it was removed must not serve its
+        // old replica); outside Raft it looks more often, so an admission brings the etcd API
+        // back soon.
+        if !std::mem::take(&mut first) {
+            let pause = if etcd.is_serving() { 2000 } else { 300 };
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+        }
+        if node.is_leader() {
+            if !etcd.is_serving() {
+                etcd.set_serving(true);
+            }
+            continue;
+        }
+        // Ask the members this node knows of: its own (possibly stale) view, then those the
+        // last answer named.
+        let mut peers = member_peers(&node);
+        for p in &known {
+            if !peers.contains(p) {
+                peers.push(p.clone());
+            }
+        }
+        let mut answer = None;
+        for peer in peers {
+            let r: Result<join::MemberList> = join::post_json(
+                &peer,
+                tls.clone(),
+                join::MEMBERS,
+                &(),
+                Duration::from_secs(2),
+            )
+            .await;
+            if let Ok(list) = r {
+                answer = Some(list);
+                break;
+            }
+        }
+        let Some(list) = answer else { continue };
+        let member = list.contains(me);
+        let others: Vec<&NodeInfo> = list
+            .voters
+            .iter()
+            .chain(&list.learners)
+            .filter(|(id, _)| *id != me)
+            .map(|(_, i)| i)
+            .collect();
+        known = others.iter().map(|i| i.peer_addr.clone()).collect();
+        if member != etcd.is_serving() {
+            tracing::info!(
+                member,
+                "{}",
+                if member {
+                    "a datastore member again: serving the etcd API"
+                } else {
+                    "not a datastore member: the etcd API refuses requests, the agent uses the \
+                     members' endpoints"
+                }
+            );
+            etcd.set_serving(member);
+        }
+        let urls: Vec<String> = if member {
+            own.clone()
+        } else {
+            others
+                .iter()
+                .map(|i| crate::cli::client::url(&i.client_addr, https))
+                .collect()
+        };
+        if urls.is_empty() {
+            continue;
+        }
+        if let Err(e) = kv.set_endpoints(&urls) {
+            tracing::warn!("updating the agent's endpoints: {e}");
+        }
+    }
 }
 
 /// The node's row in `/eden/nodes/`.

@@ -39,6 +39,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::response::IntoResponse;
 use eden_raft::RaftNode;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
@@ -71,6 +72,10 @@ pub struct Backend {
     cluster_id: u64,
     leases: lease::LeaseKeeper,
     keeper_running: AtomicBool,
+    /// Set while this node is not a Raft member (the role controller retired it to an
+    /// eligible agent): its replica no longer follows the cluster, so every request is refused
+    /// as Unavailable, and etcd clients go to another endpoint.
+    retired: AtomicBool,
 }
 
 impl Backend {
@@ -82,7 +87,17 @@ impl Backend {
             cluster_id,
             leases: lease::LeaseKeeper::default(),
             keeper_running: AtomicBool::new(false),
+            retired: AtomicBool::new(false),
         })
+    }
+
+    /// Whether this node serves the etcd API: false while it is not a Raft member.
+    pub fn set_serving(&self, serving: bool) {
+        self.retired.store(!serving, Ordering::SeqCst);
+    }
+
+    pub fn is_serving(&self) -> bool {
+        !self.retired.load(Ordering::SeqCst)
     }
 
     pub fn node(&self) -> &Arc<RaftNode> {
@@ -181,7 +196,38 @@ pub fn router(backend: Arc<Backend>) -> axum::Router {
         .add_service(MaintenanceServer::new(
             maintenance::MaintenanceService::new(backend.clone()),
         ));
-    routes.into_axum_router().merge(gateway::router(backend))
+    let gate = backend.clone();
+    routes
+        .into_axum_router()
+        .merge(gateway::router(backend))
+        .layer(axum::middleware::from_fn(
+            move |req: axum::extract::Request, next: axum::middleware::Next| {
+                let serving = gate.is_serving();
+                async move {
+                    if serving {
+                        return next.run(req).await;
+                    }
+                    let msg = "eden: this node is not a datastore member now (an eligible \
+                               agent); use the endpoint of a voter or standby, as `eden cluster \
+                               status` lists them";
+                    let grpc = req
+                        .headers()
+                        .get(http::header::CONTENT_TYPE)
+                        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+                    if grpc {
+                        tonic::Status::unavailable(msg).into_http()
+                    } else {
+                        let body = serde_json::json!({"error": msg, "code": 14}).to_string();
+                        (
+                            http::StatusCode::SERVICE_UNAVAILABLE,
+                            [(http::header::CONTENT_TYPE, "application/json")],
+                            body,
+                        )
+                            .into_response()
+                    }
+                }
+            },
+        ))
 }
 
 /// Serves the etcd v3 API (gRPC and the JSON gateway) on `listener` until `shutdown` completes.
