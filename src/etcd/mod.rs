@@ -72,10 +72,10 @@ pub struct Backend {
     cluster_id: u64,
     leases: lease::LeaseKeeper,
     keeper_running: AtomicBool,
-    /// Set while this node is not a Raft member (the role controller retired it to an
+    /// False while this node is not a Raft member (the role controller retired it to an
     /// eligible agent): its replica no longer follows the cluster, so every request is refused
-    /// as Unavailable, and etcd clients go to another endpoint.
-    retired: AtomicBool,
+    /// as Unavailable and open watch streams end, and etcd clients go to another endpoint.
+    serving: tokio::sync::watch::Sender<bool>,
 }
 
 impl Backend {
@@ -87,17 +87,23 @@ impl Backend {
             cluster_id,
             leases: lease::LeaseKeeper::default(),
             keeper_running: AtomicBool::new(false),
-            retired: AtomicBool::new(false),
+            serving: tokio::sync::watch::Sender::new(true),
         })
     }
 
     /// Whether this node serves the etcd API: false while it is not a Raft member.
     pub fn set_serving(&self, serving: bool) {
-        self.retired.store(!serving, Ordering::SeqCst);
+        self.serving.send_replace(serving);
     }
 
     pub fn is_serving(&self) -> bool {
-        !self.retired.load(Ordering::SeqCst)
+        *self.serving.borrow()
+    }
+
+    /// Completes once this node stops serving (at once if it does not serve now).
+    pub async fn stopped_serving(&self) {
+        let mut rx = self.serving.subscribe();
+        let _ = rx.wait_for(|serving| !*serving).await;
     }
 
     pub fn node(&self) -> &Arc<RaftNode> {
@@ -182,6 +188,11 @@ impl Backend {
 }
 
 /// The router for one client port: the five gRPC services plus the JSON gateway.
+/// What a node outside Raft answers every etcd request with (as Unavailable).
+pub const NOT_SERVING: &str = "eden: this node is not a datastore member now (an eligible \
+                               agent); use the endpoint of a voter or standby, as `eden \
+                               cluster status` lists them";
+
 pub fn router(backend: Arc<Backend>) -> axum::Router {
     use pb::etcdserverpb::{
         cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer,
@@ -207,9 +218,7 @@ pub fn router(backend: Arc<Backend>) -> axum::Router {
                     if serving {
                         return next.run(req).await;
                     }
-                    let msg = "eden: this node is not a datastore member now (an eligible \
-                               agent); use the endpoint of a voter or standby, as `eden cluster \
-                               status` lists them";
+                    let msg = NOT_SERVING;
                     let grpc = req
                         .headers()
                         .get(http::header::CONTENT_TYPE)

@@ -157,6 +157,15 @@ impl WatchSession {
                     Err(broadcast::error::RecvError::Closed) => return,
                 },
                 _ = self.out.closed() => return,
+                // Retired from Raft: the local replica stops following, so the stream ends
+                // and the client watches through another endpoint.
+                _ = self.backend.stopped_serving() => {
+                    let _ = self
+                        .out
+                        .send(Err(Status::unavailable(super::NOT_SERVING)))
+                        .await;
+                    return;
+                }
             }
             // Drain anything else already queued on the feed: one pump covers it all.
             while let Ok(_) | Err(broadcast::error::TryRecvError::Lagged(_)) = feed.try_recv() {}
