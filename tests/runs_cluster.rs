@@ -697,6 +697,14 @@ async fn an_agent_only_node_follows_the_datastore_when_the_nodes_it_joined_throu
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     let mut nodes = three_nodes(root, &[]).await;
+    // Two standbys wanted: all five datastore nodes hold a replica, so each one the test
+    // kills leaves a caught-up replica behind.
+    put_retrying(
+        &nodes[0].endpoint(),
+        "/eden/cluster/config",
+        r#"{"voters": 3, "standbys": 2}"#,
+    )
+    .await;
     let token = nodes[0].token();
     let via = nodes[0].peer.clone();
     // a1 joins while n1..n3 are the whole datastore: those are the endpoints it is given.
