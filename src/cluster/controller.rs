@@ -584,7 +584,7 @@ pub async fn run(node: Arc<RaftNode>, health: Arc<dyn Health>) {
         if let (Decision::Retire { id, .. }, Ok(())) = (&decision, &result) {
             // Tell it at once, so it does not serve its replica (no longer kept current) until
             // its own next look at the membership.
-            let addr = eligible_agents(&node).get(id).map(|i| i.peer_addr.clone());
+            let addr = view.learners.get(id).map(|i| i.peer_addr.clone());
             if let Some(addr) = addr {
                 let notice = node
                     .peer_pool()

@@ -186,12 +186,10 @@ impl JoinService {
                         "the retire notice is for cluster nodes",
                     );
                 }
-                let m = self.node.metrics();
                 if self.node.is_leader() {
                     return refuse(StatusCode::CONFLICT, "the leader is not retired");
                 }
                 tracing::info!(
-                    voters = m.voters.len(),
                     "the leader retired this node from Raft: the etcd API stops serving"
                 );
                 self.etcd.set_serving(false);
