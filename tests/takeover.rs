@@ -12,44 +12,52 @@ use std::time::{Duration, Instant};
 
 use serve_common::*;
 
-/// Writes `w/<n>` keys through the endpoints in `targets` until stopped; records what was
-/// acknowledged, and when.
+/// Writes `w/<n>` keys through the endpoints in `targets` until stopped, from a few clients at
+/// once (so one write stuck on a dead node does not hold up the rest); records what was
+/// acknowledged, when it was sent and when it was acknowledged.
 struct Writer {
     targets: Arc<Mutex<Vec<String>>>,
-    acked: Arc<Mutex<Vec<(String, Instant)>>>,
+    acked: Arc<Mutex<Vec<(String, Instant, Instant)>>>,
     stop: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<()>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
+
+/// Concurrent clients of a [`Writer`].
+const WRITERS: usize = 4;
 
 impl Writer {
     fn start(targets: Vec<String>) -> Writer {
         let targets = Arc::new(Mutex::new(targets));
         let acked = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let task = {
-            let (targets, acked, stop) = (targets.clone(), acked.clone(), stop.clone());
-            tokio::spawn(async move {
-                let mut n = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    let ep = {
-                        let t = targets.lock().unwrap();
-                        t[(n as usize) % t.len()].clone()
-                    };
-                    let key = format!("w/{n:06}");
-                    if put(&ep, &key, "x").await.is_ok() {
-                        acked.lock().unwrap().push((key, Instant::now()));
-                    } else {
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+        let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let tasks = (0..WRITERS)
+            .map(|_| {
+                let (targets, acked, stop, next) =
+                    (targets.clone(), acked.clone(), stop.clone(), next.clone());
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        let n = next.fetch_add(1, Ordering::Relaxed);
+                        let ep = {
+                            let t = targets.lock().unwrap();
+                            t[(n as usize) % t.len()].clone()
+                        };
+                        let key = format!("w/{n:06}");
+                        let sent = Instant::now();
+                        if put(&ep, &key, "x").await.is_ok() {
+                            acked.lock().unwrap().push((key, sent, Instant::now()));
+                        } else {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
                     }
-                    n += 1;
-                }
+                })
             })
-        };
+            .collect();
         Writer {
             targets,
             acked,
             stop,
-            task,
+            tasks,
         }
     }
 
@@ -61,20 +69,25 @@ impl Writer {
         self.targets.lock().unwrap().push(endpoint.to_string());
     }
 
+    /// How long after `t` the first write sent after `t` was acknowledged (a write sent
+    /// before it may have been committed before it, so it proves nothing).
     fn first_ack_after(&self, t: Instant) -> Option<Duration> {
         self.acked
             .lock()
             .unwrap()
             .iter()
-            .find(|(_, at)| *at > t)
-            .map(|(_, at)| *at - t)
+            .filter(|(_, sent, _)| *sent > t)
+            .map(|(_, _, at)| *at - t)
+            .min()
     }
 
     async fn finish(self) -> Vec<String> {
         self.stop.store(true, Ordering::Relaxed);
-        self.task.await.unwrap();
+        for task in self.tasks {
+            task.await.unwrap();
+        }
         let acked = self.acked.lock().unwrap();
-        acked.iter().map(|(k, _)| k.clone()).collect()
+        acked.iter().map(|(k, _, _)| k.clone()).collect()
     }
 }
 
@@ -133,13 +146,24 @@ async fn shape(endpoint: &str) -> Option<(Vec<u64>, Vec<u64>)> {
 
 /// Waits until `endpoint` reports `voters` voters and `learners` learners, none of them `gone`.
 async fn wait_shape(endpoint: &str, voters: usize, learners: usize, gone: &[u64]) -> Duration {
+    wait_membership(endpoint, Some(learners), voters, gone).await
+}
+
+/// Waits until `endpoint` reports `voters` voters (and, if given, `learners` learners), none of
+/// them `gone`; returns how long that took.
+async fn wait_membership(
+    endpoint: &str,
+    learners: Option<usize>,
+    voters: usize,
+    gone: &[u64],
+) -> Duration {
     let start = Instant::now();
     let deadline = start + Duration::from_secs(60);
     let mut last = None;
     loop {
         if let Some((v, l)) = shape(endpoint).await {
             let ok = v.len() == voters
-                && l.len() == learners
+                && learners.is_none_or(|n| l.len() == n)
                 && !v.iter().chain(&l).any(|id| gone.contains(id));
             if ok {
                 return start.elapsed();
@@ -148,10 +172,10 @@ async fn wait_shape(endpoint: &str, voters: usize, learners: usize, gone: &[u64]
         }
         assert!(
             Instant::now() < deadline,
-            "no {voters} voters + {learners} standbys without {gone:x?} within 60 s; last seen \
-             {last:x?}"
+            "no {voters} voters + {learners:?} standbys without {gone:x?} within 60 s; last \
+             seen {last:x?}"
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -168,17 +192,24 @@ fn p50(xs: &mut [Duration]) -> Duration {
     xs[xs.len() / 2]
 }
 
-/// Rounds per victim kind: `EDEN_TAKEOVER_ROUNDS` (scripts/bench-takeover sets 20), else 1.
+/// Rounds per victim kind: `EDEN_TAKEOVER_ROUNDS`, else 20.
 fn rounds() -> usize {
     std::env::var("EDEN_TAKEOVER_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(1)
+        .unwrap_or(20)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn five_nodes_survive_killed_leaders_voters_and_standbys_and_lose_no_write() {
     let root = tempfile::tempdir().unwrap();
+    let mut root = root;
+    // EDEN_TAKEOVER_KEEP=1 keeps the data dirs and node logs for a look afterwards.
+    let keep = std::env::var("EDEN_TAKEOVER_KEEP").is_ok();
+    if keep {
+        eprintln!("data dirs and logs kept in {}", root.path().display());
+        root.disable_cleanup(true);
+    }
     let mut nodes: Vec<Node> = Vec::new();
     let mut n1 = Node::new(root.path(), "n1");
     n1.create(None, &[]);
@@ -214,11 +245,13 @@ async fn five_nodes_survive_killed_leaders_voters_and_standbys_and_lose_no_write
 
     let mut first_write: Vec<(Victim, Duration)> = Vec::new();
     let mut replaced: Vec<(Victim, Duration)> = Vec::new();
+    let mut voter_replaced: Vec<(Victim, Duration)> = Vec::new();
     for round in 0..rounds() {
         for kind in [Victim::Leader, Victim::FollowerVoter, Victim::Standby] {
             let observer = member_endpoint(&nodes, None).await.1;
             let (voters, learners) = shape(&observer).await.unwrap();
-            let leader = status(&observer).await.unwrap().leader;
+            let before = status(&observer).await.unwrap();
+            let (leader, term) = (before.leader, before.raft_term);
             let victim_id = match kind {
                 Victim::Leader => leader,
                 Victim::FollowerVoter => *voters.iter().find(|id| **id != leader).unwrap(),
@@ -228,10 +261,17 @@ async fn five_nodes_survive_killed_leaders_voters_and_standbys_and_lose_no_write
             let oi = member_endpoint(&nodes, Some(vi)).await.0;
             writer.avoid(&nodes[vi].endpoint());
             let killed_at = Instant::now();
+            let killed_unix_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis();
             nodes[vi].kill9();
             // Back to 3 voters and 1 standby, without the dead node: the eligible agent is
             // admitted as the new standby when the old one was promoted or died.
-            let took = wait_shape(&nodes[oi].endpoint(), 3, 1, &[victim_id]).await;
+            // A replacement voter: three voters again, none of them the dead node.
+            let voter_back = wait_membership(&nodes[oi].endpoint(), None, 3, &[victim_id]).await;
+            wait_shape(&nodes[oi].endpoint(), 3, 1, &[victim_id]).await;
+            let took = killed_at.elapsed();
             // Not a speed check: the controller must not act on a member that has been
             // unreachable for less than failover-after (3 s by default).
             if took < Duration::from_secs(3) {
@@ -245,6 +285,9 @@ async fn five_nodes_survive_killed_leaders_voters_and_standbys_and_lose_no_write
                 );
             }
             replaced.push((kind, took));
+            if !matches!(kind, Victim::Standby) {
+                voter_replaced.push((kind, voter_back));
+            }
             if let Some(w) = writer.first_ack_after(killed_at) {
                 first_write.push((kind, w));
             } else {
@@ -289,14 +332,33 @@ async fn five_nodes_survive_killed_leaders_voters_and_standbys_and_lose_no_write
             // The killed node restarts from its data dir and is admitted again (as a standby,
             // and then the controller keeps one standby: one of the two becomes an eligible
             // agent again).
+            let agreed_at = killed_at.elapsed();
             nodes[vi].restart(&[]);
             nodes[vi].ready().await;
+            let up_at = killed_at.elapsed();
             wait_shape(&nodes[oi].endpoint(), 3, 1, &[]).await;
             wait_status(&nodes[oi].endpoint(), 5).await;
+            // Killing a follower or a standby, replacing it and admitting the restarted node
+            // again must not cost the leader its place (a restarted removed voter that kept
+            // calling elections would depose it when admitted).
+            if !matches!(kind, Victim::Leader) {
+                let now = status(&nodes[oi].endpoint()).await.unwrap();
+                assert_eq!(
+                    (now.leader, now.raft_term),
+                    (leader, term),
+                    "round {round} {kind:?}: leader {leader:x} of term {term} was not killed, \
+                     yet there was an election"
+                );
+            }
             writer.include(&nodes[vi].endpoint());
             eprintln!(
-                "round {round} {kind:?}: first write after {:?}, replaced after {took:?}",
-                first_write.last().unwrap().1
+                "round {round} {kind:?} ({} killed at unix ms {killed_unix_ms}): first write \
+                 after {:?}, 3 voters after {voter_back:?}, \
+                 3 voters + 1 standby after {took:?}, status agreed at {agreed_at:?}, restarted \
+                 at {up_at:?}, round took {:?}",
+                nodes[vi].name,
+                first_write.last().unwrap().1,
+                killed_at.elapsed()
             );
         }
     }
@@ -307,10 +369,19 @@ async fn five_nodes_survive_killed_leaders_voters_and_standbys_and_lose_no_write
                 .map(|(_, d)| *d)
                 .collect()
         };
-        let (mut w, mut r) = (pick(&first_write), pick(&replaced));
+        let (mut w, mut r, mut v) = (pick(&first_write), pick(&replaced), pick(&voter_replaced));
+        let voter = if v.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; replacement voter p50 {:?} max {:?}",
+                p50(&mut v),
+                v.last().unwrap()
+            )
+        };
         eprintln!(
-            "{kind:?} killed x{}: first write p50 {:?} max {:?}; back to 3 voters + 1 standby p50 \
-             {:?} max {:?}",
+            "{kind:?} killed x{}: first write p50 {:?} max {:?}{voter}; back to 3 voters + 1 \
+             standby p50 {:?} max {:?}",
             w.len(),
             p50(&mut w),
             w.last().unwrap(),

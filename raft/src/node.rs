@@ -96,15 +96,17 @@ impl NodeConfig {
     }
 }
 
-/// eden's openraft settings. Elections wait 0.4-0.8 s (an fsync on a slow disk must not look like
-/// a dead leader); snapshots are taken every 10 000 entries and sent in 1 MiB chunks, each with
+/// eden's openraft settings. Heartbeats go every 100 ms. A follower that knew a leader calls an
+/// election after the leader lease (`election_timeout_max`, 0.6 s) plus its own randomized
+/// timeout (0.3-0.6 s) without one, so after 0.9-1.2 s of silence: at least eight heartbeats
+/// missed in a row. Snapshots are taken every 10 000 entries and sent in 1 MiB chunks, each with
 /// 10 s to arrive, so a slow link still gets them through.
 pub fn default_raft_config() -> openraft::Config {
     openraft::Config {
         cluster_name: "eden".into(),
         heartbeat_interval: 100,
-        election_timeout_min: 400,
-        election_timeout_max: 800,
+        election_timeout_min: 300,
+        election_timeout_max: 600,
         install_snapshot_timeout: 10_000,
         snapshot_max_chunk_size: 1 << 20,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(10_000),
@@ -147,6 +149,8 @@ pub struct NodeMetrics {
     pub purged_index: Option<u64>,
     pub voters: BTreeMap<NodeId, NodeInfo>,
     pub learners: BTreeMap<NodeId, NodeInfo>,
+    /// The log index of the membership these voters and learners come from (0 before any).
+    pub membership_index: u64,
     /// Per-peer progress; only on the leader, empty elsewhere.
     pub replication: BTreeMap<NodeId, PeerProgress>,
 }
@@ -351,6 +355,7 @@ impl RaftNode {
             purged_index: m.purged.map(|l| l.index),
             voters,
             learners,
+            membership_index: m.membership_config.log_id().map_or(0, |l| l.index),
             replication,
         }
     }

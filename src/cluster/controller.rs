@@ -506,7 +506,8 @@ pub async fn run(node: Arc<RaftNode>, health: Arc<dyn Health>) {
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut published: Option<HealthReport> = None;
-    // Eligible agents that did not answer a ping lately, and since when.
+    // Eligible agents that did not answer a ping lately or failed an admission, and until when
+    // they are left out.
     let mut unreachable: BTreeMap<NodeId, Instant> = BTreeMap::new();
     loop {
         tick.tick().await;
@@ -525,7 +526,8 @@ pub async fn run(node: Arc<RaftNode>, health: Arc<dyn Health>) {
                 dead_for.insert(*id, d);
             }
         }
-        unreachable.retain(|_, since: &mut Instant| since.elapsed() < UNREACHABLE_FOR);
+        let now = Instant::now();
+        unreachable.retain(|_, until: &mut Instant| *until > now);
         let eligible = eligible_agents(&node)
             .into_iter()
             .filter(|(id, _)| {
@@ -554,12 +556,17 @@ pub async fn run(node: Arc<RaftNode>, health: Arc<dyn Health>) {
                 Err(e) => tracing::warn!("publishing member health failed: {e}"),
             }
         }
-        let Some(decision) = decide(&view, &config) else {
-            continue;
-        };
-        tracing::info!(?decision, "role controller");
-        if let Decision::Admit { id, info, .. } = &decision {
-            // Only a node that answers is added: adding waits until it has caught up.
+        // Only an eligible agent that answers is admitted (adding waits until it has caught
+        // up); one that does not is left out for a moment and the next one is tried at once,
+        // so a dead node listed first does not hold up a live one.
+        let mut view = view;
+        let decision = loop {
+            let Some(decision) = decide(&view, &config) else {
+                break None;
+            };
+            let Decision::Admit { id, info, .. } = &decision else {
+                break Some(decision);
+            };
             let ping = node
                 .peer_pool()
                 .call(
@@ -569,12 +576,19 @@ pub async fn run(node: Arc<RaftNode>, health: Arc<dyn Health>) {
                     Duration::from_secs(1),
                 )
                 .await;
-            if let Err(e) = ping {
-                tracing::info!(node = %info.name, "eligible agent does not answer a ping: {e}");
-                unreachable.insert(*id, Instant::now());
-                continue;
+            match ping {
+                Ok(_) => break Some(decision),
+                Err(e) => {
+                    tracing::info!(node = %info.name, "eligible agent does not answer a ping: {e}");
+                    unreachable.insert(*id, Instant::now() + SILENT_FOR);
+                    view.eligible.remove(id);
+                }
             }
-        }
+        };
+        let Some(decision) = decision else {
+            continue;
+        };
+        tracing::info!(?decision, "role controller");
         let result = match &decision {
             Decision::Promote { id, .. } => node.promote(*id).await,
             Decision::Remove { id, .. } | Decision::Retire { id, .. } => node.remove(*id).await,
@@ -605,7 +619,7 @@ pub async fn run(node: Arc<RaftNode>, health: Arc<dyn Health>) {
                 health.forget(*id)
             }
             (Decision::Admit { id, .. }, Err(_)) => {
-                unreachable.insert(*id, Instant::now());
+                unreachable.insert(*id, Instant::now() + FAILED_FOR);
             }
             _ => {}
         }
@@ -623,8 +637,11 @@ pub async fn run(node: Arc<RaftNode>, health: Arc<dyn Health>) {
     }
 }
 
-/// How long an eligible agent that failed a ping (or an admission) is left out.
-const UNREACHABLE_FOR: Duration = Duration::from_secs(10);
+/// How long an eligible agent that did not answer a ping is left out (short: a restarted node
+/// answers within moments, and a dead one refuses at once).
+const SILENT_FOR: Duration = Duration::from_secs(2);
+/// How long an eligible agent whose admission failed is left out.
+const FAILED_FOR: Duration = Duration::from_secs(10);
 
 /// The datastore-capable nodes registered under `/eden/nodes/` (from the local replica, which
 /// on the leader is current): raft id and address for each. Members are among them; the caller

@@ -47,6 +47,9 @@ pub const RETIRED: &str = "/join/retired";
 pub struct MemberList {
     pub voters: Vec<(u64, NodeInfo)>,
     pub learners: Vec<(u64, NodeInfo)>,
+    /// The log index of this membership, so an asker can tell a view older than its own.
+    #[serde(default)]
+    pub membership_index: u64,
 }
 
 impl MemberList {
@@ -208,6 +211,7 @@ impl JoinService {
                     &MemberList {
                         voters: m.voters.into_iter().collect(),
                         learners: m.learners.into_iter().collect(),
+                        membership_index: m.membership_index,
                     },
                 )
             }

@@ -697,6 +697,7 @@ async fn follow_membership(
     let me = node.id();
     let mut known: Vec<String> = Vec::new();
     let mut first = true;
+    let mut answered = false;
     loop {
         // The first look is at once (a node restarted after it was removed must not serve its
         // old replica); outside Raft it looks more often, so an admission brings the etcd API
@@ -705,7 +706,9 @@ async fn follow_membership(
             let pause = if etcd.is_serving() { 2000 } else { 300 };
             tokio::time::sleep(Duration::from_millis(pause)).await;
         }
-        if node.is_leader() {
+        // A leader is a member, except one restarted from an old log that still believes it
+        // leads: until a member has answered once, even a leader asks.
+        if node.is_leader() && answered {
             if !etcd.is_serving() {
                 etcd.set_serving(true);
             }
@@ -719,6 +722,8 @@ async fn follow_membership(
                 peers.push(p.clone());
             }
         }
+        // An answer older than this node's own view (a peer that lags) is not taken.
+        let own_index = node.metrics().membership_index;
         let mut answer = None;
         for peer in peers {
             let r: Result<join::MemberList> = join::post_json(
@@ -730,11 +735,18 @@ async fn follow_membership(
             )
             .await;
             if let Ok(list) = r {
-                answer = Some(list);
-                break;
+                if list.membership_index >= own_index {
+                    answer = Some(list);
+                    break;
+                }
             }
         }
-        let Some(list) = answer else { continue };
+        let Some(list) = answer else {
+            // Nobody else answers: a one-node cluster, or a leader whose peers are all down.
+            answered |= node.is_leader();
+            continue;
+        };
+        answered = true;
         let member = list.contains(me);
         let others: Vec<&NodeInfo> = list
             .voters
@@ -744,6 +756,10 @@ async fn follow_membership(
             .map(|(_, i)| i)
             .collect();
         known = others.iter().map(|i| i.peer_addr.clone()).collect();
+        // Outside Raft the node must not campaign: a removed voter restarted from its data
+        // dir still finds itself a voter in its own log, and the terms its elections raise
+        // would depose the leader the moment it is admitted again.
+        node.raft().runtime_config().elect(member);
         if member != etcd.is_serving() {
             tracing::info!(
                 member,
