@@ -627,3 +627,75 @@ async fn lowering_the_voter_target_at_runtime_turns_voters_into_standbys() {
         "{texts:#?}"
     );
 }
+
+/// A node whose data dir is lost is never admitted under its old raft id: joining again under
+/// the same name is refused while the old id is a member, and once the controller has removed
+/// the dead member, the node joins with a new id and becomes the standby.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wiped_node_rejoins_under_a_new_id_never_its_old_one() {
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = three_nodes(root.path(), &[]).await;
+    let token = nodes[0].token();
+    let via = nodes[0].peer.clone();
+    let mut n4 = Node::new(root.path(), "n4");
+    n4.create(Some((&via, &token)), &[]);
+    n4.ready().await;
+    let ep = nodes[0].endpoint();
+    wait_shape(&ep, 3, 1, &[]).await;
+    let old_id = shape(&ep).await.unwrap().1[0];
+    put_retrying(&ep, "before", "1").await;
+
+    // The standby's server dies and its disk is replaced.
+    n4.kill9();
+    std::fs::remove_dir_all(&n4.dir).unwrap();
+
+    // Joining again at once: the old id is still a member, so the name is taken.
+    n4.create(Some((&via, &token)), &[]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(st) = n4.child.as_mut().unwrap().try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a join under a member's name was not refused:\n{}",
+            n4.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    n4.child = None;
+    assert!(!status.success());
+    let log = n4.log_text();
+    assert!(
+        log.contains("already a member")
+            && log.contains(&old_id.to_string())
+            && log.contains("member remove"),
+        "the refusal does not name the member: {log}"
+    );
+
+    // The controller removes the dead standby (failover-after), then the same name joins
+    // under a fresh id.
+    wait_shape(&ep, 3, 0, &[old_id]).await;
+    if n4.dir.exists() {
+        std::fs::remove_dir_all(&n4.dir).unwrap();
+    }
+    n4.create(Some((&via, &token)), &[]);
+    n4.ready().await;
+    wait_shape(&ep, 3, 1, &[old_id]).await;
+    let (voters, learners) = shape(&ep).await.unwrap();
+    let new_id = learners[0];
+    assert_ne!(new_id, old_id);
+    assert!(!voters.contains(&old_id));
+    wait_local_value(&n4, "before", "1").await;
+    let st = cluster_status(&ep);
+    let row = st["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "n4")
+        .cloned()
+        .unwrap_or_else(|| panic!("n4 is not listed: {st:#}"));
+    assert_eq!(row["raft_id"], new_id, "{st:#}");
+    assert_eq!(row["role"], "standby", "{st:#}");
+    drop(nodes.drain(..));
+}

@@ -59,6 +59,9 @@ pub enum MembershipChange {
     Remove { id: NodeId },
     /// Replace the voter set (every id must already be a member).
     SetVoters { voters: BTreeSet<NodeId> },
+    /// Finish a joint membership: make `voters` (its target set) the whole voter set. Voters
+    /// that leave stay as learners.
+    Finish { voters: BTreeSet<NodeId> },
 }
 
 /// How to start a node.
@@ -151,6 +154,9 @@ pub struct NodeMetrics {
     pub learners: BTreeMap<NodeId, NodeInfo>,
     /// The log index of the membership these voters and learners come from (0 before any).
     pub membership_index: u64,
+    /// When the membership is joint (a change between its two steps, or one whose leader died
+    /// between them), the voter set it is moving to. `voters` then holds both sets.
+    pub joint_target: Option<BTreeSet<NodeId>>,
     /// Per-peer progress; only on the leader, empty elsewhere.
     pub replication: BTreeMap<NodeId, PeerProgress>,
 }
@@ -356,6 +362,10 @@ impl RaftNode {
             voters,
             learners,
             membership_index: m.membership_config.log_id().map_or(0, |l| l.index),
+            joint_target: {
+                let configs = membership.get_joint_config();
+                (configs.len() > 1).then(|| configs[configs.len() - 1].clone())
+            },
             replication,
         }
     }
@@ -704,6 +714,12 @@ impl RaftNode {
             .await
     }
 
+    /// Completes a joint membership on its way to `voters`.
+    pub async fn finish_change(&self, voters: BTreeSet<NodeId>) -> Result<(), Error> {
+        self.change_membership(MembershipChange::Finish { voters })
+            .await
+    }
+
     /// Applies a membership change on the leader, wherever it is.
     pub async fn change_membership(&self, change: MembershipChange) -> Result<(), Error> {
         self.on_leader(
@@ -771,6 +787,7 @@ impl RaftNode {
             MembershipChange::SetVoters { voters } => {
                 self.raft.change_membership(voters, false).await
             }
+            MembershipChange::Finish { voters } => self.raft.change_membership(voters, true).await,
         };
         match r {
             Ok(_) => Ok(()),

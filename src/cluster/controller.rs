@@ -28,7 +28,7 @@
 //! targets two voters (a cluster of two is less available than one). Every change is recorded
 //! as an event under `/eden/events/`, with what it did and why.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -308,6 +308,9 @@ fn health_report(view: &View, config: &ClusterConfig) -> HealthReport {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "action", rename_all = "kebab-case")]
 pub enum Decision {
+    /// The membership is joint: a change was cut short between its two steps (its leader died
+    /// or lost leadership). It is completed before anything else is decided.
+    Finish { voters: Vec<NodeId>, reason: String },
     Promote {
         id: NodeId,
         name: String,
@@ -353,6 +356,8 @@ pub struct View {
     /// Eligible agents: nodes registered with `datastore: auto` and a raft id that are not
     /// members, minus those that lately failed to answer a ping.
     pub eligible: BTreeMap<NodeId, NodeInfo>,
+    /// The voter set a joint membership is moving to (`voters` then holds both sets).
+    pub joint: Option<BTreeSet<NodeId>>,
 }
 
 /// Most entries a standby may be behind to be promoted to fill a missing voter seat (a
@@ -361,6 +366,20 @@ const PROMOTE_MAX_LAG: u64 = 1000;
 
 /// The controller's rule: at most one change for this view. Pure, so it is tested directly.
 pub fn decide(view: &View, config: &ClusterConfig) -> Option<Decision> {
+    if let Some(target) = &view.joint {
+        let names: Vec<&str> = target
+            .iter()
+            .filter_map(|id| view.voters.get(id).map(|i| i.name.as_str()))
+            .collect();
+        return Some(Decision::Finish {
+            voters: target.iter().copied().collect(),
+            reason: format!(
+                "the membership is joint (a change was cut short, e.g. by its leader's death); \
+                 completing it to the voters {}",
+                names.join(", ")
+            ),
+        });
+    }
     let after = config.failover_after();
     let dead = |id: &NodeId| view.dead_for.get(id).is_some_and(|d| *d >= after);
     let lag = |id: &NodeId| view.lag.get(id).copied().unwrap_or(u64::MAX);
@@ -543,6 +562,7 @@ pub async fn run(node: Arc<RaftNode>, health: Arc<dyn Health>) {
             learners: m.learners,
             dead_for,
             eligible,
+            joint: m.joint_target,
         };
         let report = health_report(&view, &config);
         if published.as_ref() != Some(&report) {
@@ -590,6 +610,9 @@ pub async fn run(node: Arc<RaftNode>, health: Arc<dyn Health>) {
         };
         tracing::info!(?decision, "role controller");
         let result = match &decision {
+            Decision::Finish { voters, .. } => {
+                node.finish_change(voters.iter().copied().collect()).await
+            }
             Decision::Promote { id, .. } => node.promote(*id).await,
             Decision::Remove { id, .. } | Decision::Retire { id, .. } => node.remove(*id).await,
             Decision::Demote { id, .. } => node.demote(*id).await,
@@ -723,10 +746,34 @@ mod tests {
             lag: voters.iter().chain(learners).map(|i| (*i, 0)).collect(),
             dead_for: BTreeMap::new(),
             eligible: BTreeMap::new(),
+            joint: None,
         }
     }
 
     const DEAD: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn a_joint_membership_left_by_a_dead_leader_is_finished_first() {
+        let config = ClusterConfig::default();
+        // The old leader promoted 4 in place of the dead 2 and died before the second step:
+        // the new leader (1) sees both sets, and a dead voter too. Finishing comes first.
+        let mut v = view(&[1, 2, 3, 4], &[]);
+        v.joint = Some(BTreeSet::from([1, 2, 3, 4]));
+        v.dead_for.insert(2, DEAD);
+        match decide(&v, &config) {
+            Some(Decision::Finish { voters, reason }) => {
+                assert_eq!(voters, [1, 2, 3, 4]);
+                assert!(reason.contains("n1, n2, n3, n4"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // Once it is uniform, the dead voter's removal (the rest of the takeover) follows.
+        v.joint = None;
+        assert!(matches!(
+            decide(&v, &config),
+            Some(Decision::Remove { id: 2, .. })
+        ));
+    }
 
     #[test]
     fn a_dead_voter_is_replaced_by_the_most_caught_up_standby_then_removed() {

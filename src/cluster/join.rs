@@ -267,7 +267,9 @@ impl JoinService {
                 StatusCode::CONFLICT,
                 format!(
                     "a node named {:?} is already a member (raft id {id}); pick another --name, \
-                     or restart that node from its own data dir",
+                     or restart that node from its own data dir. If its data is lost, join \
+                     again once the role controller has removed the dead member (after \
+                     failover-after), or remove it first with `etcdctl member remove {id:x}`",
                     req.name
                 ),
             ));
