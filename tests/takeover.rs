@@ -6,6 +6,7 @@
 
 mod serve_common;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -61,6 +62,12 @@ impl Writer {
         }
     }
 
+    /// The keys acknowledged so far.
+    fn acked_keys(&self) -> Vec<String> {
+        let acked = self.acked.lock().unwrap();
+        acked.iter().map(|(k, _, _)| k.clone()).collect()
+    }
+
     fn avoid(&self, endpoint: &str) {
         self.targets.lock().unwrap().retain(|e| e != endpoint);
     }
@@ -107,6 +114,45 @@ async fn events(endpoint: &str) -> Vec<String> {
         .iter()
         .map(|kv| String::from_utf8_lossy(&kv.value).to_string())
         .collect()
+}
+
+/// The `w/` keys `endpoint` holds and their values: read linearizably, or from its own replica
+/// (`serializable`); retried while it has no leader.
+async fn written(endpoint: &str, serializable: bool) -> HashMap<String, Vec<u8>> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = async {
+            let ch = channel(endpoint).await.map_err(|e| e.to_string())?;
+            Kv::new(ch)
+                .max_decoding_message_size(usize::MAX)
+                .range(eden::etcd::pb::etcdserverpb::RangeRequest {
+                    key: b"w/".to_vec(),
+                    range_end: b"w0".to_vec(),
+                    serializable,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| e.to_string())
+        }
+        .await;
+        match got {
+            Ok(r) => {
+                return r
+                    .into_inner()
+                    .kvs
+                    .into_iter()
+                    .map(|kv| (String::from_utf8_lossy(&kv.key).to_string(), kv.value))
+                    .collect()
+            }
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "reading w/ through {endpoint}: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
 }
 
 /// `eden cluster status --output json` against `endpoint`.
@@ -351,6 +397,17 @@ async fn five_nodes_survive_killed_leaders_voters_and_standbys_and_lose_no_write
                 );
             }
             writer.include(&nodes[vi].endpoint());
+            // After each round, every write acknowledged so far is there (a linearizable
+            // read through a member).
+            let acked = writer.acked_keys();
+            let present = written(&nodes[oi].endpoint(), false).await;
+            let lost: Vec<&String> = acked.iter().filter(|k| !present.contains_key(*k)).collect();
+            assert!(
+                lost.is_empty(),
+                "round {round} {kind:?}: {} acknowledged writes are gone, e.g. {:?}",
+                lost.len(),
+                &lost[..lost.len().min(5)]
+            );
             eprintln!(
                 "round {round} {kind:?} ({} killed at unix ms {killed_unix_ms}): first write \
                  after {:?}, 3 voters after {voter_back:?}, \
@@ -392,6 +449,7 @@ async fn five_nodes_survive_killed_leaders_voters_and_standbys_and_lose_no_write
 
     // No acknowledged write is lost, on any node.
     let acked = writer.finish().await;
+    eprintln!("{} writes acknowledged", acked.len());
     assert!(
         acked.len() > 10,
         "only {} writes were acknowledged",
@@ -413,9 +471,10 @@ async fn five_nodes_survive_killed_leaders_voters_and_standbys_and_lose_no_write
         }
     }
     for n in &members {
+        let held = written(&n.endpoint(), true).await;
         for key in &acked {
             assert_eq!(
-                local_get(&n.endpoint(), key).await.as_deref(),
+                held.get(key).map(|v| &v[..]),
                 Some(&b"x"[..]),
                 "{} lost the acknowledged write {key}",
                 n.name

@@ -101,6 +101,7 @@ fn applied_of(store: &Store) -> u64 {
 /// The child: continue the op sequence forever, acknowledging each op after its flush.
 fn child(dir: &Path) -> ! {
     let store = Store::open(dir).expect("child opens the store");
+    println!("open");
     let mut n = applied_of(&store);
     loop {
         n += 1;
@@ -207,17 +208,27 @@ fn crash_loop_keeps_every_acknowledged_write() {
             .spawn()
             .unwrap();
         let stdout = child.stdout.take().unwrap();
+        let (opened_tx, opened) = std::sync::mpsc::channel();
         let reader = std::thread::spawn(move || {
             let mut acked = None;
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
+                // (libtest's "test NAME ... " has no newline: the first line ends with it.)
+                if line.ends_with("open") {
+                    let _ = opened_tx.send(());
+                }
                 if let Some(n) = line.strip_prefix("ack ") {
                     acked = Some(n.parse::<u64>().unwrap());
                 }
             }
             acked
         });
-        // A random moment: anywhere from during open to well into the write loop.
+        // A random moment: every other cycle counts from the spawn, so the kill may land while
+        // the store opens (or recovers); the others count from the open, so the kill lands in
+        // the write loop however slowly a loaded machine starts the child.
+        if cycle % 2 == 1 {
+            let _ = opened.recv_timeout(Duration::from_secs(30));
+        }
         std::thread::sleep(Duration::from_millis(rng.next() % 120));
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
