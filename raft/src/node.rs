@@ -100,16 +100,16 @@ impl NodeConfig {
 }
 
 /// eden's openraft settings. Heartbeats go every 100 ms. A follower that knew a leader calls an
-/// election after the leader lease (`election_timeout_max`, 0.6 s) plus its own randomized
-/// timeout (0.3-0.6 s) without one, so after 0.9-1.2 s of silence: at least eight heartbeats
+/// election after the leader lease (`election_timeout_max`, 0.7 s) plus its own randomized
+/// timeout (0.4-0.7 s) without one, so after 1.1-1.4 s of silence: at least ten heartbeats
 /// missed in a row. Snapshots are taken every 10 000 entries and sent in 1 MiB chunks, each with
 /// 10 s to arrive, so a slow link still gets them through.
 pub fn default_raft_config() -> openraft::Config {
     openraft::Config {
         cluster_name: "eden".into(),
         heartbeat_interval: 100,
-        election_timeout_min: 300,
-        election_timeout_max: 600,
+        election_timeout_min: 400,
+        election_timeout_max: 700,
         install_snapshot_timeout: 10_000,
         snapshot_max_chunk_size: 1 << 20,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(10_000),

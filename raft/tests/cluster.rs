@@ -104,7 +104,7 @@ async fn three_nodes_survive_leader_loss_and_the_old_leader_catches_up() {
 
     // The old leader restarts from its data dir and catches up.
     let back = TestNode::start(&ca, old_id, &old_dir, &old_addr, no_tuning).await;
-    back.node.linearizable_read().await.unwrap();
+    caught_up(&back.node).await;
     for i in 0..10 {
         assert_eq!(
             local_get(&back.node, &format!("k{i}")),
@@ -116,6 +116,23 @@ async fn three_nodes_survive_leader_loss_and_the_old_leader_catches_up() {
     nodes.push(back);
     for n in nodes {
         n.stop().await;
+    }
+}
+
+/// A linearizable read on a node that just restarted: it may first believe it still leads (its
+/// stored vote) or call an election before it hears from the leader, and a client retries
+/// then. Retried for up to 30 s; the last error is the failure.
+async fn caught_up(node: &std::sync::Arc<eden_raft::RaftNode>) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match node.linearizable_read().await {
+            Ok(()) => return,
+            Err(e) if std::time::Instant::now() < deadline => {
+                eprintln!("linearizable read on the restarted node: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("the restarted node never served a linearizable read: {e}"),
+        }
     }
 }
 
@@ -156,7 +173,7 @@ async fn a_follower_behind_the_purged_log_catches_up_by_snapshot() {
     .await;
 
     let back = TestNode::start(&ca, id, &dir, &addr, snapshot_often).await;
-    back.node.linearizable_read().await.unwrap();
+    caught_up(&back.node).await;
     let m = back.node.metrics();
     assert!(
         m.snapshot_index.unwrap_or(0) > behind,
