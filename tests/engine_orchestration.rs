@@ -166,7 +166,7 @@ impl Coordinator for NodeCoord {
         Ok(Admission::Run)
     }
 
-    fn leave(&self, step: &PlanStep, result: &StepResult) {
+    fn leave(&self, step: &PlanStep, result: &StepResult) -> Result<()> {
         let mut s = self.cluster.state.lock().unwrap();
         s.log.push((self.node.clone(), step.id.clone(), "leave"));
         // The engine recorded (and so published) the result before leaving.
@@ -183,18 +183,16 @@ impl Coordinator for NodeCoord {
         if step.sync {
             let id = step.id.clone();
             let nodes = self.cluster.nodes.clone();
-            let _all_done = self
-                .cluster
-                .wait_for(
-                    |s| {
-                        nodes
-                            .iter()
-                            .all(|n| s.results.contains_key(&(n.clone(), id.clone())))
-                    },
-                    || format!("not every node finished {id}"),
-                )
-                .expect("sync barrier");
+            drop(self.cluster.wait_for(
+                |s| {
+                    nodes
+                        .iter()
+                        .all(|n| s.results.contains_key(&(n.clone(), id.clone())))
+                },
+                || format!("not every node finished {id}"),
+            )?);
         }
+        Ok(())
     }
 }
 
@@ -646,7 +644,7 @@ fn an_enter_error_fails_the_step_with_its_message() {
                 step.id
             )))
         }
-        fn leave(&self, _step: &PlanStep, _result: &StepResult) {
+        fn leave(&self, _step: &PlanStep, _result: &StepResult) -> Result<()> {
             panic!("leave after a failed enter");
         }
     }
@@ -659,23 +657,88 @@ plain:
   cmd.run:
     - name: echo plain
 "#;
-    let reg = Registry::builtin();
-    let tree = tree(sls);
-    for mode in [Mode::Ansible, Mode::Justdoit] {
-        let plan = cluster_plan(&tree, "a", mode);
-        let opts = RunOptions {
-            coordinator: Some(Arc::new(Refuse)),
-            ..RunOptions::default()
-        };
-        let results = run(&plan, &reg, tree.as_ref(), &opts, &Quiet);
-        let by: HashMap<&str, &StepResult> = results.iter().map(|r| (r.id.as_str(), r)).collect();
+    for (_, by) in on_node_a(sls, Arc::new(Refuse)) {
         assert_eq!(by["gated"].result, Some(false));
         assert!(!by["gated"].ran);
         assert_eq!(
             by["gated"].comment,
             "the datastore did not answer for gated"
         );
-        ok(by["plain"]);
+        ok(&by["plain"]);
+    }
+}
+
+/// Runs `sls` as node "a" with `coordinator`, sequentially (ansible) and in parallel
+/// (justdoit): each mode's results by step id.
+fn on_node_a(
+    sls: &str,
+    coordinator: Arc<dyn Coordinator>,
+) -> Vec<(Mode, HashMap<String, StepResult>)> {
+    let reg = Registry::builtin();
+    let tree = tree(sls);
+    [Mode::Ansible, Mode::Justdoit]
+        .into_iter()
+        .map(|mode| {
+            let plan = cluster_plan(&tree, "a", mode);
+            let opts = RunOptions {
+                coordinator: Some(coordinator.clone()),
+                ..RunOptions::default()
+            };
+            let results = run(&plan, &reg, tree.as_ref(), &opts, &Quiet);
+            (
+                mode,
+                results.into_iter().map(|r| (r.id.clone(), r)).collect(),
+            )
+        })
+        .collect()
+}
+
+/// A `sync` barrier that gives up (`leave` errors) fails the step it closes, after the fact,
+/// and what requires that step does not run; other steps do.
+#[test]
+fn a_sync_barrier_that_gives_up_fails_the_step_and_holds_its_dependents() {
+    struct GiveUp;
+    impl Coordinator for GiveUp {
+        fn remote(&self, _r: &StepRef) -> Result<Value> {
+            unreachable!("no remote refs here")
+        }
+        fn enter(&self, _step: &PlanStep) -> Result<Admission> {
+            Ok(Admission::Run)
+        }
+        fn leave(&self, step: &PlanStep, _result: &StepResult) -> Result<()> {
+            Err(Error::Unavailable(format!(
+                "waiting for every node to finish {:?} (sync): still waiting after 1s",
+                step.id
+            )))
+        }
+    }
+    let sls = r#"
+gated:
+  cmd.run:
+    - name: echo gated
+    - sync: true
+needs:
+  cmd.run:
+    - name: echo needs
+    - require:
+      - cmd: gated
+plain:
+  cmd.run:
+    - name: echo plain
+"#;
+    for (mode, by) in on_node_a(sls, Arc::new(GiveUp)) {
+        assert_eq!(by["gated"].result, Some(false), "{mode:?}");
+        assert!(by["gated"].ran, "{mode:?}: the command itself ran");
+        assert!(
+            by["gated"].comment.ends_with(
+                "; then waiting for every node to finish \"gated\" (sync): still waiting after 1s"
+            ),
+            "{mode:?}: {}",
+            by["gated"].comment
+        );
+        assert_eq!(by["needs"].result, Some(false), "{mode:?}");
+        assert!(!by["needs"].ran, "{mode:?}");
+        ok(&by["plain"]);
     }
 }
 
@@ -741,7 +804,7 @@ fn a_panicking_coordinator_fails_the_run_instead_of_hanging_it() {
         fn enter(&self, _step: &PlanStep) -> Result<Admission> {
             Ok(Admission::Run)
         }
-        fn leave(&self, _step: &PlanStep, _result: &StepResult) {
+        fn leave(&self, _step: &PlanStep, _result: &StepResult) -> Result<()> {
             panic!("leave is broken")
         }
     }

@@ -345,6 +345,44 @@ async fn runs_target_by_label_pass_values_between_nodes_and_order_steps_across_t
         );
     }
 
+    // 3b. A sync barrier that gives up fails the step on the node that waited (the run's
+    //     --wait-secs), and what requires the step does not run there.
+    write(
+        &tree,
+        &[(
+            "held.sls",
+            "held:\n  cmd.run:\n    - name: {% if node.name == 'n1' %}sleep 4{% else %}true{% endif %}\n\
+             \x20   - sync: true\n\
+             next:\n  cmd.run:\n    - name: echo next\n    - require:\n      - cmd: held\n",
+        )],
+    );
+    let (code, v) = fleet.json(&[
+        "apply",
+        &tree_s,
+        "held",
+        "--target",
+        "n1 or n2",
+        "--wait-secs",
+        "1",
+    ]);
+    assert_ne!(
+        code, 0,
+        "a sync barrier that gave up did not fail the run: {v}"
+    );
+    let held = step(&v, "n2", "held");
+    assert_eq!(held["result"], false, "{v}");
+    let c = held["comment"].as_str().unwrap();
+    assert!(
+        c.contains("sync") && c.contains("still waiting after 1s"),
+        "{c}"
+    );
+    assert_eq!(step(&v, "n2", "next")["result"], false, "{v}");
+    let c = step(&v, "n2", "next")["comment"].as_str().unwrap();
+    assert!(c.contains("requisite failed"), "{c}");
+    // n1 finished last: everyone had finished by then, so it went on.
+    assert_eq!(step(&v, "n1", "held")["result"], true, "{v}");
+    assert_eq!(step(&v, "n1", "next")["result"], true, "{v}");
+
     // 4. A git source at two commits: the ref is resolved once per run, recorded in the run,
     //    and every node runs that commit's states.
     let repo = tmp.path().join("repo");

@@ -335,8 +335,7 @@ impl Coordinator for KvCoordinator {
         })
     }
 
-    fn leave(&self, step: &PlanStep, result: &StepResult) {
-        let _ = result;
+    fn leave(&self, step: &PlanStep, result: &StepResult) -> Result<()> {
         self.handle.block_on(async {
             let slot = self
                 .slots
@@ -354,10 +353,9 @@ impl Coordinator for KvCoordinator {
                 if let Ok(v) = serde_json::to_vec(result) {
                     let _ = self.kv.put(&key, v, 0).await;
                 }
-                if let Err(e) = self.barrier(&step.id).await {
-                    tracing::warn!(step = %step.id, "sync: {e}; going on");
-                }
+                self.barrier(&step.id).await?;
             }
+            Ok(())
         })
     }
 }

@@ -48,5 +48,9 @@ pub trait Coordinator: Send + Sync {
     /// returned an error. A node where the step did not run because of its requisites never
     /// calls `enter` or `leave` for it, but its result is recorded all the same: a `sync`
     /// barrier should count a node as done when its result for the step is recorded.
-    fn leave(&self, step: &PlanStep, result: &StepResult);
+    ///
+    /// An error (a `sync` barrier that gave up waiting) fails the step here: its result is
+    /// recorded again as failed, with the error after its own comment, and steps that require
+    /// it do not run.
+    fn leave(&self, step: &PlanStep, result: &StepResult) -> Result<()>;
 }

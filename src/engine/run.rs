@@ -488,6 +488,21 @@ impl<'a> Runner<'a> {
         observer.finished(&r, self.recorded, self.total());
     }
 
+    /// A step that finished here but whose `leave` failed (a `sync` barrier that gave up):
+    /// its result becomes a failure, published again, so the steps that require it do not
+    /// run and the run's summary counts it.
+    fn fail_after(&mut self, i: usize, e: &Error, observer: &dyn Observer) {
+        let res = self.slots[i].as_mut().expect("recorded before leave");
+        res.result = Some(false);
+        res.comment = if res.comment.is_empty() {
+            e.to_string()
+        } else {
+            format!("{}; then {e}", res.comment)
+        };
+        let r = self.result_of(i);
+        observer.finished(&r, self.recorded, self.total());
+    }
+
     fn total(&self) -> usize {
         self.plan.steps.iter().filter(|s| !s.is_check()).count()
     }
@@ -746,7 +761,9 @@ fn run_one_inline(runner: &mut Runner, i: usize, observer: &dyn Observer) {
             };
             runner.record(i, res, observer);
             if let (true, Some(c)) = (entered, coordinator) {
-                c.leave(step, &runner.result_of(i));
+                if let Err(e) = c.leave(step, &runner.result_of(i)) {
+                    runner.fail_after(i, &e, observer);
+                }
             }
         }
     }
@@ -759,7 +776,8 @@ enum Event {
     /// The module call of entry `i` finished.
     Called(usize, Res),
     /// [`Coordinator::leave`] returned for entry `i`: its dependents may start.
-    Left(usize),
+    /// With the error if it failed (see [`Coordinator::leave`]).
+    Left(usize, Option<Error>),
 }
 
 /// Runs `work` on a worker thread and always tells the scheduling thread (`event` gets `None`
@@ -829,7 +847,18 @@ fn run_parallel(runner: &mut Runner, observer: &dyn Observer) {
             let step = &plan.steps[i];
             let c = coordinator.expect("only a coordinator admits steps");
             let tx = tx.clone();
-            scope.spawn(move || report(&tx, || c.leave(step, &result), |_| Event::Left(i)));
+            scope.spawn(move || {
+                report(
+                    &tx,
+                    || c.leave(step, &result),
+                    |r| {
+                        let r = r.unwrap_or_else(|| {
+                            Err(Error::Internal("eden bug: leaving a step panicked".into()))
+                        });
+                        Event::Left(i, r.err())
+                    },
+                )
+            });
         };
         while finished_count < n {
             let mut progressed = true;
@@ -926,7 +955,10 @@ fn run_parallel(runner: &mut Runner, observer: &dyn Observer) {
                         finished_count += 1;
                     }
                 }
-                Event::Left(i) => {
+                Event::Left(i, failed) => {
+                    if let Some(e) = failed {
+                        runner.fail_after(i, &e, observer);
+                    }
                     finished[i] = true;
                     finished_count += 1;
                 }
