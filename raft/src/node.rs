@@ -177,7 +177,37 @@ pub struct RaftNode {
     reads: Mutex<ReadRounds>,
     /// Writes a follower is about to forward to the leader (see [`RaftNode::write`]).
     forwards: Mutex<ForwardRounds>,
+    /// Whether this node may call elections (see [`RaftNode::set_outside_membership`] and
+    /// [`RaftNode::snapshot_chunk_arrived`]).
+    campaign: Arc<Mutex<Campaign>>,
 }
+
+/// What holds this node's elections back.
+#[derive(Default)]
+struct Campaign {
+    /// The host found the node outside the membership: a removed voter restarted from its
+    /// log still counts itself a voter, and the terms its elections raise would depose the
+    /// leader when it is admitted again.
+    outside: bool,
+    /// A snapshot is streaming in from the leader until at least then (each chunk extends
+    /// it). openraft 0.9 receives chunks outside its core, so they do not reset the election
+    /// timer, and no heartbeat comes while the leader streams: a transfer longer than the
+    /// election timeout would make the node campaign, depose the leader and restart the
+    /// transfer, over and over.
+    receiving_until: Option<Instant>,
+    /// A task is waiting to lift `receiving_until`.
+    watching: bool,
+}
+
+impl Campaign {
+    fn apply(&self, raft: &Raft) {
+        raft.runtime_config()
+            .elect(!self.outside && self.receiving_until.is_none());
+    }
+}
+
+/// How long after a snapshot chunk this node still calls no elections.
+const SNAPSHOT_QUIET: Duration = Duration::from_secs(2);
 
 /// Writes waiting to be forwarded, and whether a forwarding task is running.
 #[derive(Default)]
@@ -260,6 +290,7 @@ impl RaftNode {
             membership_timeout: config.membership_timeout,
             reads: Mutex::new(ReadRounds::default()),
             forwards: Mutex::new(ForwardRounds::default()),
+            campaign: Arc::new(Mutex::new(Campaign::default())),
         }))
     }
 
@@ -712,6 +743,48 @@ impl RaftNode {
     pub async fn remove(&self, id: NodeId) -> Result<(), Error> {
         self.change_membership(MembershipChange::Remove { id })
             .await
+    }
+
+    /// Tells the node whether it is outside the membership (the host asks the members, since
+    /// Raft never tells a removed node). Outside, it calls no elections.
+    pub fn set_outside_membership(&self, outside: bool) {
+        let mut c = self.campaign.lock().unwrap_or_else(|p| p.into_inner());
+        if c.outside != outside {
+            c.outside = outside;
+            c.apply(&self.raft);
+        }
+    }
+
+    /// A snapshot chunk came from the leader: no elections until [`SNAPSHOT_QUIET`] after the
+    /// last one.
+    pub(crate) fn snapshot_chunk_arrived(&self) {
+        let mut c = self.campaign.lock().unwrap_or_else(|p| p.into_inner());
+        let was = c.receiving_until.is_some();
+        c.receiving_until = Some(Instant::now() + SNAPSHOT_QUIET);
+        if !was {
+            c.apply(&self.raft);
+        }
+        if std::mem::replace(&mut c.watching, true) {
+            return;
+        }
+        let (campaign, raft) = (self.campaign.clone(), self.raft.clone());
+        tokio::spawn(async move {
+            loop {
+                let until = {
+                    let mut c = campaign.lock().unwrap_or_else(|p| p.into_inner());
+                    match c.receiving_until {
+                        Some(t) if t > Instant::now() => t,
+                        _ => {
+                            c.receiving_until = None;
+                            c.watching = false;
+                            c.apply(&raft);
+                            return;
+                        }
+                    }
+                };
+                tokio::time::sleep_until(until.into()).await;
+            }
+        });
     }
 
     /// Completes a joint membership on its way to `voters`.

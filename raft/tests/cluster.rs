@@ -143,11 +143,31 @@ fn snapshot_often(c: &mut eden_raft::NodeConfig) {
     c.raft.snapshot_max_chunk_size = 1024;
 }
 
+fn snapshot_often_in_tiny_chunks(c: &mut eden_raft::NodeConfig) {
+    snapshot_often(c);
+    c.raft.snapshot_max_chunk_size = 256;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_behind_the_purged_log_catches_up_by_snapshot() {
+    catch_up_by_snapshot(snapshot_often).await;
+}
+
+/// A snapshot sent in so many chunks that the transfer outlasts the election timeout: the
+/// follower must not call an election meanwhile (no heartbeat reaches it while it receives),
+/// which would depose the leader and start the transfer over, again and again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_transfer_longer_than_the_election_timeout_lands_without_an_election() {
+    let took = catch_up_by_snapshot(snapshot_often_in_tiny_chunks).await;
+    eprintln!("the snapshot in 256-byte chunks took {took:?}");
+}
+
+/// Stops a follower, writes past the purged log, restarts it and checks it caught up by
+/// snapshot (in the chunks `tuning` sets) with no election: how long the catch-up took.
+async fn catch_up_by_snapshot(tuning: Tune) -> Duration {
     let ca = TestCa::new("cluster-ca");
     let root = tempfile::tempdir().unwrap();
-    let mut nodes = cluster(&ca, root.path(), 3, snapshot_often).await;
+    let mut nodes = cluster(&ca, root.path(), 3, tuning).await;
     nodes[0].node.write(put("before", "x")).await.unwrap();
 
     let lagging = nodes.remove(2);
@@ -156,7 +176,7 @@ async fn a_follower_behind_the_purged_log_catches_up_by_snapshot() {
     lagging.stop().await;
 
     // Enough sequential writes for several snapshots, with a value big enough to need many
-    // 1 KiB chunks.
+    // chunks.
     let big = "x".repeat(4096);
     for i in 0..60 {
         nodes[0]
@@ -171,13 +191,21 @@ async fn a_follower_behind_the_purged_log_catches_up_by_snapshot() {
         "the leader to purge past the stopped follower",
     )
     .await;
+    let term = leader.node.metrics().term;
 
-    let back = TestNode::start(&ca, id, &dir, &addr, snapshot_often).await;
+    let started = std::time::Instant::now();
+    let back = TestNode::start(&ca, id, &dir, &addr, tuning).await;
     caught_up(&back.node).await;
+    let took = started.elapsed();
     let m = back.node.metrics();
     assert!(
         m.snapshot_index.unwrap_or(0) > behind,
         "caught up by snapshot: {m:?}"
+    );
+    assert_eq!(
+        (leader.node.is_leader(), leader.node.metrics().term),
+        (true, term),
+        "an election happened while the follower caught up ({took:?})"
     );
     for i in 0..60 {
         assert_eq!(
@@ -192,6 +220,7 @@ async fn a_follower_behind_the_purged_log_catches_up_by_snapshot() {
     for n in nodes {
         n.stop().await;
     }
+    took
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

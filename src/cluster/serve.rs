@@ -756,10 +756,8 @@ async fn follow_membership(
             .map(|(_, i)| i)
             .collect();
         known = others.iter().map(|i| i.peer_addr.clone()).collect();
-        // Outside Raft the node must not campaign: a removed voter restarted from its data
-        // dir still finds itself a voter in its own log, and the terms its elections raise
-        // would depose the leader the moment it is admitted again.
-        node.raft().runtime_config().elect(member);
+        // Outside Raft the node must not campaign (see `RaftNode::set_outside_membership`).
+        node.set_outside_membership(!member);
         if member != etcd.is_serving() {
             tracing::info!(
                 member,

@@ -182,6 +182,7 @@ async fn route(
         }
         super::SNAPSHOT => {
             handle(&path, &body, |r: InstallSnapshotRequest<TypeConfig>| async move {
+                node.snapshot_chunk_arrived();
                 node.raft().install_snapshot(r).await
             })
             .await
