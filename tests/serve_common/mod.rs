@@ -11,10 +11,21 @@ use tonic::transport::Channel;
 
 pub type Kv = pb::kv_client::KvClient<Channel>;
 
-/// A loopback address with a port that was free a moment ago.
+/// A loopback address with a port that was free a moment ago. The port is drawn at random
+/// below the kernel's ephemeral range (32768 and up here), where the outgoing connections of
+/// the tests running beside this one take their local ports: a port the kernel handed out
+/// for `:0` could be taken by such a connection before the node binds it.
 pub fn free_addr() -> String {
-    let l = StdListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().to_string()
+    use std::hash::{BuildHasher, Hasher};
+    for _ in 0..1000 {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        let port = 20_000 + (h.finish() % 12_000) as u16;
+        if let Ok(l) = StdListener::bind(("127.0.0.1", port)) {
+            return l.local_addr().unwrap().to_string();
+        }
+    }
+    panic!("no free loopback port in 20000-31999");
 }
 
 /// One `eden serve` process. Killed (SIGKILL) when dropped.
