@@ -15,13 +15,22 @@ pub type Kv = pb::kv_client::KvClient<Channel>;
 /// below the kernel's ephemeral range (32768 and up here), where the outgoing connections of
 /// the tests running beside this one take their local ports: a port the kernel handed out
 /// for `:0` could be taken by such a connection before the node binds it.
+///
+/// A port is never handed out twice in one test process (the nodes of a test bind theirs only
+/// when they start).
 pub fn free_addr() -> String {
     use std::hash::{BuildHasher, Hasher};
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     for _ in 0..1000 {
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
         h.write_u32(std::process::id());
         let port = 20_000 + (h.finish() % 12_000) as u16;
+        let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+        if given.contains(&port) {
+            continue;
+        }
         if let Ok(l) = StdListener::bind(("127.0.0.1", port)) {
+            given.push(port);
             return l.local_addr().unwrap().to_string();
         }
     }
