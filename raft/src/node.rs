@@ -193,10 +193,8 @@ struct Campaign {
     /// it). openraft 0.9 receives chunks outside its core, so they do not reset the election
     /// timer, and no heartbeat comes while the leader streams: a transfer longer than the
     /// election timeout would make the node campaign, depose the leader and restart the
-    /// transfer, over and over.
+    /// transfer, over and over. While it is set, a task waits to lift it.
     receiving_until: Option<Instant>,
-    /// A task is waiting to lift `receiving_until`.
-    watching: bool,
 }
 
 impl Campaign {
@@ -759,14 +757,13 @@ impl RaftNode {
     /// last one.
     pub(crate) fn snapshot_chunk_arrived(&self) {
         let mut c = self.campaign.lock().unwrap_or_else(|p| p.into_inner());
-        let was = c.receiving_until.is_some();
-        c.receiving_until = Some(Instant::now() + SNAPSHOT_QUIET);
-        if !was {
-            c.apply(&self.raft);
+        if c.receiving_until
+            .replace(Instant::now() + SNAPSHOT_QUIET)
+            .is_some()
+        {
+            return; // already quiet, and a task is waiting to lift it
         }
-        if std::mem::replace(&mut c.watching, true) {
-            return;
-        }
+        c.apply(&self.raft);
         let (campaign, raft) = (self.campaign.clone(), self.raft.clone());
         tokio::spawn(async move {
             loop {
@@ -776,7 +773,6 @@ impl RaftNode {
                         Some(t) if t > Instant::now() => t,
                         _ => {
                             c.receiving_until = None;
-                            c.watching = false;
                             c.apply(&raft);
                             return;
                         }

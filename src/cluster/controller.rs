@@ -7,6 +7,8 @@
 //! leader left half done is therefore finished or redone by the next leader's first ticks.
 //!
 //! ## Decisions, in order of priority
+//! 0. A joint membership (a change whose leader died between its two steps): finish it to its
+//!    target voter set before anything else.
 //! 1. A voter dead for `failover_after` and a healthy standby (learner): promote the most
 //!    caught-up standby. (The dead voter is still a voter: the cluster briefly has one voter
 //!    more, so the new voter joins while the old quorum still holds.)

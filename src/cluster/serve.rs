@@ -349,6 +349,8 @@ struct Started {
     /// TLS for the etcd client port: the node certificate, clients must present one signed by
     /// the cluster CA (for example `DATA/admin/admin.crt`).
     client_tls: Arc<rustls::ServerConfig>,
+    /// TLS for calls to other nodes' peer ports (the node certificate, the cluster CA).
+    peer_client_tls: Arc<rustls::ClientConfig>,
     peer_stop: tokio::sync::oneshot::Sender<()>,
     peer_task: tokio::task::JoinHandle<std::result::Result<(), eden_raft::Error>>,
     /// SWIM failure detection over the peer port; leaves the cluster on stop.
@@ -368,6 +370,7 @@ async fn start(
         .await
         .map_err(|e| Error::Unavailable(format!("starting Raft: {e}")))?;
     let etcd = crate::etcd::Backend::new(node.clone(), file.cluster_id);
+    let peer_client_tls = pki::client_config(tls.ca.cert_pem(), &tls.identity)?;
     // Gossip gets its own connections, so snapshot traffic on Raft's cannot delay its acks.
     let gossip = Gossip::start(
         Member {
@@ -375,10 +378,7 @@ async fn start(
             raft_id: file.raft_id,
             peer_addr: file.peer_addr.clone(),
         },
-        Arc::new(PeerPool::new(pki::client_config(
-            tls.ca.cert_pem(),
-            &tls.identity,
-        )?)),
+        Arc::new(PeerPool::new(peer_client_tls.clone())),
         member_peers(&node),
         GossipConfig::default(),
     )?;
@@ -428,6 +428,7 @@ async fn start(
         node,
         etcd,
         client_tls,
+        peer_client_tls,
         peer_stop,
         peer_task,
     })
@@ -655,12 +656,11 @@ async fn serve_until(
         started.node.clone(),
         kv.clone(),
     ));
-    let node_tls = load_tls(&dir)?;
     let membership_task = tokio::spawn(follow_membership(
         started.node.clone(),
         started.etcd.clone(),
         kv.clone(),
-        pki::client_config(node_tls.ca.cert_pem(), &node_tls.identity)?,
+        started.peer_client_tls.clone(),
         !file.client_plaintext,
     ));
     shutdown.await;

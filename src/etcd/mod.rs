@@ -187,12 +187,13 @@ impl Backend {
     }
 }
 
-/// The router for one client port: the five gRPC services plus the JSON gateway.
 /// What a node outside Raft answers every etcd request with (as Unavailable).
 pub const NOT_SERVING: &str = "eden: this node is not a datastore member now (an eligible \
                                agent); use the endpoint of a voter or standby, as `eden \
                                cluster status` lists them";
 
+/// The router for one client port: the five gRPC services plus the JSON gateway, all refused
+/// with [`NOT_SERVING`] while the node is outside Raft.
 pub fn router(backend: Arc<Backend>) -> axum::Router {
     use pb::etcdserverpb::{
         cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer,
