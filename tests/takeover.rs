@@ -190,15 +190,33 @@ async fn shape(endpoint: &str) -> Option<(Vec<u64>, Vec<u64>)> {
     Some((voters, learners))
 }
 
-/// Waits until `endpoint` reports `voters` voters and `learners` learners, none of them `gone`.
-async fn wait_shape(endpoint: &str, voters: usize, learners: usize, gone: &[u64]) -> Duration {
-    wait_membership(endpoint, Some(learners), voters, gone).await
+/// Where a wait looks: one endpoint, or whichever running node is the most current member at
+/// each look (a member picked once may be retired to an eligible agent during the wait, and
+/// then refuses).
+#[derive(Clone, Copy)]
+enum Via<'a> {
+    One(&'a str),
+    Best(&'a [Node]),
 }
 
-/// Waits until `endpoint` reports `voters` voters (and, if given, `learners` learners), none of
+impl Via<'_> {
+    async fn endpoint(self) -> String {
+        match self {
+            Via::One(e) => e.to_string(),
+            Via::Best(nodes) => member_endpoint(nodes, None).await.1,
+        }
+    }
+}
+
+/// Waits until `at` reports `voters` voters and `learners` learners, none of them `gone`.
+async fn wait_shape(at: Via<'_>, voters: usize, learners: usize, gone: &[u64]) -> Duration {
+    wait_membership(at, Some(learners), voters, gone).await
+}
+
+/// Waits until `at` reports `voters` voters (and, if given, `learners` learners), none of
 /// them `gone`; returns how long that took.
 async fn wait_membership(
-    endpoint: &str,
+    at: Via<'_>,
     learners: Option<usize>,
     voters: usize,
     gone: &[u64],
@@ -207,7 +225,7 @@ async fn wait_membership(
     let deadline = start + Duration::from_secs(60);
     let mut last = None;
     loop {
-        if let Some((v, l)) = shape(endpoint).await {
+        if let Some((v, l)) = shape(&at.endpoint().await).await {
             let ok = v.len() == voters
                 && learners.is_none_or(|n| l.len() == n)
                 && !v.iter().chain(&l).any(|id| gone.contains(id));
@@ -270,9 +288,8 @@ async fn five_nodes_survive_killed_leaders_voters_and_standbys_and_lose_no_write
         nodes.push(n);
     }
     // Five datastore-capable nodes, one standby wanted: 3 voters, 1 standby, 1 eligible agent.
-    let first = member_endpoint(&nodes, None).await.1;
-    wait_shape(&first, 3, 1, &[]).await;
-    let st = wait_status(&first, 5).await;
+    wait_shape(Via::Best(&nodes), 3, 1, &[]).await;
+    let st = wait_status(Via::Best(&nodes), 5).await;
     let ids: Vec<u64> = nodes
         .iter()
         .map(|n| {
@@ -315,8 +332,8 @@ async fn five_nodes_survive_killed_leaders_voters_and_standbys_and_lose_no_write
             // Back to 3 voters and 1 standby, without the dead node: the eligible agent is
             // admitted as the new standby when the old one was promoted or died.
             // A replacement voter: three voters again, none of them the dead node.
-            let voter_back = wait_membership(&nodes[oi].endpoint(), None, 3, &[victim_id]).await;
-            wait_shape(&nodes[oi].endpoint(), 3, 1, &[victim_id]).await;
+            let voter_back = wait_membership(Via::Best(&nodes), None, 3, &[victim_id]).await;
+            wait_shape(Via::Best(&nodes), 3, 1, &[victim_id]).await;
             let took = killed_at.elapsed();
             // Not a speed check: the controller must not act on a member that has been
             // unreachable for less than failover-after (3 s by default).
@@ -382,8 +399,11 @@ async fn five_nodes_survive_killed_leaders_voters_and_standbys_and_lose_no_write
             nodes[vi].restart(&[]);
             nodes[vi].ready().await;
             let up_at = killed_at.elapsed();
-            wait_shape(&nodes[oi].endpoint(), 3, 1, &[]).await;
-            wait_status(&nodes[oi].endpoint(), 5).await;
+            wait_shape(Via::Best(&nodes), 3, 1, &[]).await;
+            wait_status(Via::Best(&nodes), 5).await;
+            // The observer may just have been retired to an eligible agent (the controller
+            // keeps one standby of the two): look through a current member from here on.
+            let oi = member_endpoint(&nodes, None).await.0;
             // Killing a follower or a standby, replacing it and admitting the restarted node
             // again must not cost the leader its place (a restarted removed voter that kept
             // calling elections would depose it when admitted).
@@ -544,12 +564,12 @@ async fn member_endpoint(nodes: &[Node], not: Option<usize>) -> (usize, String) 
     }
 }
 
-/// Waits until `eden cluster status` through `endpoint` lists `nodes` nodes, all healthy: 3
+/// Waits until `eden cluster status` through `at` lists `nodes` nodes, all healthy: 3
 /// voters, 1 standby and the rest agents.
-async fn wait_status(endpoint: &str, nodes: usize) -> serde_json::Value {
+async fn wait_status(at: Via<'_>, nodes: usize) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let st = cluster_status(endpoint);
+        let st = cluster_status(&at.endpoint().await);
         let rows = st["nodes"].as_array().cloned().unwrap_or_default();
         let count = |role: &str| rows.iter().filter(|m| m["role"] == role).count();
         if rows.len() == nodes
@@ -668,17 +688,17 @@ async fn lowering_the_voter_target_at_runtime_turns_voters_into_standbys() {
     let root = tempfile::tempdir().unwrap();
     let nodes = three_nodes(root.path(), &[]).await;
     let ep = nodes[0].endpoint();
-    wait_shape(&ep, 3, 0, &[]).await;
+    wait_shape(Via::One(&ep), 3, 0, &[]).await;
     put_retrying(
         &ep,
         "/eden/cluster/config",
         r#"{"voters": 1, "standbys": 2, "failover_after_ms": 3000}"#,
     )
     .await;
-    wait_shape(&ep, 1, 2, &[]).await;
+    wait_shape(Via::One(&ep), 1, 2, &[]).await;
     // Back to three: the standbys are promoted again.
     put_retrying(&ep, "/eden/cluster/config", r#"{"voters": 3}"#).await;
-    wait_shape(&ep, 3, 0, &[]).await;
+    wait_shape(Via::One(&ep), 3, 0, &[]).await;
     put_retrying(&ep, "after", "ok").await;
     let texts = events(&ep).await;
     assert!(
@@ -700,7 +720,7 @@ async fn a_wiped_node_rejoins_under_a_new_id_never_its_old_one() {
     n4.create(Some((&via, &token)), &[]);
     n4.ready().await;
     let ep = nodes[0].endpoint();
-    wait_shape(&ep, 3, 1, &[]).await;
+    wait_shape(Via::One(&ep), 3, 1, &[]).await;
     let old_id = shape(&ep).await.unwrap().1[0];
     put_retrying(&ep, "before", "1").await;
 
@@ -734,13 +754,13 @@ async fn a_wiped_node_rejoins_under_a_new_id_never_its_old_one() {
 
     // The controller removes the dead standby (failover-after), then the same name joins
     // under a fresh id.
-    wait_shape(&ep, 3, 0, &[old_id]).await;
+    wait_shape(Via::One(&ep), 3, 0, &[old_id]).await;
     if n4.dir.exists() {
         std::fs::remove_dir_all(&n4.dir).unwrap();
     }
     n4.create(Some((&via, &token)), &[]);
     n4.ready().await;
-    wait_shape(&ep, 3, 1, &[old_id]).await;
+    wait_shape(Via::One(&ep), 3, 1, &[old_id]).await;
     let (voters, learners) = shape(&ep).await.unwrap();
     let new_id = learners[0];
     assert_ne!(new_id, old_id);

@@ -205,6 +205,12 @@ impl JoinService {
                         "the member list is for cluster nodes",
                     );
                 }
+                if !self.etcd.is_serving() {
+                    return refuse(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "this node is outside the datastore membership; its view is stale",
+                    );
+                }
                 let m = self.node.metrics();
                 json_response(
                     StatusCode::OK,

@@ -660,6 +660,7 @@ async fn serve_until(
         started.node.clone(),
         started.etcd.clone(),
         kv.clone(),
+        started.gossip.clone(),
         started.peer_client_tls.clone(),
         !file.client_plaintext,
     ));
@@ -690,6 +691,7 @@ async fn follow_membership(
     node: Arc<RaftNode>,
     etcd: Arc<crate::etcd::Backend>,
     kv: Kv,
+    gossip: Arc<Gossip>,
     tls: Arc<rustls::ClientConfig>,
     https: bool,
 ) {
@@ -714,30 +716,40 @@ async fn follow_membership(
             }
             continue;
         }
-        // Ask the members this node knows of: its own (possibly stale) view, then those the
-        // last answer named.
+        // Ask every node this node knows of: its own (possibly stale or, just after joining,
+        // empty) view, those the last answer named, and those gossip has heard from. The
+        // newest answer wins; one older than this node's own view (a peer that lags) is not
+        // taken, and a node outside Raft does not answer (its view is stale).
         let mut peers = member_peers(&node);
-        for p in &known {
-            if !peers.contains(p) {
-                peers.push(p.clone());
+        let gossiped = gossip.health().into_values().map(|h| h.member.peer_addr);
+        for p in known.iter().cloned().chain(gossiped) {
+            if p != node.info().peer_addr && !peers.contains(&p) {
+                peers.push(p);
             }
         }
-        // An answer older than this node's own view (a peer that lags) is not taken.
         let own_index = node.metrics().membership_index;
-        let mut answer = None;
+        let mut asks = tokio::task::JoinSet::new();
         for peer in peers {
-            let r: Result<join::MemberList> = join::post_json(
-                &peer,
-                tls.clone(),
-                join::MEMBERS,
-                &(),
-                Duration::from_secs(2),
-            )
-            .await;
-            if let Ok(list) = r {
-                if list.membership_index >= own_index {
+            let tls = tls.clone();
+            asks.spawn(async move {
+                join::post_json::<_, join::MemberList>(
+                    &peer,
+                    tls,
+                    join::MEMBERS,
+                    &(),
+                    Duration::from_secs(2),
+                )
+                .await
+            });
+        }
+        let mut answer: Option<join::MemberList> = None;
+        while let Some(r) = asks.join_next().await {
+            if let Ok(Ok(list)) = r {
+                let newer = answer
+                    .as_ref()
+                    .is_none_or(|a| list.membership_index > a.membership_index);
+                if list.membership_index >= own_index && newer {
                     answer = Some(list);
-                    break;
                 }
             }
         }
