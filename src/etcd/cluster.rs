@@ -24,12 +24,13 @@ impl ClusterService {
     }
 }
 
-fn member(id: u64, info: &eden_raft::NodeInfo, is_learner: bool) -> pb::Member {
+/// The peer port is always mutual TLS; the client URL takes this node's client scheme.
+fn member(id: u64, info: &eden_raft::NodeInfo, is_learner: bool, scheme: &str) -> pb::Member {
     pb::Member {
         id,
         name: info.name.clone(),
         peer_ur_ls: vec![format!("https://{}", info.peer_addr)],
-        client_ur_ls: vec![format!("https://{}", info.client_addr)],
+        client_ur_ls: vec![format!("{scheme}://{}", info.client_addr)],
         is_learner,
     }
 }
@@ -41,8 +42,12 @@ impl Backend {
         let mut out: Vec<pb::Member> = m
             .voters
             .iter()
-            .map(|(id, info)| member(*id, info, false))
-            .chain(m.learners.iter().map(|(id, info)| member(*id, info, true)))
+            .map(|(id, info)| member(*id, info, false, self.client_scheme()))
+            .chain(
+                m.learners
+                    .iter()
+                    .map(|(id, info)| member(*id, info, true, self.client_scheme())),
+            )
             .collect();
         out.sort_by_key(|m| m.id);
         out

@@ -76,6 +76,10 @@ pub struct Backend {
     /// eligible agent): its replica no longer follows the cluster, so every request is refused
     /// as Unavailable and open watch streams end, and etcd clients go to another endpoint.
     serving: tokio::sync::watch::Sender<bool>,
+    /// Whether the client port serves TLS (set by [`serve`]): MemberList's client URLs take
+    /// its scheme, so clients that sync their endpoints from it (`etcdctl --discovery-srv`,
+    /// client libraries' auto-sync) dial what the nodes serve. A cluster's nodes share it.
+    client_tls: AtomicBool,
 }
 
 impl Backend {
@@ -88,12 +92,22 @@ impl Backend {
             leases: lease::LeaseKeeper::default(),
             keeper_running: AtomicBool::new(false),
             serving: tokio::sync::watch::Sender::new(true),
+            client_tls: AtomicBool::new(true),
         })
     }
 
     /// Whether this node serves the etcd API: false while it is not a Raft member.
     pub fn set_serving(&self, serving: bool) {
         self.serving.send_replace(serving);
+    }
+
+    /// `https` or `http`: what this node's client port serves.
+    pub fn client_scheme(&self) -> &'static str {
+        if self.client_tls.load(Ordering::Relaxed) {
+            "https"
+        } else {
+            "http"
+        }
     }
 
     pub fn is_serving(&self) -> bool {
@@ -255,6 +269,7 @@ pub async fn serve(
     backend: Arc<Backend>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
+    backend.client_tls.store(tls.is_some(), Ordering::Relaxed);
     let router = router(backend.clone());
     let keeper = if backend.keeper_running.swap(true, Ordering::SeqCst) {
         None
