@@ -261,6 +261,11 @@ async fn runs_target_by_label_pass_values_between_nodes_and_order_steps_across_t
         "{events:?}"
     );
 
+    // 1b. Live progress: `eden events --follow` prints a later run's events as they happen,
+    // `eden run` shows one plain line per step when stderr is not a terminal, and a progress
+    // bar per node on a terminal.
+    live_progress(&fleet, &run).await;
+
     // 2. A value made on one node reaches the others; target_limit runs a step once.
     write(
         &tree,
@@ -798,4 +803,122 @@ async fn an_agent_only_node_follows_the_datastore_when_the_nodes_it_joined_throu
         "still here",
         "{v}"
     );
+}
+
+/// Strips ANSI escape sequences (colors, cursor moves) from terminal output.
+fn strip_ansi(raw: &str) -> String {
+    let mut out = String::new();
+    let mut chars = raw.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// See step 1b of the label test. `earlier` is a finished run whose events exist already.
+async fn live_progress(fleet: &Fleet, earlier: &str) {
+    use std::io::BufRead;
+    let mut follower = fleet
+        .eden(&["events", "--follow", "--output", "json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<Value>();
+    let stdout = follower.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if let Ok(v) = serde_json::from_str(&line) {
+                if tx.send(v).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    let next = |what: &str| -> Value {
+        rx.recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("events --follow printed no {what} within 30 s"))
+    };
+    // Its listing of what exists is done once the earlier run's events come out: the run
+    // started below is newer than that listing, so its events can only come from the watch.
+    while next("earlier events")["run"] != earlier {}
+
+    // Plain lines: stderr is a pipe here.
+    let out = fleet
+        .eden(&["run", "--target", "n1,a1", "cmd.run", "sleep 0.3"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    for n in ["n1", "a1"] {
+        for line in [
+            format!("{n}: [1/1] chg  run (cmd.run)"),
+            format!("{n}: done"),
+        ] {
+            assert!(
+                stderr.lines().any(|l| l.starts_with(&line)),
+                "no line {line:?} in:\n{stderr}"
+            );
+        }
+    }
+    let run = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("run ")?.strip_suffix(" submitted"))
+        .unwrap_or_else(|| panic!("no run id in:\n{stderr}"))
+        .to_string();
+    let mut finished = BTreeSet::new();
+    while finished.len() < 2 {
+        let e = next("step.finished event of the new run");
+        if e["run"] == run.as_str() && e["kind"] == "step.finished" {
+            assert_eq!(e["result"], true, "{e}");
+            finished.insert(e["node"].as_str().unwrap().to_string());
+        }
+    }
+    assert_eq!(finished, BTreeSet::from(["a1".into(), "n1".into()]));
+    let _ = follower.kill();
+    let _ = follower.wait();
+
+    // On a terminal (`script` gives the command a pseudo-terminal): a bar per node, drawn
+    // while its step runs and finished with the node's state.
+    let cmd = format!(
+        "{} run --target n1,a1 cmd.run 'sleep 0.3' --endpoints {} >/dev/null",
+        env!("CARGO_BIN_EXE_eden"),
+        fleet.endpoints()
+    );
+    let out = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .env("XDG_CACHE_HOME", fleet.root.join("cache"))
+        .output()
+        .unwrap();
+    let screen = strip_ansi(&String::from_utf8_lossy(&out.stdout));
+    assert!(out.status.success(), "{screen}");
+    let full = format!("[{}]", "=".repeat(30));
+    let empty = format!("[{}]", " ".repeat(30));
+    // indicatif limits its redraws, so not every node's intermediate state need be drawn;
+    // at least one bar is seen before its step finished, and every bar at the end.
+    assert!(
+        ["n1", "a1"]
+            .iter()
+            .any(|n| screen.contains(&format!("{n} {empty}   0/1   running"))),
+        "no bar was drawn while its step ran:\n{screen}"
+    );
+    for n in ["n1", "a1"] {
+        let done = format!("{n} {full}   1/1   done");
+        assert!(
+            screen.contains(&done),
+            "no {done:?} on the terminal:\n{screen}"
+        );
+    }
 }
