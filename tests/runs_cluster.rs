@@ -914,6 +914,10 @@ async fn live_progress(fleet: &Fleet, earlier: &str) {
             .any(|n| screen.contains(&format!("{n} {empty}   0/1   running"))),
         "no bar was drawn while its step ran:\n{screen}"
     );
+    assert!(
+        !screen.contains("0/0"),
+        "a bar was drawn before its plan:\n{screen}"
+    );
     for n in ["n1", "a1"] {
         let done = format!("{n} {full}   1/1   done");
         assert!(

@@ -228,11 +228,9 @@ impl Bars {
         if let Some(b) = self.bars.get(node) {
             return b.clone();
         }
-        let style = indicatif::ProgressStyle::with_template(
-            "{prefix:>12.bold} [{bar:30.cyan/blue}] {pos:>3}/{len:3} {msg}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-        .progress_chars("=> ");
+        // No bar until the plan says how many steps there are (an empty length draws full).
+        let style = indicatif::ProgressStyle::with_template("{prefix:>12.bold} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
         let b = self.multi.add(indicatif::ProgressBar::new(0));
         b.set_style(style);
         b.set_prefix(node.to_string());
@@ -250,6 +248,12 @@ impl View for Bars {
     }
     fn plan(&mut self, node: &str, total: usize) {
         let b = self.bar(node);
+        let style = indicatif::ProgressStyle::with_template(
+            "{prefix:>12.bold} [{bar:30.cyan/blue}] {pos:>3}/{len:3} {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> ");
+        b.set_style(style);
         b.set_length(total as u64);
         b.set_message("running");
     }
