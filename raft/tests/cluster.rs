@@ -374,3 +374,110 @@ async fn peers_without_a_certificate_from_the_cluster_ca_are_refused() {
         n.stop().await;
     }
 }
+
+/// Writes `key` through `node`, retrying for up to 30 s while the cluster elects a leader.
+async fn write_retrying(node: &std::sync::Arc<eden_raft::RaftNode>, key: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match node.write(put(key, "1")).await {
+            Ok(_) => return,
+            Err(e) if std::time::Instant::now() < deadline => {
+                eprintln!("write {key}: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("write {key} never succeeded: {e}"),
+        }
+    }
+}
+
+/// A leader that dies between the two entries of a membership change leaves the cluster in a
+/// joint configuration, which Raft itself never finishes. The next leader reports it
+/// (`NodeMetrics::joint_target`, which the role controller turns into `Decision::Finish`),
+/// and `finish_change` completes it, losing no write and dropping no voter by surprise.
+///
+/// Made deterministic by stopping the nodes the new half needs: voters 1, 2, 3 and learner 4;
+/// with 2 and 4 down, leader 1 proposes voters {1, 2, 4}. The joint entry reaches node 3 but
+/// cannot commit (the new half has only node 1), and then node 1 dies. Node 3, the only one
+/// holding the joint entry, is the only one that can win an election once 2 and 4 are back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joint_membership_left_by_a_dead_leader_is_reported_and_finished() {
+    let ca = TestCa::new("cluster-ca");
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = cluster(&ca, root.path(), 3, no_tuning).await;
+    assert!(nodes[0].node.is_leader());
+    let n4 = TestNode::start(&ca, 4, &root.path().join("n4"), "127.0.0.1:0", no_tuning).await;
+    nodes[0]
+        .node
+        .add_learner(4, n4.node.info().clone())
+        .await
+        .unwrap();
+    nodes[0].node.write(put("before", "1")).await.unwrap();
+    wait_for(
+        || local_get(&n4.node, "before").is_some(),
+        "the learner to apply",
+    )
+    .await;
+
+    let n3 = nodes.pop().unwrap();
+    let n2 = nodes.pop().unwrap();
+    let n1 = nodes.pop().unwrap();
+    let (addr2, dir2, addr4, dir4) = (
+        n2.addr.clone(),
+        n2.dir.clone(),
+        n4.addr.clone(),
+        n4.dir.clone(),
+    );
+    n2.stop().await;
+    n4.stop().await;
+    let new_voters = BTreeSet::from([1, 2, 4]);
+    let change = {
+        let leader = n1.node.clone();
+        let voters = new_voters.clone();
+        tokio::spawn(async move {
+            leader
+                .change_membership(eden_raft::MembershipChange::SetVoters { voters })
+                .await
+        })
+    };
+    wait_for(
+        || n3.node.metrics().joint_target.as_ref() == Some(&new_voters),
+        "node 3 to hold the joint entry",
+    )
+    .await;
+    n1.stop().await;
+    let stuck = change.await.unwrap();
+    assert!(
+        stuck.is_err(),
+        "the change cannot have completed: {stuck:?}"
+    );
+
+    let n2 = TestNode::start(&ca, 2, &dir2, &addr2, no_tuning).await;
+    let n4 = TestNode::start(&ca, 4, &dir4, &addr4, no_tuning).await;
+    wait_for(|| n3.node.is_leader(), "node 3 to lead").await;
+    // The new leader sees the half-done change and what it was heading for.
+    caught_up(&n3.node).await;
+    let m = n3.node.metrics();
+    assert_eq!(m.joint_target.as_ref(), Some(&new_voters), "{m:?}");
+
+    n3.node.finish_change(new_voters.clone()).await.unwrap();
+    let m = n3.node.metrics();
+    assert_eq!(m.joint_target, None, "{m:?}");
+    assert_eq!(
+        m.voters.keys().copied().collect::<BTreeSet<_>>(),
+        new_voters
+    );
+    // The voter that left stays, as a learner.
+    assert_eq!(m.learners.keys().copied().collect::<Vec<_>>(), [3]);
+    // Node 1 is dead but still a voter: 2 and 4 are a majority, and writes go on.
+    write_retrying(&n3.node, "after").await;
+    for n in [&n2, &n4] {
+        wait_for(
+            || local_get(&n.node, "before").is_some() && local_get(&n.node, "after").is_some(),
+            "every write on the new voters",
+        )
+        .await;
+    }
+    for n in [n2, n3, n4] {
+        n.stop().await;
+    }
+}
