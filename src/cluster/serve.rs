@@ -679,14 +679,18 @@ async fn serve_until(
     Ok(())
 }
 
+/// How long `follow_membership` waits for more answers once one has come.
+const MEMBERS_GRACE: Duration = Duration::from_millis(200);
+
 /// Keeps a datastore node's etcd API and agent right when the role controller moves it out of
 /// Raft (retires it to an eligible agent) or back in (admits it as a standby).
 ///
 /// A node outside the membership is never told so by Raft (the leader simply stops
 /// replicating to it), and its replica then falls behind for good. So every 2 s (300 ms while
-/// outside) it asks a member for the membership ([`join::MEMBERS`]): while it is not in it, its etcd API
-/// refuses requests as Unavailable (etcd clients move to another endpoint) and its agent
-/// reaches the members' etcd API instead of its own; once admitted again, both come back.
+/// outside) it asks the nodes it knows of for the membership ([`join::MEMBERS`]): while it is
+/// not in it, its etcd API refuses requests as Unavailable (etcd clients move to another
+/// endpoint) and its agent reaches the members' etcd API instead of its own; once admitted
+/// again, both come back.
 async fn follow_membership(
     node: Arc<RaftNode>,
     etcd: Arc<crate::etcd::Backend>,
@@ -742,17 +746,31 @@ async fn follow_membership(
                 .await
             });
         }
+        // A peer that is slow to answer must not hold up the first look (a restarted node
+        // decides soon whether it may campaign): once one answer is in, the others get
+        // `MEMBERS_GRACE` more.
         let mut answer: Option<join::MemberList> = None;
-        while let Some(r) = asks.join_next().await {
+        let mut until: Option<tokio::time::Instant> = None;
+        loop {
+            let next = match until {
+                None => asks.join_next().await,
+                Some(t) => match tokio::time::timeout_at(t, asks.join_next()).await {
+                    Ok(r) => r,
+                    Err(_) => break,
+                },
+            };
+            let Some(r) = next else { break };
             if let Ok(Ok(list)) = r {
                 let newer = answer
                     .as_ref()
                     .is_none_or(|a| list.membership_index > a.membership_index);
                 if list.membership_index >= own_index && newer {
                     answer = Some(list);
+                    until.get_or_insert(tokio::time::Instant::now() + MEMBERS_GRACE);
                 }
             }
         }
+        asks.abort_all();
         let Some(list) = answer else {
             // Nobody else answers: a one-node cluster, or a leader whose peers are all down.
             answered |= node.is_leader();
