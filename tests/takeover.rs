@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use eden::etcd::pb::etcdserverpb::StatusResponse;
 use serve_common::*;
 
 /// Writes `w/<n>` keys through the endpoints in `targets` until stopped, from a few clients at
@@ -311,9 +312,7 @@ async fn five_nodes_survive_killed_leaders_voters_and_standbys_and_lose_no_write
     let mut voter_replaced: Vec<(Victim, Duration)> = Vec::new();
     for round in 0..rounds() {
         for kind in [Victim::Leader, Victim::FollowerVoter, Victim::Standby] {
-            let observer = member_endpoint(&nodes, None).await.1;
-            let (voters, learners) = shape(&observer).await.unwrap();
-            let before = status(&observer).await.unwrap();
+            let (voters, learners, before) = look(&nodes).await;
             let (leader, term) = (before.leader, before.raft_term);
             let victim_id = match kind {
                 Victim::Leader => leader,
@@ -476,8 +475,7 @@ async fn five_nodes_survive_killed_leaders_voters_and_standbys_and_lose_no_write
         acked.len()
     );
     // Every member holds every acknowledged write (the eligible agent holds no replica).
-    let observer = member_endpoint(&nodes, None).await.1;
-    let (voters, learners) = shape(&observer).await.unwrap();
+    let (voters, learners, _) = look(&nodes).await;
     let members: Vec<&Node> = voters
         .iter()
         .chain(&learners)
@@ -502,6 +500,7 @@ async fn five_nodes_survive_killed_leaders_voters_and_standbys_and_lose_no_write
         }
     }
     // The controller recorded what it did and why.
+    let observer = member_endpoint(&nodes, None).await.1;
     let ch = channel(&observer).await.unwrap();
     let events = Kv::new(ch)
         .range(eden::etcd::pb::etcdserverpb::RangeRequest {
@@ -560,6 +559,24 @@ async fn member_endpoint(nodes: &[Node], not: Option<usize>) -> (usize, String) 
             return (i, nodes[i].endpoint());
         }
         assert!(Instant::now() < deadline, "no member answers");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The membership and status through the most current member, looked at again while the
+/// member picked stops answering (it may just have been retired to an eligible agent, as a
+/// client would find, and move on).
+async fn look(nodes: &[Node]) -> (Vec<u64>, Vec<u64>, StatusResponse) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let observer = member_endpoint(nodes, None).await.1;
+        if let Some((voters, learners)) = shape(&observer).await {
+            match status(&observer).await {
+                Ok(st) => return (voters, learners, st),
+                Err(e) => eprintln!("status through {observer}: {e}; looking again"),
+            }
+        }
+        assert!(Instant::now() < deadline, "no member answered for 30 s");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
