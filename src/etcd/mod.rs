@@ -77,8 +77,8 @@ pub struct Backend {
     /// as Unavailable and open watch streams end, and etcd clients go to another endpoint.
     serving: tokio::sync::watch::Sender<bool>,
     /// Whether the client port serves TLS (set by [`serve`]): MemberList's client URLs take
-    /// its scheme, so clients that sync their endpoints from it (`etcdctl --discovery-srv`,
-    /// client libraries' auto-sync) dial what the nodes serve. A cluster's nodes share it.
+    /// its scheme, so clients that sync their endpoints from it (the Go client's
+    /// `AutoSyncInterval`, for one) dial what the nodes serve. A cluster's nodes share it.
     client_tls: AtomicBool,
 }
 
