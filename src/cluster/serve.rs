@@ -117,7 +117,15 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()>) -> Re
         // controller admits it again (with its id and intact log) when a standby is wanted.
         Mode::Restart => {
             let tls = load_tls(&dir)?;
-            start(&dir, &file, &tls, peer, opts.snapshot_count).await?
+            let started = start(&dir, &file, &tls, peer, opts.snapshot_count).await?;
+            // No elections until `follow_membership` has had its first look: a voter removed
+            // while it was down still finds itself a voter in its own log, and an election it
+            // called before learning otherwise (the first look can take longer than the
+            // election timeout on a busy machine) would raise its term and depose the leader
+            // once it is admitted again. The first look lifts this: an answer that it is a
+            // member, or no answer at all (nobody to ask).
+            started.node.set_outside_membership(true);
+            started
         }
         Mode::Init | Mode::Join { .. } => {
             let set_up = match &mode {
@@ -773,6 +781,10 @@ async fn follow_membership(
         asks.abort_all();
         let Some(list) = answer else {
             // Nobody else answers: a one-node cluster, or a leader whose peers are all down.
+            // Until someone has answered, nothing says this node is outside: it may campaign.
+            if !answered {
+                node.set_outside_membership(false);
+            }
             answered |= node.is_leader();
             continue;
         };
