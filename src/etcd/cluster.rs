@@ -39,14 +39,15 @@ impl Backend {
     /// Every member, voters then learners, each by id.
     pub fn members(&self) -> Vec<pb::Member> {
         let m = self.node.metrics();
+        let scheme = self.client_scheme();
         let mut out: Vec<pb::Member> = m
             .voters
             .iter()
-            .map(|(id, info)| member(*id, info, false, self.client_scheme()))
+            .map(|(id, info)| member(*id, info, false, scheme))
             .chain(
                 m.learners
                     .iter()
-                    .map(|(id, info)| member(*id, info, true, self.client_scheme())),
+                    .map(|(id, info)| member(*id, info, true, scheme)),
             )
             .collect();
         out.sort_by_key(|m| m.id);
