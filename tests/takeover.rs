@@ -412,7 +412,7 @@ async fn five_nodes_survive_killed_leaders_voters_and_standbys_and_lose_no_write
             // again), cause not yet found. Each is printed; more than a quarter of the rounds
             // fails the test.
             if !matches!(kind, Victim::Leader) {
-                let now = status(&nodes[oi].endpoint()).await.unwrap();
+                let (_, _, now) = look(&nodes).await;
                 if (now.leader, now.raft_term) != (leader, term) {
                     let seen = format!(
                         "round {round} {kind:?}: leader {leader:x} of term {term} was not \
