@@ -308,8 +308,6 @@ async fn five_nodes_survive_killed_leaders_voters_and_standbys_and_lose_no_write
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let mut first_write: Vec<(Victim, Duration)> = Vec::new();
-    let mut needless_elections: Vec<String> = Vec::new();
-    let mut non_leader_rounds = 0usize;
     let mut replaced: Vec<(Victim, Duration)> = Vec::new();
     let mut voter_replaced: Vec<(Victim, Duration)> = Vec::new();
     for round in 0..rounds() {
@@ -406,23 +404,19 @@ async fn five_nodes_survive_killed_leaders_voters_and_standbys_and_lose_no_write
             // keeps one standby of the two): look through a current member from here on.
             let oi = member_endpoint(&nodes, None).await.0;
             // Killing a follower or a standby, replacing it and admitting the restarted node
-            // again should not cost the leader its place (a restarted removed voter that kept
-            // calling elections would depose it when admitted). KNOWN DEFECT: on a loaded
-            // machine the term still rises in a few of these rounds (the same leader wins
-            // again), cause not yet found. Each is printed; more than a quarter of the rounds
-            // fails the test.
+            // again must not cost the leader its place: a restarted removed voter that called
+            // elections (outside the membership, or readmitted before the leader's entries
+            // reached it) would depose the leader once admitted.
             if !matches!(kind, Victim::Leader) {
                 let (_, _, now) = look(&nodes).await;
-                if (now.leader, now.raft_term) != (leader, term) {
-                    let seen = format!(
-                        "round {round} {kind:?}: leader {leader:x} of term {term} was not \
-                         killed, yet there was an election (now leader {:x}, term {})",
-                        now.leader, now.raft_term
-                    );
-                    eprintln!("ELECTION IN A NON-LEADER ROUND: {seen}");
-                    needless_elections.push(seen);
-                }
-                non_leader_rounds += 1;
+                assert_eq!(
+                    (now.leader, now.raft_term),
+                    (leader, term),
+                    "round {round} {kind:?}: leader {leader:x} of term {term} was not killed,                      yet there was an election (now leader {:x}, term {}); victim log:\n{}",
+                    now.leader,
+                    now.raft_term,
+                    nodes[vi].log_text()
+                );
             }
             writer.include(&nodes[vi].endpoint());
             // After each round, every write acknowledged so far is there (a linearizable
@@ -478,14 +472,6 @@ async fn five_nodes_survive_killed_leaders_voters_and_standbys_and_lose_no_write
     // No acknowledged write is lost, on any node.
     let acked = writer.finish().await;
     eprintln!("{} writes acknowledged", acked.len());
-    eprintln!(
-        "elections in rounds that did not kill the leader: {} of {non_leader_rounds}",
-        needless_elections.len()
-    );
-    assert!(
-        needless_elections.len() * 4 <= non_leader_rounds,
-        "too many elections in rounds that did not kill the leader: {needless_elections:#?}"
-    );
     assert!(
         acked.len() > 10,
         "only {} writes were acknowledged",

@@ -21,8 +21,8 @@ pub mod recover;
 pub use error::Error;
 pub use log_store::LogStore;
 pub use node::{
-    default_raft_config, MembershipChange, NodeConfig, NodeMetrics, PeerProgress, RaftNode,
-    RaftRole,
+    default_raft_config, ElectionHold, MembershipChange, NodeConfig, NodeMetrics, PeerProgress,
+    RaftNode, RaftRole,
 };
 pub use openraft;
 pub use state_machine::{EventFeed, RevisionEvents, StateMachine};

@@ -177,18 +177,39 @@ pub struct RaftNode {
     reads: Mutex<ReadRounds>,
     /// Writes a follower is about to forward to the leader (see [`RaftNode::write`]).
     forwards: Mutex<ForwardRounds>,
-    /// Whether this node may call elections (see [`RaftNode::set_outside_membership`] and
+    /// Whether this node may call elections (see [`RaftNode::hold_elections`] and
     /// [`RaftNode::snapshot_chunk_arrived`]).
     campaign: Arc<Mutex<Campaign>>,
+}
+
+/// What the host knows of this node's place in the membership, as far as elections go (see
+/// [`RaftNode::hold_elections`]). Raft never tells a removed node it was removed, so the host
+/// asks the members.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ElectionHold {
+    /// Nothing holds elections back: a voter, or nobody to ask.
+    #[default]
+    None,
+    /// Outside the membership. A removed voter restarted from its log still counts itself a
+    /// voter, and the terms its elections raise would depose the leader when it is admitted
+    /// again.
+    Outside,
+    /// Admitted as a learner by the membership at this log index, which the node's own log
+    /// may not hold yet: until it does, that log may still list the node as a voter of an older
+    /// membership, and its election timer ran out long ago, so an election called before the
+    /// leader's first entries arrive would raise its term past the leader's and depose it. The
+    /// hold lifts itself once the node's membership is at least this new (Raft then keeps a
+    /// learner from campaigning on its own).
+    UntilMembership(u64),
 }
 
 /// What holds this node's elections back.
 #[derive(Default)]
 struct Campaign {
-    /// The host found the node outside the membership: a removed voter restarted from its
-    /// log still counts itself a voter, and the terms its elections raise would depose the
-    /// leader when it is admitted again.
-    outside: bool,
+    /// The host's hold.
+    hold: ElectionHold,
+    /// A task waits for the node's membership to reach an `UntilMembership` hold.
+    watching: bool,
     /// A snapshot is streaming in from the leader until at least then (each chunk extends
     /// it). openraft 0.9 receives chunks outside its core, so they do not reset the election
     /// timer, and no heartbeat comes while the leader streams: a transfer longer than the
@@ -198,10 +219,25 @@ struct Campaign {
 }
 
 impl Campaign {
-    fn apply(&self, raft: &Raft) {
-        raft.runtime_config()
-            .elect(!self.outside && self.receiving_until.is_none());
+    /// Whether the hold still holds, given the node's own membership index.
+    fn held(&self, membership_index: u64) -> bool {
+        match self.hold {
+            ElectionHold::None => false,
+            ElectionHold::Outside => true,
+            ElectionHold::UntilMembership(i) => membership_index < i,
+        }
     }
+
+    fn apply(&self, raft: &Raft) {
+        let index = membership_index(&raft.metrics().borrow());
+        raft.runtime_config()
+            .elect(!self.held(index) && self.receiving_until.is_none());
+    }
+}
+
+/// The log index of the membership a node's metrics show (0 before any).
+fn membership_index(m: &openraft::RaftMetrics<NodeId, NodeInfo>) -> u64 {
+    m.membership_config.log_id().map_or(0, |l| l.index)
 }
 
 /// How long after a snapshot chunk this node still calls no elections.
@@ -390,7 +426,7 @@ impl RaftNode {
             purged_index: m.purged.map(|l| l.index),
             voters,
             learners,
-            membership_index: m.membership_config.log_id().map_or(0, |l| l.index),
+            membership_index: membership_index(&m),
             joint_target: {
                 let configs = membership.get_joint_config();
                 (configs.len() > 1).then(|| configs[configs.len() - 1].clone())
@@ -743,14 +779,46 @@ impl RaftNode {
             .await
     }
 
-    /// Tells the node whether it is outside the membership (the host asks the members, since
-    /// Raft never tells a removed node). Outside, it calls no elections.
-    pub fn set_outside_membership(&self, outside: bool) {
+    /// Holds this node's elections back, or lets it call them again (see [`ElectionHold`]).
+    /// An `UntilMembership` hold lifts itself as soon as the node's own log holds that
+    /// membership.
+    pub fn hold_elections(&self, hold: ElectionHold) {
         let mut c = self.campaign.lock().unwrap_or_else(|p| p.into_inner());
-        if c.outside != outside {
-            c.outside = outside;
-            c.apply(&self.raft);
+        if c.hold == hold {
+            return;
         }
+        c.hold = hold;
+        c.apply(&self.raft);
+        if !matches!(hold, ElectionHold::UntilMembership(_)) || c.watching {
+            return;
+        }
+        c.watching = true;
+        let (campaign, raft) = (self.campaign.clone(), self.raft.clone());
+        tokio::spawn(async move {
+            let mut metrics = raft.metrics();
+            loop {
+                {
+                    let mut c = campaign.lock().unwrap_or_else(|p| p.into_inner());
+                    let index = membership_index(&metrics.borrow_and_update());
+                    // Done once the hold has lifted or is no longer one that waits (whoever
+                    // changed it applied it).
+                    if !matches!(c.hold, ElectionHold::UntilMembership(_)) || !c.held(index) {
+                        c.watching = false;
+                        c.apply(&raft);
+                        return;
+                    }
+                }
+                if metrics.changed().await.is_err() {
+                    return; // shut down
+                }
+            }
+        });
+    }
+
+    /// Whether the host's hold keeps this node from calling elections right now.
+    pub fn elections_held(&self) -> bool {
+        let c = self.campaign.lock().unwrap_or_else(|p| p.into_inner());
+        c.held(membership_index(&self.raft.metrics().borrow()))
     }
 
     /// A snapshot chunk came from the leader: no elections until [`SNAPSHOT_QUIET`] after the

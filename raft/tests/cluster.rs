@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::*;
-use eden_raft::{Error, RaftRole};
+use eden_raft::{ElectionHold, Error, RaftRole};
 use eden_storage::{Command, CommandResponse, EventKind, PutRequest};
 use openraft::SnapshotPolicy;
 
@@ -478,6 +478,100 @@ async fn a_joint_membership_left_by_a_dead_leader_is_reported_and_finished() {
         .await;
     }
     for n in [n2, n3, n4] {
+        n.stop().await;
+    }
+}
+
+/// A voter removed while it was down, restarted from its log and admitted again as a learner,
+/// must not call elections before the leader's entries reach it: its log still lists it as a
+/// voter and its election timer ran out long ago, so its term would rise past the leader's and
+/// depose the leader once they talk. `ElectionHold::UntilMembership` keeps it quiet, and lifts
+/// itself once its log holds the membership that admitted it.
+///
+/// Made deterministic by addresses: node 3 restarts on a new port the leader does not know,
+/// and the leader admits it at its old one, where nothing listens. Then a second peer server
+/// for the same node opens on the old port and the entries get through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_readmitted_learner_calls_no_election_before_the_leaders_entries_arrive() {
+    let ca = TestCa::new("cluster-ca");
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = cluster(&ca, root.path(), 3, no_tuning).await;
+    let n1 = nodes.remove(0);
+    assert!(n1.node.is_leader());
+    n1.node.write(put("before", "1")).await.unwrap();
+    wait_for(
+        || nodes.iter().all(|n| local_get(&n.node, "before").is_some()),
+        "every node to apply",
+    )
+    .await;
+    let n3 = nodes.pop().unwrap();
+    let (old_addr, dir3) = (n3.addr.clone(), n3.dir.clone());
+    n3.stop().await;
+    n1.node.remove(3).await.unwrap();
+    let term = n1.node.metrics().term;
+
+    // Restarted from its log, which still lists it as a voter; held as the host holds a node
+    // restarted from its data dir until it has asked the members.
+    let n3 = TestNode::start(&ca, 3, &dir3, "127.0.0.1:0", no_tuning).await;
+    n3.node.hold_elections(ElectionHold::Outside);
+    wait_for(
+        || n3.node.metrics().voters.contains_key(&3),
+        "node 3 to load its log, which lists it as a voter",
+    )
+    .await;
+    let admit = {
+        let (leader, info) = (n1.node.clone(), info(3, &old_addr));
+        tokio::spawn(async move { leader.add_learner(3, info).await })
+    };
+    wait_for(
+        || n1.node.metrics().learners.contains_key(&3),
+        "the leader to admit node 3",
+    )
+    .await;
+    let admitted_at = n1.node.metrics().membership_index;
+    // What the members' answer gives a learner it admitted.
+    n3.node
+        .hold_elections(ElectionHold::UntilMembership(admitted_at));
+    // Longer than the longest election timeout (1.4 s) with nothing from the leader.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let m3 = n3.node.metrics();
+    assert_eq!(m3.term, term, "node 3 campaigned while held: {m3:?}");
+    assert!(m3.voters.contains_key(&3), "{m3:?}");
+    assert!(n3.node.elections_held());
+
+    // The old port opens: the leader's entries arrive and the hold lifts itself.
+    let listener = tokio::net::TcpListener::bind(&old_addr).await.unwrap();
+    let server = {
+        let (tls, node) = (ca.node_tls("node3"), n3.node.clone());
+        tokio::spawn(async move {
+            eden_raft::PeerServer::serve(listener, tls.server, node, None, std::future::pending())
+                .await
+        })
+    };
+    admit.await.unwrap().unwrap();
+    wait_for(|| !n3.node.elections_held(), "the hold to lift").await;
+    let m3 = n3.node.metrics();
+    assert!(m3.membership_index >= admitted_at, "{m3:?}");
+    assert!(
+        m3.learners.contains_key(&3) && !m3.voters.contains_key(&3),
+        "{m3:?}"
+    );
+    assert_eq!(local_get(&n3.node, "before").as_deref(), Some(&b"1"[..]));
+    n1.node.write(put("after", "2")).await.unwrap();
+    wait_for(
+        || local_get(&n3.node, "after").is_some(),
+        "node 3 to apply a new write",
+    )
+    .await;
+    // The leader kept its place all along.
+    let m1 = n1.node.metrics();
+    assert!(n1.node.is_leader());
+    assert_eq!(m1.term, term, "{m1:?}");
+    server.abort();
+    for n in [n1, n3] {
+        n.stop().await;
+    }
+    for n in nodes {
         n.stop().await;
     }
 }

@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
-use eden_raft::{NodeConfig, NodeInfo, PeerPool, PeerServer, RaftNode};
+use eden_raft::{ElectionHold, NodeConfig, NodeInfo, PeerPool, PeerServer, RaftNode};
 
 use tonic::transport::{Certificate, ClientTlsConfig, Identity as TlsIdentity};
 
@@ -122,9 +122,9 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()>) -> Re
             // while it was down still finds itself a voter in its own log, and an election it
             // called before learning otherwise (the first look can take longer than the
             // election timeout on a busy machine) would raise its term and depose the leader
-            // once it is admitted again. The first look lifts this: an answer that it is a
-            // member, or no answer at all (nobody to ask).
-            started.node.set_outside_membership(true);
+            // once it is admitted again. `follow_membership` lifts this: once the members list
+            // it as a voter, or its own log holds their membership, or nobody answers at all.
+            started.node.hold_elections(ElectionHold::Outside);
             started
         }
         Mode::Init | Mode::Join { .. } => {
@@ -687,6 +687,20 @@ async fn serve_until(
     Ok(())
 }
 
+/// What holds a node's elections back, given the members' newest answer (see
+/// `follow_membership` and [`ElectionHold`]): nothing for a voter of the members' membership;
+/// for a learner, its own log holding that membership (before, the log may list it as a voter
+/// of an older one); outside the membership, everything.
+fn election_hold(list: &join::MemberList, me: u64) -> ElectionHold {
+    if list.voters.iter().any(|(id, _)| *id == me) {
+        ElectionHold::None
+    } else if list.contains(me) {
+        ElectionHold::UntilMembership(list.membership_index)
+    } else {
+        ElectionHold::Outside
+    }
+}
+
 /// How long `follow_membership` waits for more answers once one has come.
 const MEMBERS_GRACE: Duration = Duration::from_millis(200);
 
@@ -695,10 +709,11 @@ const MEMBERS_GRACE: Duration = Duration::from_millis(200);
 ///
 /// A node outside the membership is never told so by Raft (the leader simply stops
 /// replicating to it), and its replica then falls behind for good. So every 2 s (300 ms while
-/// outside) it asks the nodes it knows of for the membership ([`join::MEMBERS`]): while it is
-/// not in it, its etcd API refuses requests as Unavailable (etcd clients move to another
-/// endpoint) and its agent reaches the members' etcd API instead of its own; once admitted
-/// again, both come back.
+/// outside, or readmitted and not yet caught up) it asks the nodes it knows of for the
+/// membership ([`join::MEMBERS`]): while it is not in it, its etcd API refuses requests as
+/// Unavailable (etcd clients move to another endpoint) and its agent reaches the members' etcd
+/// API instead of its own; once admitted again, both come back. It also decides whether the
+/// node may call elections ([`RaftNode::hold_elections`]).
 async fn follow_membership(
     node: Arc<RaftNode>,
     etcd: Arc<crate::etcd::Backend>,
@@ -712,12 +727,17 @@ async fn follow_membership(
     let mut known: Vec<String> = Vec::new();
     let mut first = true;
     let mut answered = false;
+    let mut catching_up = false;
     loop {
         // The first look is at once (a node restarted after it was removed must not serve its
         // old replica); outside Raft it looks more often, so an admission brings the etcd API
         // back soon.
         if !std::mem::take(&mut first) {
-            let pause = if etcd.is_serving() { 2000 } else { 300 };
+            let pause = if etcd.is_serving() && !catching_up {
+                2000
+            } else {
+                300
+            };
             tokio::time::sleep(Duration::from_millis(pause)).await;
         }
         // A leader is a member, except one restarted from an old log that still believes it
@@ -739,7 +759,16 @@ async fn follow_membership(
                 peers.push(p);
             }
         }
-        let own_index = node.metrics().membership_index;
+        let view = node.metrics();
+        // Nobody to ask and no membership of its own yet: the log is still loading (a node
+        // restarted a moment ago), or a node that just joined has received none. That is not
+        // a look that found nobody (which lets a lone survivor campaign): ask again shortly.
+        if peers.is_empty() && view.voters.is_empty() {
+            first = true;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        let own_index = view.membership_index;
         let mut asks = tokio::task::JoinSet::new();
         for peer in peers {
             let tls = tls.clone();
@@ -781,9 +810,10 @@ async fn follow_membership(
         asks.abort_all();
         let Some(list) = answer else {
             // Nobody else answers: a one-node cluster, or a leader whose peers are all down.
-            // Until someone has answered, nothing says this node is outside: it may campaign.
-            if !answered {
-                node.set_outside_membership(false);
+            // Until someone has answered, nothing says this node is outside: it may campaign,
+            // once its own log is loaded (which may still list it as a voter).
+            if !answered && !view.voters.is_empty() {
+                node.hold_elections(ElectionHold::None);
             }
             answered |= node.is_leader();
             continue;
@@ -798,8 +828,11 @@ async fn follow_membership(
             .map(|(_, i)| i)
             .collect();
         known = others.iter().map(|i| i.peer_addr.clone()).collect();
-        // Outside Raft the node must not campaign (see `RaftNode::set_outside_membership`).
-        node.set_outside_membership(!member);
+        // Outside Raft the node must not campaign, nor as a learner whose own log does not
+        // hold the membership that admitted it yet (see `ElectionHold`).
+        node.hold_elections(election_hold(&list, me));
+        // Looked at again soon while the leader's entries are still on their way.
+        catching_up = member && node.elections_held();
         if member != etcd.is_serving() {
             tracing::info!(
                 member,
@@ -969,5 +1002,38 @@ async fn follow_datastore(kv: Kv, dir: Arc<DataDir>, mut file: NodeFile) {
             Ok(false) => {}
             Err(e) => tracing::warn!("updating the datastore endpoints: {e}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(n: u64) -> NodeInfo {
+        NodeInfo {
+            name: format!("n{n}"),
+            peer_addr: format!("127.0.0.1:{}", 7000 + n),
+            client_addr: format!("127.0.0.1:{}", 8000 + n),
+        }
+    }
+
+    fn list(voters: &[u64], learners: &[u64], index: u64) -> join::MemberList {
+        join::MemberList {
+            voters: voters.iter().map(|n| (*n, info(*n))).collect(),
+            learners: learners.iter().map(|n| (*n, info(*n))).collect(),
+            membership_index: index,
+        }
+    }
+
+    #[test]
+    fn the_hold_follows_the_members_answer() {
+        let members = list(&[1, 2, 4], &[3, 5], 900);
+        assert_eq!(election_hold(&members, 2), ElectionHold::None);
+        // Readmitted as a learner: held until its log holds the membership of index 900.
+        assert_eq!(
+            election_hold(&members, 3),
+            ElectionHold::UntilMembership(900)
+        );
+        assert_eq!(election_hold(&members, 6), ElectionHold::Outside);
     }
 }

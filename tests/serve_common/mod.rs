@@ -64,7 +64,12 @@ impl Node {
     pub fn command(&self) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_eden"));
         cmd.arg("serve").arg("--data-dir").arg(&self.dir);
-        cmd.env("EDEN_LOG", "info,openraft=warn,sled=warn");
+        // EDEN_TEST_LOG overrides the nodes' log filter, e.g. "info,openraft=debug".
+        let filter = std::env::var("EDEN_TEST_LOG");
+        cmd.env(
+            "EDEN_LOG",
+            filter.as_deref().unwrap_or("info,openraft=warn,sled=warn"),
+        );
         cmd
     }
 
