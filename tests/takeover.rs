@@ -412,10 +412,15 @@ async fn five_nodes_survive_killed_leaders_voters_and_standbys_and_lose_no_write
                 assert_eq!(
                     (now.leader, now.raft_term),
                     (leader, term),
-                    "round {round} {kind:?}: leader {leader:x} of term {term} was not killed,                      yet there was an election (now leader {:x}, term {}); victim log:\n{}",
+                    "round {round} {kind:?}: leader {leader:x} of term {term} was not killed, \
+                     yet there was an election (now leader {:x}, term {}); the node that \
+                     campaigned may be an earlier round's victim, so every node's log:\n{}",
                     now.leader,
                     now.raft_term,
-                    nodes[vi].log_text()
+                    nodes
+                        .iter()
+                        .map(|n| format!("==> {}\n{}", n.name, n.log_text()))
+                        .collect::<String>()
                 );
             }
             writer.include(&nodes[vi].endpoint());
