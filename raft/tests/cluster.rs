@@ -486,7 +486,8 @@ async fn a_joint_membership_left_by_a_dead_leader_is_reported_and_finished() {
 /// must not call elections before the leader's entries reach it: its log still lists it as a
 /// voter and its election timer ran out long ago, so its term would rise past the leader's and
 /// depose the leader once they talk. `ElectionHold::UntilMembership` keeps it quiet, and lifts
-/// itself once its log holds the membership that admitted it.
+/// itself once its log holds the membership that admitted it, after which the node campaigns
+/// again when it is a voter.
 ///
 /// Made deterministic by addresses: node 3 restarts on a new port the leader does not know,
 /// and the leader admits it at its old one, where nothing listens. Then a second peer server
@@ -567,11 +568,21 @@ async fn a_readmitted_learner_calls_no_election_before_the_leaders_entries_arriv
     let m1 = n1.node.metrics();
     assert!(n1.node.is_leader());
     assert_eq!(m1.term, term, "{m1:?}");
+
+    // Lifted means Raft may campaign again, not just that the hold reads as lifted: promoted
+    // to voter, with the leader gone and node 2 held, node 3 is the only one that can win.
+    n1.node.promote(3).await.unwrap();
+    wait_for(
+        || n3.node.metrics().voters.contains_key(&3),
+        "node 3 to see itself a voter",
+    )
+    .await;
+    let n2 = nodes.pop().unwrap();
+    n2.node.hold_elections(ElectionHold::Outside);
+    n1.stop().await;
+    wait_for(|| n3.node.is_leader(), "node 3 to win an election").await;
     server.abort();
-    for n in [n1, n3] {
-        n.stop().await;
-    }
-    for n in nodes {
+    for n in [n2, n3] {
         n.stop().await;
     }
 }
