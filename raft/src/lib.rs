@@ -1,7 +1,7 @@
 //! eden-raft: openraft glue over eden-storage.
 //!
 //! - `types`: the openraft type config, [`NodeInfo`], [`Batch`] (a Raft entry's commands).
-//! - `log_store`: [`LogStore`], the Raft log and vote in sled, acknowledged after fsync.
+//! - `log_store`: [`LogStore`], the Raft log and vote in segment files, acknowledged after fsync.
 //! - `state_machine`: [`StateMachine`], applies entries through `eden_storage::Store`, snapshots.
 
 // openraft's storage traits fix the error type to `openraft::StorageError`, which is large; the

@@ -18,7 +18,7 @@
 //! saying the outcome is unknown; retrying it blindly could apply a write twice.
 //!
 //! ## Data dir
-//! `DIR/raft-log` (the log, sled), `DIR/state` (the eden-storage store), `DIR/snapshots`.
+//! `DIR/raft-log` (the log, segment files), `DIR/state` (the eden-storage store), `DIR/snapshots`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;

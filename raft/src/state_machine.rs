@@ -307,10 +307,11 @@ impl Shared {
         std::io::copy(&mut data, &mut copy).map_err(werr)?;
         copy.sync_all().map_err(werr)?;
         drop(copy);
+        // The lock comes before the rename: a snapshot built meanwhile ends in `set_current`,
+        // which removes every `.snap` but its own, this one included if it were already there.
+        let _guard = self.locked();
         let path = self.snap_path(&meta.snapshot_id);
         fs::rename(&tmp, &path).map_err(werr)?;
-
-        let _guard = self.locked();
         let before = self.store.revision();
         let mut reader: Box<dyn Read> =
             Box::new(BufReader::new(fs::File::open(&path).map_err(werr)?));

@@ -1,4 +1,4 @@
-//! openraft's own storage test suite against the sled log store and the eden-storage state
+//! openraft's own storage test suite against the segment-file log store and the eden-storage state
 //! machine. Each case gets a fresh temporary data dir.
 
 use std::sync::Arc;

@@ -81,7 +81,7 @@ pub async fn run_keeper(backend: Arc<Backend>) {
             was_leader = false;
             continue;
         }
-        let leases = backend.node.store().leases();
+        let leases = backend.node.store().lease_ttls();
         let now = Instant::now();
         let expired: Vec<st::LeaseId> = {
             let mut deadlines = backend.leases.lock();
@@ -89,7 +89,7 @@ pub async fn run_keeper(backend: Arc<Backend>) {
                 // Newly elected: every lease gets its full TTL again (etcd's Promote).
                 deadlines.clear();
             }
-            let live: HashMap<st::LeaseId, i64> = leases.iter().map(|l| (l.id, l.ttl)).collect();
+            let live: HashMap<st::LeaseId, i64> = leases.into_iter().collect();
             deadlines.retain(|id, _| live.contains_key(id));
             for (id, ttl) in &live {
                 deadlines

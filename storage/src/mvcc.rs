@@ -248,6 +248,11 @@ impl Keyspace {
         })
     }
 
+    /// Every lease's id and granted TTL, without its keys.
+    pub fn lease_ttls(&self) -> Vec<(LeaseId, i64)> {
+        self.leases.iter().map(|(&id, l)| (id, l.ttl)).collect()
+    }
+
     pub fn leases(&self) -> Vec<Lease> {
         self.leases
             .iter()

@@ -360,6 +360,11 @@ impl Store {
         self.read().ks.leases()
     }
 
+    /// Every lease's id and granted TTL, without copying their keys (the lease keeper's tick).
+    pub fn lease_ttls(&self) -> Vec<(LeaseId, i64)> {
+        self.read().ks.lease_ttls()
+    }
+
     /// A value the caller stored through `apply`'s `meta`.
     pub fn meta(&self, key: &[u8]) -> Option<Vec<u8>> {
         let inner = self.read();
