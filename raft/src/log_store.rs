@@ -184,6 +184,25 @@ impl Inner {
         Ok(())
     }
 
+    /// Why an entry at `index` cannot come next (it would leave a gap after the live entries).
+    fn gap_before(&self, index: u64) -> Option<String> {
+        let next = self.next_index();
+        (!self.locs.is_empty() && index > next)
+            .then(|| format!("entry {index} would follow entry {}", next - 1))
+    }
+
+    /// Records where entry `index` is. An entry at or below the last live one replaces it and
+    /// everything after it, as a truncate would. The caller has checked `gap_before`.
+    fn place(&mut self, index: u64, loc: Loc) {
+        if !self.locs.is_empty() && index < self.next_index() {
+            self.drop_from(index);
+        }
+        if self.locs.is_empty() {
+            self.first = index;
+        }
+        self.locs.push_back(loc);
+    }
+
     fn drop_from(&mut self, index: u64) {
         if index <= self.first {
             self.locs.clear();
@@ -363,13 +382,8 @@ fn append_records(inner: &mut Inner, entries: &[Entry]) -> Result<(), String> {
     if buf.is_empty() {
         return Ok(());
     }
-    let next = inner.next_index();
-    if !inner.locs.is_empty() && spans[0].0 > next {
-        return Err(format!(
-            "appending entry {} after entry {} would leave a gap",
-            spans[0].0,
-            next - 1
-        ));
+    if let Some(why) = inner.gap_before(spans[0].0) {
+        return Err(format!("appending would leave a gap: {why}"));
     }
     if inner.active_len > 0 && inner.active_len + buf.len() as u64 > inner.segment_bytes {
         inner
@@ -379,18 +393,12 @@ fn append_records(inner: &mut Inner, entries: &[Entry]) -> Result<(), String> {
     let at = inner.write(&buf).map_err(|e| e.to_string())?;
     let seg = inner.active;
     for (index, off, len) in spans {
-        let next = inner.next_index();
-        if !inner.locs.is_empty() && index < next {
-            inner.drop_from(index);
-        }
-        if inner.locs.is_empty() {
-            inner.first = index;
-        }
-        inner.locs.push_back(Loc {
+        let loc = Loc {
             seg,
             off: at + off,
             len,
-        });
+        };
+        inner.place(index, loc);
     }
     inner.last_log_id = entries.last().map(|e| e.log_id);
     Ok(())
@@ -544,25 +552,15 @@ fn replay_segment(
                 let Some(index) = index_of(payload) else {
                     return Err(damaged(at, "an entry record is too short"));
                 };
-                let next = inner.next_index();
-                if !inner.locs.is_empty() {
-                    if index < next {
-                        inner.drop_from(index);
-                    } else if index > next {
-                        return Err(damaged(
-                            at,
-                            &format!("entry {index} follows entry {}", next - 1),
-                        ));
-                    }
+                if let Some(why) = inner.gap_before(index) {
+                    return Err(damaged(at, &why));
                 }
-                if inner.locs.is_empty() {
-                    inner.first = index;
-                }
-                inner.locs.push_back(Loc {
+                let loc = Loc {
                     seg: seq,
                     off: at + HEADER + 1 + 8,
                     len: (payload.len() - 8) as u32,
-                });
+                };
+                inner.place(index, loc);
             }
             K_TRUNCATE => {
                 let Some(index) = index_of(payload) else {
