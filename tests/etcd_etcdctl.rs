@@ -231,3 +231,46 @@ async fn etcdctl_without_client_certificate_is_refused() {
     assert_eq!(stdout(&c.etcdctl(&c.endpoint(0), &["get", "a"])), "");
     c.stop().await;
 }
+
+/// etcdctl 3.4 dials `endpoint status` and `endpoint hashkv` with the endpoint URL itself as the
+/// HTTP/2 `:authority` (`http://127.0.0.1:PORT`), which hyper alone would reset with
+/// PROTOCOL_ERROR. Over plaintext, with URL endpoints, both must work on every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn etcdctl_endpoint_status_and_hashkv_with_url_endpoints_over_plaintext() {
+    let c = EdenCluster::start(3, false).await;
+    assert!(c.endpoint(0).starts_with("http://"));
+    stdout(&c.etcdctl(&c.endpoint(0), &["put", "k", "v"]));
+    let status = json(&c.etcdctl(&c.endpoints(), &["endpoint", "status", "-w", "json"]));
+    let status = status.as_array().unwrap();
+    assert_eq!(status.len(), 3, "{status:?}");
+    for s in status {
+        assert_eq!(s["Status"]["leader"].as_u64(), Some(1), "{s}");
+        assert!(s["Endpoint"].as_str().unwrap().starts_with("http://"), "{s}");
+    }
+    // Wait until every replica applied the put, then their hashes agree.
+    etcd_common::wait_for(
+        || {
+            let out = c.etcdctl(&c.endpoints(), &["endpoint", "status", "-w", "json"]);
+            let v = json(&out);
+            let applied: Vec<u64> = v
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s["Status"]["raftAppliedIndex"].as_u64().unwrap_or(0))
+                .collect();
+            applied.iter().all(|a| *a == applied[0])
+        },
+        "every replica applied the same index",
+    )
+    .await;
+    let hashes = json(&c.etcdctl(&c.endpoints(), &["endpoint", "hashkv", "-w", "json"]));
+    let hashes: Vec<u64> = hashes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["HashKV"]["hash"].as_u64().unwrap())
+        .collect();
+    assert_eq!(hashes.len(), 3);
+    assert!(hashes.iter().all(|h| *h == hashes[0]), "{hashes:?}");
+    c.stop().await;
+}

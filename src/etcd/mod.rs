@@ -26,6 +26,7 @@
 //! No auth service (etcd's users and roles): access control is the client certificate.
 //! No storage semantics: those are `eden_storage`'s, shared with the tests and fuzzers.
 
+pub mod authority;
 pub mod cluster;
 pub mod errors;
 pub mod gateway;
@@ -39,6 +40,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use authority::AuthorityFix;
 use axum::response::IntoResponse;
 use eden_raft::RaftNode;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -329,12 +331,12 @@ async fn serve_connection(
         Some(acceptor) => {
             let stream = acceptor.accept(tcp).await?;
             builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .serve_connection_with_upgrades(TokioIo::new(AuthorityFix::new(stream)), service)
                 .await
         }
         None => {
             builder
-                .serve_connection_with_upgrades(TokioIo::new(tcp), service)
+                .serve_connection_with_upgrades(TokioIo::new(AuthorityFix::new(tcp)), service)
                 .await
         }
     }
