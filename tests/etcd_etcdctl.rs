@@ -245,7 +245,10 @@ async fn etcdctl_endpoint_status_and_hashkv_with_url_endpoints_over_plaintext() 
     assert_eq!(status.len(), 3, "{status:?}");
     for s in status {
         assert_eq!(s["Status"]["leader"].as_u64(), Some(1), "{s}");
-        assert!(s["Endpoint"].as_str().unwrap().starts_with("http://"), "{s}");
+        assert!(
+            s["Endpoint"].as_str().unwrap().starts_with("http://"),
+            "{s}"
+        );
     }
     // Wait until every replica applied the put, then their hashes agree.
     etcd_common::wait_for(

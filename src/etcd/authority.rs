@@ -7,11 +7,12 @@
 //! whose authority does not parse, with `PROTOCOL_ERROR`, and offers no option to accept it.
 //!
 //! So the client port reads through this wrapper. On a connection that starts with the HTTP/2
-//! preface it walks the client's frames: every header block (HEADERS plus any CONTINUATION)
-//! is decoded with HPACK, a malformed `:authority` is repaired (`scheme://host:port/...`
-//! becomes `host:port`) or dropped, and the block is re-encoded as literals that never touch
-//! the server's dynamic table, so the server's HPACK state stays empty and consistent. All
-//! other frames, and everything the server writes, pass through unchanged. A connection that
+//! preface it walks the client's frames and decodes every header block (HEADERS plus any
+//! CONTINUATION) with HPACK, to keep its table in step with the client's. Blocks pass as
+//! received until one carries a malformed `:authority`. That one, and every block after it on
+//! the connection, is re-encoded as literals that never touch the server's dynamic table, with
+//! the authority repaired (`scheme://host:port/...` becomes `host:port`) or dropped. All other
+//! frames, and everything the server writes, pass through unchanged. A connection that
 //! does not start with the preface (HTTP/1.1 for the JSON gateway) passes through untouched.
 //!
 //! If a header block fails to decode, the wrapper stops rewriting and forwards the rest of the
@@ -69,6 +70,9 @@ pub struct AuthorityFix<S> {
     output: BytesMut,
     decoder: loona_hpack::Decoder<'static>,
     open: Option<OpenBlock>,
+    /// Set once a block had to be repaired: every block after it is re-encoded.
+    reencode: bool,
+    fields: Fields,
     eof: bool,
 }
 
@@ -81,6 +85,8 @@ impl<S> AuthorityFix<S> {
             output: BytesMut::new(),
             decoder: loona_hpack::Decoder::new(),
             open: None,
+            reencode: false,
+            fields: Fields::default(),
             eof: false,
         }
     }
@@ -178,56 +184,114 @@ impl<S> AuthorityFix<S> {
                 priority = Some(payload[..5].try_into().expect("5 bytes"));
                 payload = &payload[5..];
             }
+            let block_flags = flags & (FLAG_END_STREAM | FLAG_PRIORITY);
+            if flags & FLAG_END_HEADERS != 0 {
+                // The common case: the whole block in one frame, decoded in place.
+                return self.finish_block(stream_id, block_flags, priority, payload, frame);
+            }
             self.open = Some(OpenBlock {
                 stream_id,
-                flags: flags & (FLAG_END_STREAM | FLAG_PRIORITY),
+                flags: block_flags,
                 priority,
                 fragment: payload.to_vec(),
-                raw: Vec::new(),
+                raw: frame.to_vec(),
             });
-        } else {
-            match &mut self.open {
-                Some(open) if open.stream_id == stream_id => {
-                    open.fragment.extend_from_slice(payload)
-                }
-                _ => return false,
-            }
+            return true;
         }
-        let open = self.open.as_mut().expect("a block is open");
+        let Some(open) = self.open.as_mut().filter(|o| o.stream_id == stream_id) else {
+            return false;
+        };
+        open.fragment.extend_from_slice(payload);
         open.raw.extend_from_slice(frame);
         if flags & FLAG_END_HEADERS == 0 {
             return true;
         }
         let open = self.open.take().expect("a block is open");
-        let mut headers = Vec::new();
-        let decoded = self.decoder.decode_with_cb(&open.fragment, |name, value| {
-            headers.push((name.into_owned(), value.into_owned()));
-        });
-        if decoded.is_err() {
-            // Forward the block as received, and everything after it.
-            self.output.put_slice(&open.raw);
-            self.mode = Mode::Passthrough;
-            return true;
-        }
-        let mut block = Vec::with_capacity(open.fragment.len() + 64);
-        for (name, value) in &headers {
-            if name.as_slice() == b":authority" {
-                match mend_authority(value) {
-                    Some(fixed) => encode_literal(&mut block, name, &fixed),
-                    None => continue,
-                }
-            } else {
-                encode_literal(&mut block, name, value);
-            }
-        }
-        write_header_block(
-            &mut self.output,
+        self.finish_block(
             open.stream_id,
             open.flags,
             open.priority,
-            &block,
-        );
+            &open.fragment,
+            &open.raw,
+        )
+    }
+
+    /// Decodes a complete header block and forwards it: as received (`raw`) while no repair was
+    /// ever needed on this connection, re-encoded from then on. Always true: a block that does
+    /// not decode is forwarded as received, and so is the rest of the connection.
+    fn finish_block(
+        &mut self,
+        stream_id: u32,
+        flags: u8,
+        priority: Option<[u8; 5]>,
+        block: &[u8],
+        raw: &[u8],
+    ) -> bool {
+        let fields = &mut self.fields;
+        fields.clear();
+        let mut bad_authority = false;
+        let decoded = self.decoder.decode_with_cb(block, |name, value| {
+            if name.as_ref() == b":authority"
+                && http::uri::Authority::try_from(value.as_ref()).is_err()
+            {
+                bad_authority = true;
+            }
+            fields.push(&name, &value);
+        });
+        if decoded.is_err() {
+            self.output.put_slice(raw);
+            self.mode = Mode::Passthrough;
+            return true;
+        }
+        // The server's HPACK table mirrors the client's for as long as blocks pass verbatim.
+        // Once one is re-encoded (as literals that never index) the server's table stops
+        // changing, so every later block must be re-encoded too.
+        self.reencode |= bad_authority;
+        if !self.reencode {
+            self.output.put_slice(raw);
+            return true;
+        }
+        let mut out = Vec::with_capacity(block.len() + 64);
+        for (name, value) in self.fields.iter() {
+            if name == b":authority" {
+                if let Some(fixed) = mend_authority(value) {
+                    encode_literal(&mut out, name, &fixed);
+                }
+            } else {
+                encode_literal(&mut out, name, value);
+            }
+        }
+        write_header_block(&mut self.output, stream_id, flags, priority, &out);
         true
+    }
+}
+
+/// Decoded header fields, kept in one buffer that is reused from block to block.
+#[derive(Default)]
+struct Fields {
+    bytes: Vec<u8>,
+    /// (name end, value end) offsets into `bytes`; each field starts where the last one ended.
+    ends: Vec<(usize, usize)>,
+}
+
+impl Fields {
+    fn clear(&mut self) {
+        self.bytes.clear();
+        self.ends.clear();
+    }
+    fn push(&mut self, name: &[u8], value: &[u8]) {
+        self.bytes.extend_from_slice(name);
+        let name_end = self.bytes.len();
+        self.bytes.extend_from_slice(value);
+        self.ends.push((name_end, self.bytes.len()));
+    }
+    fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        let mut start = 0;
+        self.ends.iter().map(move |&(n, v)| {
+            let field = (&self.bytes[start..n], &self.bytes[n..v]);
+            start = v;
+            field
+        })
     }
 }
 
@@ -472,10 +536,13 @@ mod tests {
         for f in frames {
             if f.kind == TYPE_HEADERS || f.kind == TYPE_CONTINUATION {
                 let mut p = &f.payload[..];
+                if f.kind == TYPE_HEADERS && f.flags & FLAG_PADDED != 0 {
+                    let pad = p[0] as usize;
+                    p = &p[1..p.len() - pad];
+                }
                 if f.kind == TYPE_HEADERS && f.flags & FLAG_PRIORITY != 0 {
                     p = &p[5..];
                 }
-                assert_eq!(f.flags & FLAG_PADDED, 0, "padding is dropped on rewrite");
                 fragment.extend_from_slice(p);
                 if f.flags & FLAG_END_HEADERS != 0 {
                     blocks.push(dec.decode(&std::mem::take(&mut fragment)).unwrap());
@@ -493,68 +560,72 @@ mod tests {
         let mut settings = BytesMut::new();
         put_frame_header(&mut settings, 0, 0x4, 0, 0);
         input.extend_from_slice(&settings);
-        let req: &[(&[u8], &[u8])] = &[
-            (b":method", b"POST"),
-            (b":scheme", b"http"),
-            (b":path", b"/etcdserverpb.Maintenance/Status"),
-            (b":authority", b"http://127.0.0.1:2379"),
-            (b"content-type", b"application/grpc"),
-        ];
-        input.extend(headers_frames(&mut enc, 1, req, false));
-        let mut data = BytesMut::new();
-        put_frame_header(&mut data, 5, 0x0, FLAG_END_STREAM, 1);
-        data.put_slice(&[0, 0, 0, 0, 0]);
-        input.extend_from_slice(&data);
-        // A second request reuses the encoder's dynamic table (indexed fields), is split
-        // across HEADERS+CONTINUATION with padding and priority, and has a valid authority.
-        let req2: &[(&[u8], &[u8])] = &[
+        // A good request, split across HEADERS+CONTINUATION with padding and priority: it
+        // passes byte for byte.
+        let good: &[(&[u8], &[u8])] = &[
             (b":method", b"POST"),
             (b":scheme", b"http"),
             (b":path", b"/etcdserverpb.KV/Range"),
             (b":authority", b"127.0.0.1:2379"),
             (b"content-type", b"application/grpc"),
         ];
-        input.extend(headers_frames(&mut enc, 3, req2, true));
-        // A third drops an authority with nothing usable in it (etcd 3.5.0's form).
-        let req3: &[(&[u8], &[u8])] = &[
+        let first = headers_frames(&mut enc, 1, good, true);
+        input.extend(&first);
+        let verbatim = input.len();
+        // The URL authority etcdctl sends for endpoint status.
+        let bad: &[(&[u8], &[u8])] = &[
+            (b":method", b"POST"),
+            (b":scheme", b"http"),
+            (b":path", b"/etcdserverpb.Maintenance/Status"),
+            (b":authority", b"http://127.0.0.1:2379"),
+            (b"content-type", b"application/grpc"),
+        ];
+        input.extend(headers_frames(&mut enc, 3, bad, false));
+        let mut data = BytesMut::new();
+        put_frame_header(&mut data, 5, 0x0, FLAG_END_STREAM, 3);
+        data.put_slice(&[0, 0, 0, 0, 0]);
+        input.extend_from_slice(&data);
+        // The good request again: the client's encoder now sends indexed fields from its
+        // dynamic table, which the server never saw for re-encoded blocks.
+        input.extend(headers_frames(&mut enc, 5, good, true));
+        // An authority with nothing usable in it (etcd 3.5.0's form) is dropped.
+        let hopeless: &[(&[u8], &[u8])] = &[
             (b":method", b"POST"),
             (b":authority", b"#initially=[http://127.0.0.1:2379]"),
         ];
-        input.extend(headers_frames(&mut enc, 5, req3, false));
+        input.extend(headers_frames(&mut enc, 7, hopeless, false));
 
+        let owned = |h: &[(&[u8], &[u8])]| -> Vec<(Vec<u8>, Vec<u8>)> {
+            h.iter().map(|(n, v)| (n.to_vec(), v.to_vec())).collect()
+        };
+        let mut mended = owned(bad);
+        mended[3].1 = b"127.0.0.1:2379".to_vec();
         for piece in [1, 7, 4096] {
             let out = through(input.clone(), piece).await;
-            assert_eq!(&out[..PREFACE.len()], PREFACE);
+            assert_eq!(
+                out[..verbatim],
+                input[..verbatim],
+                "before the repair: verbatim"
+            );
             let frames = parse_frames(&out[PREFACE.len()..]);
             assert_eq!(frames[0].kind, 0x4, "SETTINGS first");
             let data = frames.iter().find(|f| f.kind == 0).expect("DATA kept");
-            assert_eq!((data.stream_id, data.payload.len()), (1, 5));
-            let h2 = frames.iter().find(|f| f.stream_id == 3).unwrap();
-            assert_ne!(h2.flags & FLAG_PRIORITY, 0, "priority kept");
-            assert_eq!(&h2.payload[..5], &[0, 0, 0, 0, 15]);
+            assert_eq!((data.stream_id, data.payload.len()), (3, 5));
+            let again = frames.iter().find(|f| f.stream_id == 5).unwrap();
+            assert_ne!(again.flags & FLAG_PRIORITY, 0, "priority kept");
+            assert_eq!(&again.payload[..5], &[0, 0, 0, 0, 15]);
+            let h3 = frames.iter().find(|f| f.stream_id == 3).unwrap();
+            assert_ne!(h3.flags & FLAG_END_STREAM, 0, "END_STREAM kept");
             let blocks = header_blocks(&frames);
-            assert_eq!(blocks.len(), 3);
-            let find = |b: &[(Vec<u8>, Vec<u8>)], n: &[u8]| {
-                b.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone())
-            };
-            assert_eq!(find(&blocks[0], b":authority").unwrap(), b"127.0.0.1:2379");
             assert_eq!(
-                find(&blocks[0], b":path").unwrap(),
-                b"/etcdserverpb.Maintenance/Status"
+                blocks,
+                vec![
+                    owned(good),
+                    mended.clone(),
+                    owned(good),
+                    vec![(b":method".to_vec(), b"POST".to_vec())]
+                ]
             );
-            assert_eq!(blocks[0].len(), 5);
-            assert_eq!(find(&blocks[1], b":authority").unwrap(), b"127.0.0.1:2379");
-            assert_eq!(
-                find(&blocks[1], b":path").unwrap(),
-                b"/etcdserverpb.KV/Range"
-            );
-            assert_eq!(find(&blocks[2], b":authority"), None);
-            assert_eq!(find(&blocks[2], b":method").unwrap(), b"POST");
-            let h1 = frames
-                .iter()
-                .find(|f| f.kind == 1 && f.stream_id == 1)
-                .unwrap();
-            assert_ne!(h1.flags & FLAG_END_STREAM, 0, "END_STREAM kept");
         }
     }
 
