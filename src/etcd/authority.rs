@@ -8,7 +8,7 @@
 //!
 //! So the client port reads through this wrapper. On a connection that starts with the HTTP/2
 //! preface it walks the client's frames and decodes every header block (HEADERS plus any
-//! CONTINUATION) with HPACK, to keep its table in step with the client's. Blocks pass as
+//! CONTINUATION) with [`super::hpack`], to keep its table in step with the client's. Blocks pass as
 //! received until one carries a malformed `:authority`. That one, and every block after it on
 //! the connection, is re-encoded as literals that never touch the server's dynamic table, with
 //! the authority repaired (`scheme://host:port/...` becomes `host:port`) or dropped. All other
@@ -24,6 +24,8 @@ use std::task::{Context, Poll};
 
 use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::hpack;
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const FRAME_HEADER: usize = 9;
@@ -68,7 +70,7 @@ pub struct AuthorityFix<S> {
     input: BytesMut,
     /// Processed and ready for the reader.
     output: BytesMut,
-    decoder: loona_hpack::Decoder<'static>,
+    decoder: hpack::Decoder,
     open: Option<OpenBlock>,
     /// Set once a block had to be repaired: every block after it is re-encoded.
     reencode: bool,
@@ -83,7 +85,7 @@ impl<S> AuthorityFix<S> {
             mode: Mode::Sniffing,
             input: BytesMut::new(),
             output: BytesMut::new(),
-            decoder: loona_hpack::Decoder::new(),
+            decoder: hpack::Decoder::new(),
             open: None,
             reencode: false,
             fields: Fields::default(),
@@ -230,13 +232,11 @@ impl<S> AuthorityFix<S> {
         let fields = &mut self.fields;
         fields.clear();
         let mut bad_authority = false;
-        let decoded = self.decoder.decode_with_cb(block, |name, value| {
-            if name.as_ref() == b":authority"
-                && http::uri::Authority::try_from(value.as_ref()).is_err()
-            {
+        let decoded = self.decoder.decode(block, |name, value| {
+            if name == b":authority" && http::uri::Authority::try_from(value).is_err() {
                 bad_authority = true;
             }
-            fields.push(&name, &value);
+            fields.push(name, value);
         });
         if decoded.is_err() {
             self.output.put_slice(raw);

@@ -30,6 +30,7 @@ pub mod authority;
 pub mod cluster;
 pub mod errors;
 pub mod gateway;
+mod hpack;
 pub mod kv;
 pub mod lease;
 pub mod maintenance;
