@@ -267,7 +267,7 @@ const MAX_FORWARD_BATCH: usize = 1024;
 #[derive(Default)]
 struct ReadRounds {
     running: bool,
-    waiting: Vec<oneshot::Sender<Result<Option<LogId>, Error>>>,
+    waiting: Vec<oneshot::Sender<Result<(), Error>>>,
 }
 
 fn fatal_error(e: &Fatal<NodeId>) -> WireError {
@@ -673,23 +673,7 @@ impl RaftNode {
     /// Returns once reading the local store is linearizable: it then reflects every write that
     /// completed before this call began.
     pub async fn linearizable_read(self: &Arc<Self>) -> Result<(), Error> {
-        let started = Instant::now();
-        let read_log_id = self.read_index().await?;
-        let Some(read_log_id) = read_log_id else {
-            return Ok(());
-        };
-        let remaining = self.request_timeout.saturating_sub(started.elapsed());
-        self.raft
-            .wait(Some(remaining))
-            .applied_index_at_least(Some(read_log_id.index), "linearizable read")
-            .await
-            .map_err(|e| {
-                Error::Unavailable(format!(
-                    "this node did not apply up to the read index {} in time: {e}",
-                    read_log_id.index
-                ))
-            })?;
-        Ok(())
+        self.read_index().await
     }
 
     /// A read index obtained **after** this call began, shared with every concurrent caller.
@@ -699,8 +683,10 @@ impl RaftNode {
     /// joins the waiting list; one task takes the whole list, asks for one read index, and
     /// answers everyone on it. A round only serves callers that were waiting when it started,
     /// so each gets a read index confirmed after its read began. The task runs while callers
-    /// keep arriving and then ends; a caller that goes away does not stop it.
-    async fn read_index(self: &Arc<Self>) -> Result<Option<LogId>, Error> {
+    /// keep arriving and then ends; a caller that goes away does not stop it. Callers are
+    /// answered once this node has applied up to the round's read index, checked (or waited
+    /// for) once per round rather than once per caller.
+    async fn read_index(self: &Arc<Self>) -> Result<(), Error> {
         let (tx, rx) = oneshot::channel();
         let start_task = {
             let mut reads = self.reads.lock().unwrap_or_else(|p| p.into_inner());
@@ -726,6 +712,7 @@ impl RaftNode {
                 }
                 std::mem::take(&mut reads.waiting)
             };
+            let started = Instant::now();
             let result: Result<Option<LogId>, Error> = self
                 .on_leader(
                     "linearizable read",
@@ -735,10 +722,47 @@ impl RaftNode {
                     |()| self.read_index_as_leader(),
                 )
                 .await;
+            let answer = match result {
+                Ok(Some(read)) if !self.applied_at_least(read.index) => {
+                    // Wait in a task of its own, so the next round can start meanwhile.
+                    let node = self.clone();
+                    tokio::spawn(async move {
+                        let answer = node.wait_applied(read, started).await;
+                        for w in waiting {
+                            let _ = w.send(answer.clone());
+                        }
+                    });
+                    continue;
+                }
+                Ok(_) => Ok(()),
+                Err(e) => Err(e),
+            };
             for w in waiting {
-                let _ = w.send(result.clone());
+                let _ = w.send(answer.clone());
             }
         }
+    }
+
+    fn applied_at_least(&self, index: u64) -> bool {
+        let metrics = self.raft.metrics();
+        let applied = metrics.borrow().last_applied;
+        applied.is_some_and(|l| l.index >= index)
+    }
+
+    /// Waits until this node has applied `read`, within the request timeout from `started`.
+    async fn wait_applied(&self, read: LogId, started: Instant) -> Result<(), Error> {
+        let remaining = self.request_timeout.saturating_sub(started.elapsed());
+        self.raft
+            .wait(Some(remaining))
+            .applied_index_at_least(Some(read.index), "linearizable read")
+            .await
+            .map(|_| ())
+            .map_err(|e| {
+                Error::Unavailable(format!(
+                    "this node did not apply up to the read index {} in time: {e}",
+                    read.index
+                ))
+            })
     }
 
     /// The leader's read index, after confirming leadership with a quorum.
