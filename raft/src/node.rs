@@ -676,7 +676,8 @@ impl RaftNode {
         self.read_index().await
     }
 
-    /// A read index obtained **after** this call began, shared with every concurrent caller.
+    /// Waits for a read index obtained **after** this call began, shared with every concurrent
+    /// caller, and for this node to apply up to it.
     ///
     /// Confirming leadership costs a heartbeat round to a quorum (and, on a follower, a call to
     /// the leader), so concurrent reads share rounds, as etcd's read-index loop does: a caller
