@@ -256,6 +256,57 @@ async fn concurrent_writes_are_batched_into_few_entries() {
     }
 }
 
+/// Linearizable reads on a follower, while the leader keeps writing: each read sees every write
+/// the leader had acknowledged before the read began. A follower learns of a commit only after
+/// the leader, so its reads often have to wait for their own node to apply the read index.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follower_reads_see_every_write_acknowledged_before_them() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    let ca = TestCa::new("cluster-ca");
+    let root = tempfile::tempdir().unwrap();
+    let nodes = cluster(&ca, root.path(), 3, no_tuning).await;
+    let leader = nodes[leader_index(&nodes)].node.clone();
+    let follower = nodes.iter().find(|n| !n.node.is_leader()).unwrap();
+    let acked = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let (leader, acked) = (leader.clone(), acked.clone());
+        tokio::spawn(async move {
+            for i in 1..=400u64 {
+                leader.write(put("counter", &i.to_string())).await.unwrap();
+                acked.store(i, Ordering::SeqCst);
+            }
+        })
+    };
+    let (mut reads, mut ahead) = (0, 0);
+    while !writer.is_finished() {
+        let before = acked.load(Ordering::SeqCst);
+        let stale = local_get(&follower.node, "counter")
+            .map_or(0, |v| String::from_utf8(v).unwrap().parse::<u64>().unwrap());
+        follower.node.linearizable_read().await.unwrap();
+        let seen = local_get(&follower.node, "counter")
+            .map_or(0, |v| String::from_utf8(v).unwrap().parse::<u64>().unwrap());
+        assert!(
+            seen >= before,
+            "read {reads} saw counter {seen}, but the leader had acknowledged {before} before it"
+        );
+        reads += 1;
+        if stale < before {
+            ahead += 1;
+        }
+    }
+    writer.await.unwrap();
+    // The check above only means something if the follower's store was often behind when a
+    // read began, so that the read had to wait.
+    assert!(
+        ahead >= 10,
+        "{reads} reads, {ahead} began with the follower behind the leader's acknowledgements"
+    );
+    for n in nodes {
+        n.stop().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_writes_through_a_follower_are_forwarded_together() {
     let ca = TestCa::new("cluster-ca");
