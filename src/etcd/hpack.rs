@@ -294,26 +294,23 @@ impl Decoder {
             }
             let (prefix, indexing) = if b & 0x40 != 0 { (6, true) } else { (4, false) };
             let index = integer(block, &mut at, prefix)?;
+            // The scratch buffers are taken out so `insert` can borrow `self`; after an error
+            // the decoder is done with, so they need not be put back.
             let mut name = std::mem::take(&mut self.name);
             let mut value = std::mem::take(&mut self.value);
-            let read = (|| {
-                if index == 0 {
-                    string(block, &mut at, &mut name)?;
-                } else {
-                    name.clear();
-                    name.extend_from_slice(self.entry(index)?.0);
-                }
-                string(block, &mut at, &mut value)
-            })();
-            if read.is_ok() {
-                field(&name, &value);
-                if indexing {
-                    self.insert(&name, &value);
-                }
+            if index == 0 {
+                string(block, &mut at, &mut name)?;
+            } else {
+                name.clear();
+                name.extend_from_slice(self.entry(index)?.0);
+            }
+            string(block, &mut at, &mut value)?;
+            field(&name, &value);
+            if indexing {
+                self.insert(&name, &value);
             }
             self.name = name;
             self.value = value;
-            read?;
         }
         Ok(())
     }
