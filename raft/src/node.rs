@@ -369,14 +369,18 @@ impl RaftNode {
         }
     }
 
+    // These two run on every write: they look at the metrics in place, since a clone copies the
+    // whole membership and replication state.
     pub fn is_leader(&self) -> bool {
-        let m = self.raft.metrics().borrow().clone();
+        let rx = self.raft.metrics();
+        let m = rx.borrow();
         m.state == ServerState::Leader && m.current_leader == Some(self.id)
     }
 
     /// The current leader, if one is known, with its node info.
     pub fn leader(&self) -> Option<(NodeId, NodeInfo)> {
-        let m = self.raft.metrics().borrow().clone();
+        let rx = self.raft.metrics();
+        let m = rx.borrow();
         let id = m.current_leader?;
         let info = m.membership_config.membership().get_node(&id)?.clone();
         Some((id, info))
