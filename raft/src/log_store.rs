@@ -20,7 +20,9 @@
 //!
 //! Every segment starts with the vote, committed and purged ids as they were when it was
 //! created, so deleting older segments never loses them. Only the last segment is written; it
-//! is closed once it passes [`SEGMENT_BYTES`]. Reading the directory back replays every record
+//! is closed once it passes [`SEGMENT_BYTES`], and cut to its last record then. While it is
+//! written its file is preallocated [`PREALLOC_STEP`] ahead (zeros), so an append's fsync does
+//! not also have to store a new file size; opening cuts that space off again. Reading the directory back replays every record
 //! in order; memory keeps only where each live entry is (segment, offset, length), and entries
 //! are read back with `pread`.
 //!
@@ -62,6 +64,9 @@ use crate::types::{Entry, LogId, StorageError, TypeConfig, Vote};
 
 /// A segment is closed, and the next one started, once it is this large.
 pub const SEGMENT_BYTES: u64 = 64 << 20;
+/// The last segment's file is extended this far ahead of its records, so that an append's
+/// `fdatasync` need not also write the file's new size (a third faster here on ext4).
+pub const PREALLOC_STEP: u64 = 4 << 20;
 /// A record longer than this is not believed: its length field is taken as damage.
 const MAX_RECORD: u32 = 1 << 30;
 const HEADER: u64 = 8;
@@ -117,7 +122,10 @@ struct Inner {
     /// Every retained segment by sequence number; the last one is written.
     segments: BTreeMap<u64, Arc<File>>,
     active: u64,
+    /// Where the last segment's records end (its file may run on, preallocated and zero).
     active_len: u64,
+    /// Where the last segment's preallocated space ends.
+    prealloc_end: u64,
     segment_bytes: u64,
     /// Index of `locs[0]`.
     first: u64,
@@ -147,11 +155,20 @@ impl Inner {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<u64> {
         let file = self.active_file();
         let at = self.active_len;
+        let end = at + buf.len() as u64;
+        if end > self.prealloc_end {
+            // Best effort: without it (a file system that cannot) writes extend the file.
+            let step = PREALLOC_STEP.max(buf.len() as u64);
+            if preallocate(&file, at, step).is_ok() {
+                self.prealloc_end = at + step;
+            }
+        }
         if let Err(e) = file.write_all_at(buf, at) {
             let _ = file.set_len(at);
+            self.prealloc_end = at;
             return Err(e);
         }
-        self.active_len += buf.len() as u64;
+        self.active_len = end;
         Ok(at)
     }
 
@@ -173,12 +190,17 @@ impl Inner {
     /// Closes the last segment (synced) and starts the next one, made durable in the directory
     /// before anything is acknowledged from it.
     fn roll(&mut self) -> std::io::Result<()> {
-        self.active_file().sync_data()?;
+        // A closed segment ends with its last record: replay takes anything after that in a
+        // segment other than the last for damage.
+        let closing = self.active_file();
+        closing.set_len(self.active_len)?;
+        closing.sync_data()?;
         let seq = self.active + 1;
         let file = create_segment(&self.dir, seq)?;
         self.segments.insert(seq, Arc::new(file));
         self.active = seq;
         self.active_len = 0;
+        self.prealloc_end = 0;
         let meta = self.meta_records().map_err(std::io::Error::other)?;
         self.write(&meta)?;
         Ok(())
@@ -251,6 +273,19 @@ fn read_entry_at(file: &File, loc: Loc) -> Result<Entry, String> {
     file.read_exact_at(&mut buf, loc.off)
         .map_err(|e| format!("reading the Raft log: {e}"))?;
     decode(&buf)
+}
+
+/// Reserves `len` bytes of `file` from `offset` (zeros to readers), growing it as needed.
+fn preallocate(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let (Ok(offset), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return Err(std::io::Error::other("preallocation out of range"));
+    };
+    // SAFETY: the descriptor is open for as long as `file` is borrowed.
+    match unsafe { libc::posix_fallocate(file.as_raw_fd(), offset, len) } {
+        0 => Ok(()),
+        e => Err(std::io::Error::from_raw_os_error(e)),
+    }
 }
 
 fn create_segment(dir: &Path, seq: u64) -> std::io::Result<File> {
@@ -439,6 +474,7 @@ fn replay(dir: &Path, segment_bytes: u64) -> Result<Inner, crate::Error> {
         segments: BTreeMap::new(),
         active: 0,
         active_len: 0,
+        prealloc_end: 0,
         segment_bytes,
         first: 0,
         locs: VecDeque::new(),
@@ -463,13 +499,19 @@ fn replay(dir: &Path, segment_bytes: u64) -> Result<Inner, crate::Error> {
         let good = replay_segment(&mut inner, &file, seq, seq == last)?;
         let size = file.metadata()?.len();
         if good < size {
-            // Only the last segment gets here (replay_segment refuses the others).
-            tracing::warn!(
-                segment = %path.display(),
-                kept = good,
-                dropped = size - good,
-                "the Raft log ends in a torn write; cutting it off (it was never acknowledged)"
-            );
+            // Only the last segment gets here (replay_segment refuses the others). What follows
+            // its records is preallocated space (zeros) or a torn write, or both; it is cut
+            // off either way, so a later write never ends next to an old record.
+            let mut next = [0u8; HEADER as usize];
+            let n = file.read_at(&mut next, good)?;
+            if next[..n].iter().any(|b| *b != 0) {
+                tracing::warn!(
+                    segment = %path.display(),
+                    kept = good,
+                    dropped = size - good,
+                    "the Raft log ends in a torn write; cutting it off (it was never acknowledged)"
+                );
+            }
             file.set_len(good)?;
             file.sync_all()?;
         }
@@ -922,6 +964,8 @@ mod tests {
             let mut log = LogStore::open(dir.path()).unwrap();
             append(&mut log, (0..=3).map(|i| entry(1, i)).collect()).await;
             close(log);
+            // Opening cuts the preallocated space, so the file then ends with its last record.
+            close(LogStore::open(dir.path()).unwrap());
             let seg = dir.path().join(segment_name(1));
             let good = std::fs::metadata(&seg).unwrap().len();
             // Half a record at the end, as a crash in the middle of a write leaves it.
@@ -949,17 +993,53 @@ mod tests {
         });
     }
 
+    /// Writes entries 0..20 one at a time into 200-byte segments; the segment names.
+    async fn twenty_in_small_segments(dir: &Path) -> Vec<String> {
+        let mut log = LogStore::open_with(dir, 200).unwrap();
+        for i in 0..20 {
+            append(&mut log, vec![entry(1, i)]).await;
+        }
+        close(log);
+        let segs = segments(dir);
+        assert!(segs.len() > 2, "{segs:?}");
+        segs
+    }
+
+    #[test]
+    fn the_last_segment_is_preallocated_and_its_zero_tail_is_cut_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let seg = dir.path().join(segment_name(1));
+        rt().block_on(async {
+            let mut log = LogStore::open(dir.path()).unwrap();
+            append(&mut log, (0..=3).map(|i| entry(1, i)).collect()).await;
+            let data = log.inner().active_len;
+            assert!(data > 0);
+            assert_eq!(std::fs::metadata(&seg).unwrap().len(), PREALLOC_STEP);
+            close(log);
+
+            let mut log = LogStore::open(dir.path()).unwrap();
+            assert_eq!(std::fs::metadata(&seg).unwrap().len(), data);
+            assert_eq!(indexes(&mut log).await.len(), 4);
+            append(&mut log, vec![entry(1, 4)]).await;
+            close(log);
+            let mut log = LogStore::open(dir.path()).unwrap();
+            assert_eq!(indexes(&mut log).await.len(), 5);
+        });
+        // Small segments: each one closed ends with its last record (replay refuses anything
+        // else in a segment before the last), and all of them read back.
+        let dir = tempfile::tempdir().unwrap();
+        rt().block_on(async {
+            twenty_in_small_segments(dir.path()).await;
+            let mut log = LogStore::open(dir.path()).unwrap();
+            assert_eq!(indexes(&mut log).await.len(), 20);
+        });
+    }
+
     #[test]
     fn damage_before_the_end_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         rt().block_on(async {
-            let mut log = LogStore::open_with(dir.path(), 200).unwrap();
-            for i in 0..20 {
-                append(&mut log, vec![entry(1, i)]).await;
-            }
-            close(log);
-            let segs = segments(dir.path());
-            assert!(segs.len() > 2, "{segs:?}");
+            let segs = twenty_in_small_segments(dir.path()).await;
             // Flip a byte inside the first segment's first record.
             let first = dir.path().join(&segs[0]);
             let f = std::fs::OpenOptions::new()
