@@ -22,9 +22,9 @@
 //! created, so deleting older segments never loses them. Only the last segment is written; it
 //! is closed once it passes [`SEGMENT_BYTES`], and cut to its last record then. While it is
 //! written its file is preallocated [`PREALLOC_STEP`] ahead (zeros), so an append's fsync does
-//! not also have to store a new file size; opening cuts that space off again. Reading the directory back replays every record
-//! in order; memory keeps only where each live entry is (segment, offset, length), and entries
-//! are read back with `pread`.
+//! not also have to store a new file size; opening cuts that space off again. Reading the
+//! directory back replays every record in order; memory keeps only where each live entry is
+//! (segment, offset, length), and entries are read back with `pread`.
 //!
 //! ## Contract
 //! - **Append is acknowledged after fsync.** `append` writes its records with one `pwrite` and
