@@ -388,17 +388,23 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        // Store::apply is in-memory work plus an unflushed sled batch (no fsync): tens of
+        // Store::apply is in-memory work plus unflushed sled writes (no fsync): tens of
         // microseconds for a typical entry. It runs right here, on the state machine's task:
         // handing it to the blocking pool cost a thread wake-up and a context switch per apply,
-        // more than the work itself.
+        // more than the work itself. A follower catching up gets thousands of entries at once,
+        // so the runtime's other tasks get a turn between chunks.
         let shared = &self.shared;
-        let _guard = shared.locked();
         let mut out = Vec::new();
         let mut entries = entries.into_iter().peekable();
         while entries.peek().is_some() {
             let chunk: Vec<Entry> = entries.by_ref().take(APPLY_CHUNK).collect();
-            out.extend(shared.apply_chunk(chunk)?);
+            {
+                let _guard = shared.locked();
+                out.extend(shared.apply_chunk(chunk)?);
+            }
+            if entries.peek().is_some() {
+                tokio::task::yield_now().await;
+            }
         }
         Ok(out)
     }
