@@ -29,7 +29,7 @@
 //! ## Not here
 //! TTLs and deadlines (the leader issues `LeaseRevoke`), watch fan-out, gRPC error codes.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::codec::{Record, RevKey};
 use crate::error::{Error, MAX_LEASE_TTL, MAX_TXN_OPS};
@@ -148,6 +148,8 @@ struct Outcome {
     response: CommandResponse,
     /// The changes, in `sub` order: a put (`Some`) or a delete (`None`) of a key.
     writes: Vec<(Vec<u8>, Option<KeyValue>)>,
+    /// Keys whose state before the command the view already read (see `TxnView::before`).
+    before: HashMap<Vec<u8>, Option<KeyValue>>,
 }
 
 /// A txn in progress: the state before it plus its own writes so far.
@@ -156,6 +158,9 @@ struct TxnView<'a, R: RecordRead> {
     recs: &'a R,
     pending: BTreeMap<Vec<u8>, Option<KeyValue>>,
     writes: Vec<(Vec<u8>, Option<KeyValue>)>,
+    /// The state before this command of the keys a put read it for, kept so that `commit`
+    /// need not read them again for the events' `prev_kv`.
+    before: HashMap<Vec<u8>, Option<KeyValue>>,
 }
 
 /// Which way each txn on the chosen path went: the outer one, then its nested txns in op order.
@@ -384,14 +389,8 @@ impl Keyspace {
                 }
                 let mut view = TxnView::new(self, sink);
                 let resp = view.put(p)?;
-                let writes = view.writes;
-                self.commit(
-                    sink,
-                    Outcome {
-                        response: CommandResponse::Put(resp),
-                        writes,
-                    },
-                )
+                let outcome = view.finish(CommandResponse::Put(resp));
+                self.commit(sink, outcome)
             }
             Command::DeleteRange(d) => {
                 if d.key.is_empty() {
@@ -399,14 +398,8 @@ impl Keyspace {
                 }
                 let mut view = TxnView::new(self, sink);
                 let resp = view.delete(d)?;
-                let writes = view.writes;
-                self.commit(
-                    sink,
-                    Outcome {
-                        response: CommandResponse::DeleteRange(resp),
-                        writes,
-                    },
-                )
+                let outcome = view.finish(CommandResponse::DeleteRange(resp));
+                self.commit(sink, outcome)
             }
             Command::Txn(t) => {
                 let outcome = self.plan_txn(sink, t)?;
@@ -474,14 +467,8 @@ impl Keyspace {
                         prev_kv: false,
                     })?;
                 }
-                let writes = view.writes;
-                let result = self.commit(
-                    sink,
-                    Outcome {
-                        response: CommandResponse::LeaseRevoke,
-                        writes,
-                    },
-                )?;
+                let outcome = view.finish(CommandResponse::LeaseRevoke);
+                let result = self.commit(sink, outcome)?;
                 self.leases.remove(id);
                 sink.remove_lease(*id);
                 Ok(result)
@@ -499,10 +486,7 @@ impl Keyspace {
         self.check_path(recs, t, &path, false)?;
         let mut view = TxnView::new(self, recs);
         let resp = view.txn(t, &path)?;
-        Ok(Outcome {
-            response: CommandResponse::Txn(resp),
-            writes: view.writes,
-        })
+        Ok(view.finish(CommandResponse::Txn(resp)))
     }
 
     /// Evaluates the compares of `t` and of every nested txn on the chosen path, all against the
@@ -595,7 +579,11 @@ impl Keyspace {
         sink: &mut impl RecordSink,
         outcome: Outcome,
     ) -> Result<(Applied, Vec<Event>), Error> {
-        let Outcome { response, writes } = outcome;
+        let Outcome {
+            response,
+            writes,
+            mut before,
+        } = outcome;
         if writes.is_empty() {
             return Ok((
                 Applied {
@@ -609,7 +597,10 @@ impl Keyspace {
         let mut events = Vec::with_capacity(writes.len());
         // prev_kv of an event is the key as of the previous revision, as etcd's watch reads it.
         for (key, _) in &writes {
-            let prev = self.get(sink, key)?;
+            let prev = match before.remove(key) {
+                Some(prev) => prev,
+                None => self.get(sink, key)?,
+            };
             events.push(prev);
         }
         let events: Vec<Event> = writes
@@ -933,6 +924,15 @@ impl<'a, R: RecordRead> TxnView<'a, R> {
             recs,
             pending: BTreeMap::new(),
             writes: Vec::new(),
+            before: HashMap::new(),
+        }
+    }
+
+    fn finish(self, response: CommandResponse) -> Outcome {
+        Outcome {
+            response,
+            writes: self.writes,
+            before: self.before,
         }
     }
 
@@ -978,6 +978,10 @@ impl<'a, R: RecordRead> TxnView<'a, R> {
 
     fn put(&mut self, p: &PutRequest) -> Result<PutResponse, Error> {
         let prev = self.current(&p.key)?;
+        if !self.pending.contains_key(&p.key) {
+            // Nothing earlier in this command wrote the key: `prev` is its state before it.
+            self.before.insert(p.key.clone(), prev.clone());
+        }
         if (p.ignore_value || p.ignore_lease) && prev.is_none() {
             return Err(Error::KeyNotFound);
         }
