@@ -278,14 +278,16 @@ async fn follower_reads_see_every_write_acknowledged_before_them() {
             }
         })
     };
+    let counter = || {
+        local_get(&follower.node, "counter")
+            .map_or(0, |v| String::from_utf8(v).unwrap().parse::<u64>().unwrap())
+    };
     let (mut reads, mut ahead) = (0, 0);
     while !writer.is_finished() {
         let before = acked.load(Ordering::SeqCst);
-        let stale = local_get(&follower.node, "counter")
-            .map_or(0, |v| String::from_utf8(v).unwrap().parse::<u64>().unwrap());
+        let stale = counter();
         follower.node.linearizable_read().await.unwrap();
-        let seen = local_get(&follower.node, "counter")
-            .map_or(0, |v| String::from_utf8(v).unwrap().parse::<u64>().unwrap());
+        let seen = counter();
         assert!(
             seen >= before,
             "read {reads} saw counter {seen}, but the leader had acknowledged {before} before it"

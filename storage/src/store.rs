@@ -62,10 +62,13 @@ impl RecordRead for TreeRecords<'_> {
     }
 }
 
+/// Tree writes in order: a key and its new value, or `None` to remove it.
+type TreeWrites = Vec<(Vec<u8>, Option<Vec<u8>>)>;
+
 /// Collects one apply batch's writes; reads see the records written earlier in the same batch.
 struct BatchSink<'a> {
     tree: &'a sled::Tree,
-    ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    ops: TreeWrites,
     pending: std::collections::HashMap<RevKey, Record>,
 }
 
@@ -164,14 +167,8 @@ fn decode_journal(mut b: &[u8]) -> Result<Vec<JournalOp<'_>>, Error> {
 fn write_journaled(tree: &sled::Tree, ops: &[(Vec<u8>, Option<Vec<u8>>)]) -> Result<(), Error> {
     let journal = encode_journal(ops);
     if journal.len() > MAX_JOURNAL {
-        let mut batch = sled::Batch::default();
-        for (k, v) in ops {
-            match v {
-                Some(v) => batch.insert(k.as_slice(), v.as_slice()),
-                None => batch.remove(k.as_slice()),
-            }
-        }
-        tree.apply_batch(batch)?;
+        let ops = ops.iter().map(|(k, v)| (k.as_slice(), v.as_deref()));
+        tree.apply_batch(batch_of(ops))?;
         return Ok(());
     }
     tree.insert(META_JOURNAL, journal)?;
@@ -185,18 +182,24 @@ fn write_journaled(tree: &sled::Tree, ops: &[(Vec<u8>, Option<Vec<u8>>)]) -> Res
     Ok(())
 }
 
-/// Finishes the writes of an apply that a crash (or an I/O error) cut short, if any.
-fn redo_journal(tree: &sled::Tree) -> Result<(), Error> {
-    let Some(journal) = tree.get(META_JOURNAL)? else {
-        return Ok(());
-    };
+/// One atomic sled batch of `ops`; a later write to a key replaces an earlier one.
+fn batch_of<'a>(ops: impl Iterator<Item = JournalOp<'a>>) -> sled::Batch {
     let mut batch = sled::Batch::default();
-    for (k, v) in decode_journal(&journal)? {
+    for (k, v) in ops {
         match v {
             Some(v) => batch.insert(k, v),
             None => batch.remove(k),
         }
     }
+    batch
+}
+
+/// Finishes the writes of an apply that a crash (or an I/O error) cut short, if any.
+fn redo_journal(tree: &sled::Tree) -> Result<(), Error> {
+    let Some(journal) = tree.get(META_JOURNAL)? else {
+        return Ok(());
+    };
+    let mut batch = batch_of(decode_journal(&journal)?.into_iter());
     batch.remove(META_JOURNAL);
     tree.apply_batch(batch)?;
     Ok(())
@@ -301,8 +304,6 @@ fn open_sled(dir: &Path) -> Result<sled::Db, Error> {
 }
 
 type ApplyResults = Vec<Result<(Applied, Vec<Event>), Error>>;
-/// Tree writes in order: a key and its new value, or `None` to remove it.
-type TreeWrites = Vec<(Vec<u8>, Option<Vec<u8>>)>;
 
 /// Applies `cmds` to the in-memory keyspace and returns each result with the tree writes that
 /// make it durable (records, leases, then the revision counters and `meta`), not yet written.

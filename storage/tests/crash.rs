@@ -100,8 +100,8 @@ fn applied_of(store: &Store) -> u64 {
 }
 
 /// The child: continue the op sequence forever, flushing after every eighth op and then
-/// acknowledging the ops up to it. The ops in between live in the store's pending overlay (or
-/// went to sled unflushed) when the kill comes.
+/// acknowledging the ops up to it. The ops in between went to sled unflushed when the kill
+/// comes.
 fn child(dir: &Path) -> ! {
     let store = Store::open(dir).expect("child opens the store");
     println!("open");
