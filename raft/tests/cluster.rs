@@ -172,6 +172,15 @@ async fn catch_up_by_snapshot(tuning: Tune) -> Duration {
 
     let lagging = nodes.remove(2);
     let (id, addr, dir) = (lagging.id, lagging.addr.clone(), lagging.dir.clone());
+    // The write is committed once two nodes have it; the third may not have reported it yet.
+    wait_for(
+        || {
+            local_get(&lagging.node, "before").is_some()
+                && lagging.node.metrics().last_log_index.is_some()
+        },
+        "the third node to apply the first write",
+    )
+    .await;
     let behind = lagging.node.metrics().last_log_index.unwrap();
     lagging.stop().await;
 
