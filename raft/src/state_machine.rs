@@ -388,7 +388,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        // Store::apply is in-memory work plus unflushed sled writes (no fsync): tens of
+        // Store::apply is in-memory work plus an unflushed sled batch (no fsync): tens of
         // microseconds for a typical entry. It runs right here, on the state machine's task:
         // handing it to the blocking pool cost a thread wake-up and a context switch per apply,
         // more than the work itself. A follower catching up gets thousands of entries at once,

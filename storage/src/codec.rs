@@ -28,8 +28,6 @@ pub const PREFIX_USER: u8 = b'u';
 pub const META_REV: &[u8] = b"mrev";
 pub const META_COMPACT: &[u8] = b"mcompact";
 pub const META_LEASE_SEQ: &[u8] = b"mlease_seq";
-/// The writes of the apply in progress (`store.rs`, `write_journaled`); absent between applies.
-pub const META_JOURNAL: &[u8] = b"mjournal";
 
 /// The position of one change in history: etcd's `revision{main, sub}`. `sub` orders the changes
 /// made by one command (a txn or a delete of several keys).

@@ -2,8 +2,8 @@
 //!
 //! ## Contract
 //! - **Atomic batches.** [`Store::apply`] applies its commands in order and writes all their
-//!   effects, plus the caller's `meta` key/values, behind a journal (`write_journaled`). After
-//!   a crash the store holds every batch or none of it, never part of one.
+//!   effects, plus the caller's `meta` key/values, in one sled batch. After a crash the store
+//!   holds every batch or none of it, never part of one.
 //! - **Durable after flush.** A batch is on disk once a later [`Store::flush`] returns. A crash
 //!   before that may lose the batch (never tear it). The Raft layer re-applies lost entries from
 //!   its log, which is why it stores its last applied log id in `meta` within the same batch.
@@ -62,13 +62,10 @@ impl RecordRead for TreeRecords<'_> {
     }
 }
 
-/// Tree writes in order: a key and its new value, or `None` to remove it.
-type TreeWrites = Vec<(Vec<u8>, Option<Vec<u8>>)>;
-
-/// Collects one apply batch's writes; reads see the records written earlier in the same batch.
+/// Collects one apply batch; reads see the records written earlier in the same batch.
 struct BatchSink<'a> {
     tree: &'a sled::Tree,
-    ops: TreeWrites,
+    batch: sled::Batch,
     pending: std::collections::HashMap<RevKey, Record>,
 }
 
@@ -83,126 +80,20 @@ impl RecordRead for BatchSink<'_> {
 
 impl RecordSink for BatchSink<'_> {
     fn insert_record(&mut self, at: RevKey, rec: &Record) {
-        self.ops
-            .push((at.to_tree_key().to_vec(), Some(encode_record(rec))));
+        self.batch.insert(&at.to_tree_key()[..], encode_record(rec));
         self.pending.insert(at, rec.clone());
     }
     fn remove_record(&mut self, at: RevKey) {
-        self.ops.push((at.to_tree_key().to_vec(), None));
+        self.batch.remove(&at.to_tree_key()[..]);
         self.pending.remove(&at);
     }
     fn put_lease(&mut self, id: LeaseId, ttl: i64) {
-        self.ops
-            .push((lease_tree_key(id).to_vec(), Some(encode_lease(ttl))));
+        self.batch
+            .insert(&lease_tree_key(id)[..], encode_lease(ttl));
     }
     fn remove_lease(&mut self, id: LeaseId) {
-        self.ops.push((lease_tree_key(id).to_vec(), None));
+        self.batch.remove(&lease_tree_key(id)[..]);
     }
-}
-
-/// The largest journal written; sled 0.34 stores a value over a quarter of its 512 KiB log
-/// segment as a separate file.
-const MAX_JOURNAL: usize = 64 << 10;
-
-/// One apply's writes, in order, as a single value: `op: u8 (1 insert, 0 remove) | key length:
-/// u32 BE | key | (insert only) value length: u32 BE | value`, repeated.
-fn encode_journal(ops: &[(Vec<u8>, Option<Vec<u8>>)]) -> Vec<u8> {
-    let size: usize = ops
-        .iter()
-        .map(|(k, v)| 9 + k.len() + v.as_ref().map_or(0, |v| v.len()))
-        .sum();
-    let mut out = Vec::with_capacity(size);
-    for (k, v) in ops {
-        out.push(u8::from(v.is_some()));
-        out.extend_from_slice(&(k.len() as u32).to_be_bytes());
-        out.extend_from_slice(k);
-        if let Some(v) = v {
-            out.extend_from_slice(&(v.len() as u32).to_be_bytes());
-            out.extend_from_slice(v);
-        }
-    }
-    out
-}
-
-type JournalOp<'a> = (&'a [u8], Option<&'a [u8]>);
-
-fn decode_journal(mut b: &[u8]) -> Result<Vec<JournalOp<'_>>, Error> {
-    let bad = || Error::Corrupt("the store's apply journal is damaged".into());
-    fn take<'b>(b: &mut &'b [u8], n: usize) -> Option<&'b [u8]> {
-        let (head, rest) = (b.get(..n)?, b.get(n..)?);
-        *b = rest;
-        Some(head)
-    }
-    let len = |b: &mut &[u8]| -> Option<usize> {
-        Some(u32::from_be_bytes(take(b, 4)?.try_into().ok()?) as usize)
-    };
-    let mut ops = Vec::new();
-    while !b.is_empty() {
-        let kind = take(&mut b, 1).ok_or_else(bad)?[0];
-        let n = len(&mut b).ok_or_else(bad)?;
-        let key = take(&mut b, n).ok_or_else(bad)?;
-        let value = match kind {
-            0 => None,
-            1 => {
-                let n = len(&mut b).ok_or_else(bad)?;
-                Some(take(&mut b, n).ok_or_else(bad)?)
-            }
-            _ => return Err(bad()),
-        };
-        ops.push((key, value));
-    }
-    Ok(ops)
-}
-
-/// Writes one apply's `ops` into the tree. They go in as single writes, each after the
-/// journal that holds them all (one key, so written whole or not at all), and the journal is
-/// removed last. sled recovers a prefix of its log, so after a crash the journal is either
-/// absent (the apply's writes are all there or none are) or present, and `redo_journal`
-/// finishes it. A `sled::Batch` would give the same atomicity, but sled starts a new log
-/// buffer (and wakes its I/O threads) for every batch, which cost a busy server about a fifth
-/// of its CPU.
-///
-/// A journal over [`MAX_JOURNAL`] bytes would be stored by sled as a file of its own (a blob), so
-/// such an apply is written as one `sled::Batch` instead.
-fn write_journaled(tree: &sled::Tree, ops: &[(Vec<u8>, Option<Vec<u8>>)]) -> Result<(), Error> {
-    let journal = encode_journal(ops);
-    if journal.len() > MAX_JOURNAL {
-        let ops = ops.iter().map(|(k, v)| (k.as_slice(), v.as_deref()));
-        tree.apply_batch(batch_of(ops))?;
-        return Ok(());
-    }
-    tree.insert(META_JOURNAL, journal)?;
-    for (k, v) in ops {
-        match v {
-            Some(v) => tree.insert(k.as_slice(), v.as_slice())?,
-            None => tree.remove(k.as_slice())?,
-        };
-    }
-    tree.remove(META_JOURNAL)?;
-    Ok(())
-}
-
-/// One atomic sled batch of `ops`; a later write to a key replaces an earlier one.
-fn batch_of<'a>(ops: impl Iterator<Item = JournalOp<'a>>) -> sled::Batch {
-    let mut batch = sled::Batch::default();
-    for (k, v) in ops {
-        match v {
-            Some(v) => batch.insert(k, v),
-            None => batch.remove(k),
-        }
-    }
-    batch
-}
-
-/// Finishes the writes of an apply that a crash (or an I/O error) cut short, if any.
-fn redo_journal(tree: &sled::Tree) -> Result<(), Error> {
-    let Some(journal) = tree.get(META_JOURNAL)? else {
-        return Ok(());
-    };
-    let mut batch = batch_of(decode_journal(&journal)?.into_iter());
-    batch.remove(META_JOURNAL);
-    tree.apply_batch(batch)?;
-    Ok(())
 }
 
 fn meta_i64(tree: &sled::Tree, key: &[u8], default: i64) -> Result<i64, Error> {
@@ -303,41 +194,6 @@ fn open_sled(dir: &Path) -> Result<sled::Db, Error> {
     }
 }
 
-type ApplyResults = Vec<Result<(Applied, Vec<Event>), Error>>;
-
-/// Applies `cmds` to the in-memory keyspace and returns each result with the tree writes that
-/// make it durable (records, leases, then the revision counters and `meta`), not yet written.
-fn apply_in_memory(
-    inner: &mut Inner,
-    cmds: &[Command],
-    meta: &[(Vec<u8>, Vec<u8>)],
-) -> Result<(ApplyResults, TreeWrites), Error> {
-    let mut sink = BatchSink {
-        tree: &inner.tree,
-        ops: Vec::new(),
-        pending: Default::default(),
-    };
-    let mut results = Vec::with_capacity(cmds.len());
-    for cmd in cmds {
-        match inner.ks.apply(&mut sink, cmd) {
-            Err(e) if e.is_fault() => {
-                inner.ks = load_keyspace(&inner.tree)?;
-                return Err(e);
-            }
-            other => results.push(other),
-        }
-    }
-    let BatchSink { mut ops, .. } = sink;
-    let meta_i64 = |k: &[u8], v: i64| (k.to_vec(), Some(encode_i64(v).to_vec()));
-    ops.push(meta_i64(META_REV, inner.ks.revision()));
-    ops.push(meta_i64(META_COMPACT, inner.ks.compact_revision()));
-    ops.push(meta_i64(META_LEASE_SEQ, inner.ks.lease_seq()));
-    for (k, v) in meta {
-        ops.push((user_meta_key(k), Some(v.clone())));
-    }
-    Ok((results, ops))
-}
-
 /// Snapshot entries larger than this are refused rather than allocated.
 const MAX_SNAPSHOT_ITEM: u32 = 1 << 30;
 
@@ -358,7 +214,6 @@ impl Store {
             }
         }
         let tree = db.open_tree(&current)?;
-        redo_journal(&tree)?;
         let ks = load_keyspace(&tree)?;
         Ok(Store {
             db,
@@ -392,11 +247,31 @@ impl Store {
     ) -> Result<Vec<Result<(Applied, Vec<Event>), Error>>, Error> {
         let mut guard = self.write();
         let inner = &mut *guard;
-        let (results, ops) = apply_in_memory(inner, cmds, meta)?;
-        if let Err(e) = write_journaled(&inner.tree, &ops) {
-            redo_journal(&inner.tree)?;
+        let mut sink = BatchSink {
+            tree: &inner.tree,
+            batch: sled::Batch::default(),
+            pending: Default::default(),
+        };
+        let mut results = Vec::with_capacity(cmds.len());
+        for cmd in cmds {
+            match inner.ks.apply(&mut sink, cmd) {
+                Err(e) if e.is_fault() => {
+                    inner.ks = load_keyspace(&inner.tree)?;
+                    return Err(e);
+                }
+                other => results.push(other),
+            }
+        }
+        let BatchSink { mut batch, .. } = sink;
+        batch.insert(META_REV, &encode_i64(inner.ks.revision())[..]);
+        batch.insert(META_COMPACT, &encode_i64(inner.ks.compact_revision())[..]);
+        batch.insert(META_LEASE_SEQ, &encode_i64(inner.ks.lease_seq())[..]);
+        for (k, v) in meta {
+            batch.insert(user_meta_key(k), v.as_slice());
+        }
+        if let Err(e) = inner.tree.apply_batch(batch) {
             inner.ks = load_keyspace(&inner.tree)?;
-            return Err(e);
+            return Err(e.into());
         }
         Ok(results)
     }
@@ -655,140 +530,5 @@ impl Store {
     /// Bytes sled occupies on disk.
     pub fn size_bytes(&self) -> u64 {
         self.db.size_on_disk().unwrap_or(0)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn put(key: &str, value: &str) -> Command {
-        Command::Put(PutRequest {
-            key: key.into(),
-            value: value.into(),
-            ..Default::default()
-        })
-    }
-
-    fn value_of(store: &Store, key: &str) -> Option<Vec<u8>> {
-        let resp = store
-            .range(&RangeRequest {
-                key: key.into(),
-                ..Default::default()
-            })
-            .expect("range");
-        resp.kvs.first().map(|kv| kv.value.clone())
-    }
-
-    #[test]
-    fn journal_round_trips_and_refuses_damage() {
-        let ops: Vec<(Vec<u8>, Option<Vec<u8>>)> = vec![
-            (b"h-one".to_vec(), Some(b"first value".to_vec())),
-            (b"l-gone".to_vec(), None),
-            (Vec::new(), Some(Vec::new())),
-            (b"mrev".to_vec(), Some(vec![0, 0, 0, 0, 0, 0, 0, 7])),
-        ];
-        let bytes = encode_journal(&ops);
-        let back: Vec<(Vec<u8>, Option<Vec<u8>>)> = decode_journal(&bytes)
-            .expect("decode")
-            .into_iter()
-            .map(|(k, v)| (k.to_vec(), v.map(<[u8]>::to_vec)))
-            .collect();
-        assert_eq!(back, ops);
-        // Cut anywhere inside an op, the journal is refused, never half-read. (Cuts between
-        // ops decode to fewer ops; a journal is one sled value, so it is never cut in practice.)
-        let boundaries: Vec<usize> = {
-            let mut at = 0;
-            let mut b = vec![0];
-            for (k, v) in &ops {
-                at += 5 + k.len() + v.as_ref().map_or(0, |v| 4 + v.len());
-                b.push(at);
-            }
-            b
-        };
-        for cut in 0..bytes.len() {
-            let r = decode_journal(&bytes[..cut]);
-            assert_eq!(r.is_ok(), boundaries.contains(&cut), "cut at {cut}");
-        }
-        let mut bad_kind = bytes.clone();
-        bad_kind[0] = 9;
-        assert!(matches!(decode_journal(&bad_kind), Err(Error::Corrupt(_))));
-    }
-
-    #[test]
-    fn an_apply_too_large_for_a_journal_is_written_whole() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let big = "v".repeat(10_000);
-        let cmds: Vec<Command> = (0..10).map(|i| put(&format!("k{i}"), &big)).collect();
-        {
-            let store = Store::open(dir.path()).expect("open");
-            let (_, ops) = apply_in_memory(&mut store.write(), &cmds, &[]).expect("plan");
-            assert!(encode_journal(&ops).len() > MAX_JOURNAL);
-        }
-        let dir = tempfile::tempdir().expect("tempdir");
-        {
-            let store = Store::open(dir.path()).expect("open");
-            store.apply(&cmds, &[]).expect("apply");
-            store.flush().expect("flush");
-        }
-        let store = Store::open(dir.path()).expect("reopen");
-        assert_eq!(store.revision(), 11);
-        for i in 0..10 {
-            assert_eq!(
-                value_of(&store, &format!("k{i}")),
-                Some(big.clone().into_bytes())
-            );
-        }
-        assert_eq!(store.read().tree.get(META_JOURNAL).expect("get"), None);
-    }
-
-    /// Applies `a=1`, then writes only the first record of an apply of `b=2, a=3` (and its
-    /// journal, if asked), as a crash would leave it, and drops the store.
-    fn cut_apply(dir: &Path, with_journal: bool) {
-        let meta = |n: u8| vec![(b"applied".to_vec(), vec![n])];
-        let store = Store::open(dir).expect("open");
-        store.apply(&[put("a", "1")], &meta(1)).expect("apply");
-        let mut inner = store.write();
-        let (results, ops) = apply_in_memory(&mut inner, &[put("b", "2"), put("a", "3")], &meta(2))
-            .expect("in memory");
-        assert!(results.iter().all(|r| r.is_ok()));
-        // The records come first, the revision counters and meta last.
-        assert!(ops.len() > 3);
-        if with_journal {
-            inner
-                .tree
-                .insert(META_JOURNAL, encode_journal(&ops))
-                .expect("journal");
-        }
-        let (k, v) = &ops[0];
-        inner
-            .tree
-            .insert(k.as_slice(), v.clone().expect("a record"))
-            .expect("first write");
-        inner.tree.flush().expect("flush");
-    }
-
-    /// A crash after the journal and some of an apply's writes reached the disk: open finishes
-    /// the apply from the journal, so the store holds all of it (and its meta), not part.
-    #[test]
-    fn an_apply_cut_short_is_finished_on_open() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        cut_apply(dir.path(), true);
-        let store = Store::open(dir.path()).expect("reopen");
-        assert_eq!(store.revision(), 4, "both puts of the cut apply are there");
-        assert_eq!(value_of(&store, "a").as_deref(), Some(&b"3"[..]));
-        assert_eq!(value_of(&store, "b").as_deref(), Some(&b"2"[..]));
-        assert_eq!(store.meta(b"applied"), Some(vec![2]));
-        assert_eq!(store.read().tree.get(META_JOURNAL).expect("get"), None);
-
-        // The same cut without a journal does not come back whole: the cut was a real one.
-        let dir = tempfile::tempdir().expect("tempdir");
-        cut_apply(dir.path(), false);
-        if let Ok(store) = Store::open(dir.path()) {
-            let whole = store.revision() == 4
-                && value_of(&store, "a").as_deref() == Some(&b"3"[..])
-                && store.meta(b"applied") == Some(vec![2]);
-            assert!(!whole, "a cut apply came back whole without its journal");
-        }
     }
 }
