@@ -11,7 +11,7 @@
 //! - [`sources`]: where state trees come from: git repositories at a commit.
 //! - [`error`]: the one error type.
 //!
-//! Below this crate: `eden_raft` (openraft on sled) and `eden_storage` (the MVCC keyspace).
+//! Below this crate: `eden_raft` (openraft with its own log files) and `eden_storage` (the MVCC keyspace).
 
 pub mod agent;
 pub mod cli;

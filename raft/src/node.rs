@@ -293,6 +293,19 @@ impl RaftNode {
                 config.data_dir.join("state").display()
             ))
         })?;
+        let cut = store.recovery();
+        if cut.cut_nonzero {
+            tracing::warn!(
+                bytes = cut.cut_bytes,
+                "the store's data file ended in a damaged batch, which was cut; the Raft log \
+                 re-applies it"
+            );
+        } else if cut.cut_bytes > 0 {
+            tracing::info!(
+                bytes = cut.cut_bytes,
+                "cut the unwritten end of the store's data file; the Raft log re-applies it"
+            );
+        }
         let sm = StateMachine::new(Arc::new(store), &config.data_dir.join("snapshots"))?;
         let raft_config = config
             .raft

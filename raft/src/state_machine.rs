@@ -4,7 +4,7 @@
 //! ## Contract
 //! - **Deterministic.** Applying reads nothing but the entries and the store: no clock, no
 //!   randomness, no node-local configuration. Every replica ends with the same keyspace.
-//! - **Atomic with its position.** Each `Store::apply` batch also writes, in the same sled batch,
+//! - **Atomic with its position.** Each `Store::apply` batch also writes, in the same atomic batch,
 //!   the last applied log id and the last membership (store `meta` keys `raft/applied` and
 //!   `raft/membership`). After a crash the store is at some whole batch, and openraft re-applies
 //!   the entries after the recorded position from the log. Nothing is applied twice.
@@ -388,7 +388,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        // Store::apply is in-memory work plus an unflushed sled batch (no fsync): tens of
+        // Store::apply is in-memory work plus one unsynced write (no fsync): tens of
         // microseconds for a typical entry. It runs right here, on the state machine's task:
         // handing it to the blocking pool cost a thread wake-up and a context switch per apply,
         // more than the work itself. A follower catching up gets thousands of entries at once,

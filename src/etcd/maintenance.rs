@@ -2,9 +2,10 @@
 //! MoveLeader.
 //!
 //! Status reports this node's view: `leader` and `raftTerm` from Raft metrics, `raftIndex` the
-//! last log index, `raftAppliedIndex` the applied one, `dbSize` sled's size on disk. eden raises
-//! no alarms (sled has no fixed quota), so Alarm always answers with an empty list. Defragment
-//! is a no-op: sled compacts itself. The snapshot is eden's store export (`EDENSNAP`), not a bbolt
+//! last log index, `raftAppliedIndex` the applied one, `dbSize` the size of the store's data file.
+//! eden raises no alarms (the store has no fixed quota), so Alarm always answers with an empty
+//! list. Defragment is a no-op: the store rewrites its data file itself once it is mostly
+//! garbage. The snapshot is eden's store export (`EDENSNAP`), not a bbolt
 //! file: it restores into eden, not into etcd.
 
 use std::pin::Pin;

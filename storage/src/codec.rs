@@ -1,6 +1,6 @@
 //! The bytes on disk: tree keys and record encodings.
 //!
-//! Everything a store holds lives in one sled tree per *generation* (see `store.rs`), with a
+//! Everything a store holds lives in one ordered tree (see `tree.rs`), with a
 //! one-byte prefix per kind of entry:
 //!
 //! | key                                   | value                         |
@@ -10,7 +10,7 @@
 //! | `m` + name (`rev`, `compact`, `lease_seq`) | i64 BE                   |
 //! | `u` + caller's key                    | caller's bytes (Raft meta)    |
 //!
-//! Big-endian revisions make sled's byte order the revision order, so replaying history is a
+//! Big-endian revisions make the tree's byte order the revision order, so replaying history is a
 //! plain range scan. Every value starts with a format version byte; decoders are total (they
 //! return an error, never panic, on any input) so they can be fuzzed.
 

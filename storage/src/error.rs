@@ -43,7 +43,7 @@ pub enum Error {
     /// A put with `ignore_value` or `ignore_lease` on a key that does not exist.
     #[error("etcdserver: key not found")]
     KeyNotFound,
-    /// The disk or sled failed. The message names the operation.
+    /// The disk failed. The message names the operation.
     #[error("storage I/O error: {0}")]
     Io(String),
     /// Stored bytes do not decode. The message names the record; restore from a snapshot.

@@ -1,4 +1,4 @@
-//! eden-storage: the MVCC keyspace with etcd v3 semantics, on sled.
+//! eden-storage: the MVCC keyspace with etcd v3 semantics, in its own data file.
 //!
 //! Every eden node that holds the datastore role keeps one [`Store`]. The Raft layer feeds it
 //! committed commands through [`Store::apply`]; the etcd API layer reads it through
@@ -20,7 +20,9 @@
 //!   ([`mvcc::Keyspace`]) and a record source. Deterministic; used by the store, the tests and
 //!   the fuzz target alike.
 //! - [`codec`]: the bytes on disk: key layout, versioned record encodings, total decoders.
-//! - [`store`]: [`Store`], the keyspace made durable in sled: atomic batches, flush, snapshots.
+//! - [`store`]: [`Store`], the keyspace made durable: atomic batches, flush, snapshots.
+//! - [`tree`]: the ordered key/value tree under it: an in-memory index over one append-only,
+//!   checksummed data file.
 //! - [`error`]: [`Error`], with etcd's exact messages.
 //!
 //! ## Invariants worth knowing
@@ -47,6 +49,7 @@ pub mod codec;
 pub mod error;
 pub mod mvcc;
 pub mod store;
+pub mod tree;
 pub mod types;
 
 pub use error::Error;

@@ -35,7 +35,7 @@ use crate::codec::{Record, RevKey};
 use crate::error::{Error, MAX_LEASE_TTL, MAX_TXN_OPS};
 use crate::types::*;
 
-/// Where records come from: the sled tree plus the batch being written, or a map in tests.
+/// Where records come from: the tree plus the batch being written, or a map in tests.
 pub trait RecordRead {
     fn record(&self, at: RevKey) -> Result<Record, Error>;
 }

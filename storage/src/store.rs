@@ -1,53 +1,48 @@
-//! [`Store`]: the keyspace of `mvcc.rs` made durable in sled.
+//! [`Store`]: the keyspace of `mvcc.rs` made durable in a [`Tree`] (`tree.rs`).
 //!
 //! ## Contract
 //! - **Atomic batches.** [`Store::apply`] applies its commands in order and writes all their
-//!   effects, plus the caller's `meta` key/values, in one sled batch. After a crash the store
-//!   holds every batch or none of it, never part of one.
+//!   effects, plus the caller's `meta` key/values, as one frame of the tree's data file. After a
+//!   crash the store holds every batch or none of it, never part of one.
 //! - **Durable after flush.** A batch is on disk once a later [`Store::flush`] returns. A crash
 //!   before that may lose the batch (never tear it). The Raft layer re-applies lost entries from
 //!   its log, which is why it stores its last applied log id in `meta` within the same batch.
 //! - **Reads** take a read lock and run concurrently with each other; `apply` holds the write
-//!   lock for one batch (in-memory work plus an unflushed sled write, no fsync).
-//! - **Generations.** All data lives in one sled tree, `eden-g<N>`; the default tree names the
-//!   current N. Importing a snapshot fills tree N+1, flushes, then flips the pointer: a crash
-//!   mid-import leaves the old generation in place, and open drops the half-written one.
+//!   lock for one batch (in-memory work plus one unsynced `pwrite`).
+//! - **Snapshots.** Importing one writes a new data file from the stream, syncs it and renames
+//!   it into place: a damaged stream or a crash midway leaves the old state.
+//! - **Older layout.** A directory written by earlier builds (one sled database) is converted
+//!   on open, see [`migrate_from_sled`].
 
 use std::io::{Read, Write};
+use std::ops::Bound;
 use std::path::Path;
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::codec::*;
 use crate::error::Error;
 use crate::mvcc::{Keyspace, RecordRead, RecordSink};
+use crate::tree::{self, Tree};
 use crate::types::*;
 
-const GENERATION_KEY: &[u8] = b"generation";
-const TREE_PREFIX: &str = "eden-g";
 const SNAPSHOT_MAGIC: &[u8; 8] = b"EDENSNAP";
 const SNAPSHOT_VERSION: u32 = 1;
 
-fn tree_name(generation: u64) -> String {
-    format!("{TREE_PREFIX}{generation}")
-}
-
 struct Inner {
-    generation: u64,
-    tree: sled::Tree,
+    tree: Tree,
     ks: Keyspace,
 }
 
 /// The durable MVCC keyspace. `Send + Sync`; share it behind an `Arc`.
 pub struct Store {
-    db: sled::Db,
     inner: RwLock<Inner>,
 }
 
 /// Reads records straight from the tree.
-struct TreeRecords<'a>(&'a sled::Tree);
+struct TreeRecords<'a>(&'a Tree);
 
-fn read_record(tree: &sled::Tree, at: RevKey) -> Result<Record, Error> {
-    match tree.get(at.to_tree_key())? {
+fn read_record(tree: &Tree, at: RevKey) -> Result<Record, Error> {
+    match tree.get(&at.to_tree_key())? {
         Some(bytes) => decode_record(&bytes),
         None => Err(Error::Corrupt(format!(
             "history record {}/{} is missing",
@@ -64,8 +59,8 @@ impl RecordRead for TreeRecords<'_> {
 
 /// Collects one apply batch; reads see the records written earlier in the same batch.
 struct BatchSink<'a> {
-    tree: &'a sled::Tree,
-    batch: sled::Batch,
+    tree: &'a Tree,
+    writes: Vec<tree::Write>,
     pending: std::collections::HashMap<RevKey, Record>,
 }
 
@@ -80,42 +75,43 @@ impl RecordRead for BatchSink<'_> {
 
 impl RecordSink for BatchSink<'_> {
     fn insert_record(&mut self, at: RevKey, rec: &Record) {
-        self.batch.insert(&at.to_tree_key()[..], encode_record(rec));
+        self.writes
+            .push((at.to_tree_key().to_vec(), Some(encode_record(rec))));
         self.pending.insert(at, rec.clone());
     }
     fn remove_record(&mut self, at: RevKey) {
-        self.batch.remove(&at.to_tree_key()[..]);
+        self.writes.push((at.to_tree_key().to_vec(), None));
         self.pending.remove(&at);
     }
     fn put_lease(&mut self, id: LeaseId, ttl: i64) {
-        self.batch
-            .insert(&lease_tree_key(id)[..], encode_lease(ttl));
+        self.writes
+            .push((lease_tree_key(id).to_vec(), Some(encode_lease(ttl))));
     }
     fn remove_lease(&mut self, id: LeaseId) {
-        self.batch.remove(&lease_tree_key(id)[..]);
+        self.writes.push((lease_tree_key(id).to_vec(), None));
     }
 }
 
-fn meta_i64(tree: &sled::Tree, key: &[u8], default: i64) -> Result<i64, Error> {
+fn meta_i64(tree: &Tree, key: &[u8], default: i64) -> Result<i64, Error> {
     match tree.get(key)? {
         Some(v) => decode_i64(&v, &String::from_utf8_lossy(key)),
         None => Ok(default),
     }
 }
 
-/// Rebuilds the in-memory keyspace from one generation's tree.
-fn load_keyspace(tree: &sled::Tree) -> Result<Keyspace, Error> {
+/// Rebuilds the in-memory keyspace from the tree.
+fn load_keyspace(tree: &Tree) -> Result<Keyspace, Error> {
     let revision = meta_i64(tree, META_REV, 1)?;
     let compacted = meta_i64(tree, META_COMPACT, -1)?;
     let lease_seq = meta_i64(tree, META_LEASE_SEQ, 0)?;
     let mut leases = Vec::new();
-    for item in tree.scan_prefix([PREFIX_LEASE]) {
+    for item in tree.scan_prefix(&[PREFIX_LEASE]) {
         let (k, v) = item?;
-        leases.push((lease_id_from_tree_key(&k)?, decode_lease(&v)?));
+        leases.push((lease_id_from_tree_key(k)?, decode_lease(&v)?));
     }
-    let history = tree.scan_prefix([PREFIX_HISTORY]).map(|item| {
+    let history = tree.scan_prefix(&[PREFIX_HISTORY]).map(|item| {
         let (k, v) = item?;
-        let at = RevKey::from_tree_key(&k)?;
+        let at = RevKey::from_tree_key(k)?;
         let rec = decode_record(&v)?;
         if rec.kv.mod_revision != at.main {
             return Err(Error::Corrupt(format!(
@@ -167,62 +163,78 @@ impl CrcReader<'_> {
     }
 }
 
-/// Opens sled, waiting out a lock still held by a handle dropped moments ago in this process:
-/// sled 0.34 releases its `flock` from a background thread after `Db` is dropped (sled issues
-/// #1234, #1289), so an immediate reopen can see `WouldBlock`. A lock held by a live process
-/// outlasts the wait and is reported.
-fn open_sled(dir: &Path) -> Result<sled::Db, Error> {
-    // sled reports the contention as ErrorKind::Other with this text (sled 0.34 config.rs).
-    let contended = |e: &sled::Error| matches!(e, sled::Error::Io(io) if io.to_string().contains("could not acquire lock"));
-    let step = std::time::Duration::from_millis(20);
-    let mut attempts = 0;
-    loop {
-        match sled::Config::new().path(dir).open() {
-            Err(e) if contended(&e) && attempts < 100 => {
-                std::thread::sleep(step);
-                attempts += 1;
-            }
-            Err(e) if contended(&e) => {
-                return Err(Error::Io(format!(
-                    "{} is locked by another process (is another eden running on this data \
-                     directory?): {e}",
-                    dir.display()
-                )));
-            }
-            other => return Ok(other?),
-        }
-    }
-}
-
 /// Snapshot entries larger than this are refused rather than allocated.
 const MAX_SNAPSHOT_ITEM: u32 = 1 << 30;
+
+/// Files of the older layout: one sled database in the directory.
+const SLED_FILES: [&str; 3] = ["conf", "db", "blobs"];
+
+/// Converts a directory written by earlier builds (one sled database whose default tree names
+/// the current generation tree `eden-g<N>`) to the tree's data file: the entries of the current
+/// generation are written as a new data file (synced and renamed into place), and only then are
+/// sled's files removed. A crash before that point converts again on the next open.
+fn migrate_from_sled(dir: &Path, tree: &mut Tree) -> Result<(), Error> {
+    if !SLED_FILES.iter().any(|f| dir.join(f).exists()) {
+        return Ok(());
+    }
+    let db = sled::Config::new().path(dir).open()?;
+    let generation = match db.get(b"generation")? {
+        Some(v) => decode_i64(&v, "generation pointer")? as u64,
+        None => 0,
+    };
+    let old = db.open_tree(format!("eden-g{generation}"))?;
+    let mut items = old.iter().map(|item| {
+        let (k, v) = item?;
+        Ok((k.to_vec(), v.to_vec()))
+    });
+    tree.replace(&mut items)?;
+    drop(old);
+    drop(db);
+    for name in SLED_FILES {
+        let path = dir.join(name);
+        let removed = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        match removed {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(Error::Io(format!("cannot remove {}: {e}", path.display())))
+            }
+            _ => {}
+        }
+    }
+    for entry in std::fs::read_dir(dir)? {
+        let name = entry?.file_name();
+        if name.to_string_lossy().starts_with("snap.") {
+            let _ = std::fs::remove_file(dir.join(name));
+        }
+    }
+    Ok(())
+}
 
 impl Store {
     /// Opens (or creates) the store in `dir`, rebuilding the index from history.
     pub fn open(dir: &Path) -> Result<Store, Error> {
-        let db = open_sled(dir)?;
-        let generation = match db.get(GENERATION_KEY)? {
-            Some(v) => decode_i64(&v, "generation pointer")? as u64,
-            None => 0,
-        };
-        let current = tree_name(generation);
-        // A tree of another generation is an import that crashed before its pointer flip, or
-        // an old generation whose drop did not finish.
-        for name in db.tree_names() {
-            if name.starts_with(TREE_PREFIX.as_bytes()) && name.as_ref() != current.as_bytes() {
-                db.drop_tree(&name)?;
-            }
-        }
-        let tree = db.open_tree(&current)?;
+        Self::open_with(dir, tree::CHECKPOINT_MIN)
+    }
+
+    /// [`Store::open`], rewriting the data file once it holds more than `checkpoint_min` bytes of
+    /// garbage (and more garbage than live data) instead of [`tree::CHECKPOINT_MIN`]. For tests
+    /// that want checkpoints to happen often.
+    pub fn open_with(dir: &Path, checkpoint_min: u64) -> Result<Store, Error> {
+        let mut tree = Tree::open_with(dir, checkpoint_min)?;
+        migrate_from_sled(dir, &mut tree)?;
         let ks = load_keyspace(&tree)?;
         Ok(Store {
-            db,
-            inner: RwLock::new(Inner {
-                generation,
-                tree,
-                ks,
-            }),
+            inner: RwLock::new(Inner { tree, ks }),
         })
+    }
+
+    /// What open cut from the end of the data file (a batch torn by a crash, or never written
+    /// out), for the caller to report.
+    pub fn recovery(&self) -> tree::Recovery {
+        self.read().tree.recovery()
     }
 
     fn read(&self) -> RwLockReadGuard<'_, Inner> {
@@ -249,7 +261,7 @@ impl Store {
         let inner = &mut *guard;
         let mut sink = BatchSink {
             tree: &inner.tree,
-            batch: sled::Batch::default(),
+            writes: Vec::new(),
             pending: Default::default(),
         };
         let mut results = Vec::with_capacity(cmds.len());
@@ -262,24 +274,32 @@ impl Store {
                 other => results.push(other),
             }
         }
-        let BatchSink { mut batch, .. } = sink;
-        batch.insert(META_REV, &encode_i64(inner.ks.revision())[..]);
-        batch.insert(META_COMPACT, &encode_i64(inner.ks.compact_revision())[..]);
-        batch.insert(META_LEASE_SEQ, &encode_i64(inner.ks.lease_seq())[..]);
+        let BatchSink { mut writes, .. } = sink;
+        writes.push((
+            META_REV.to_vec(),
+            Some(encode_i64(inner.ks.revision()).to_vec()),
+        ));
+        writes.push((
+            META_COMPACT.to_vec(),
+            Some(encode_i64(inner.ks.compact_revision()).to_vec()),
+        ));
+        writes.push((
+            META_LEASE_SEQ.to_vec(),
+            Some(encode_i64(inner.ks.lease_seq()).to_vec()),
+        ));
         for (k, v) in meta {
-            batch.insert(user_meta_key(k), v.as_slice());
+            writes.push((user_meta_key(k), Some(v.clone())));
         }
-        if let Err(e) = inner.tree.apply_batch(batch) {
+        if let Err(e) = inner.tree.apply(&writes) {
             inner.ks = load_keyspace(&inner.tree)?;
-            return Err(e.into());
+            return Err(e);
         }
         Ok(results)
     }
 
     /// Makes every applied batch durable (fsync).
     pub fn flush(&self) -> Result<(), Error> {
-        self.db.flush()?;
-        Ok(())
+        self.read().tree.flush()
     }
 
     /// etcd's Range, at the current revision or at `req.revision`.
@@ -328,9 +348,12 @@ impl Store {
         .to_tree_key();
         let recs = TreeRecords(&inner.tree);
         let mut out: Vec<(Revision, Vec<Event>)> = Vec::new();
-        for item in inner.tree.range(lo..hi) {
+        for item in inner
+            .tree
+            .range(Bound::Included(&lo[..]), Bound::Excluded(&hi[..]))
+        {
             let (k, v) = item?;
-            let at = RevKey::from_tree_key(&k)?;
+            let at = RevKey::from_tree_key(k)?;
             let rec = decode_record(&v)?;
             let create = rec.kind == EventKind::Put && rec.kv.create_revision == at.main;
             let prev_kv = if create {
@@ -368,12 +391,7 @@ impl Store {
     /// A value the caller stored through `apply`'s `meta`.
     pub fn meta(&self, key: &[u8]) -> Option<Vec<u8>> {
         let inner = self.read();
-        inner
-            .tree
-            .get(user_meta_key(key))
-            .ok()
-            .flatten()
-            .map(|v| v.to_vec())
+        inner.tree.get(&user_meta_key(key)).ok().flatten()
     }
 
     /// Writes the whole keyspace (history, leases, revisions, meta) as one stream:
@@ -391,7 +409,7 @@ impl Store {
             let (k, v) = item?;
             out.put(&[1])?;
             out.put(&(k.len() as u32).to_be_bytes())?;
-            out.put(&k)?;
+            out.put(k)?;
             out.put(&(v.len() as u32).to_be_bytes())?;
             out.put(&v)?;
         }
@@ -407,40 +425,6 @@ impl Store {
     /// old state.
     pub fn import_snapshot(&self, r: &mut dyn Read) -> Result<(), Error> {
         let mut inner = self.write();
-        let generation = inner.generation + 1;
-        let name = tree_name(generation);
-        self.db.drop_tree(&name)?;
-        let tree = self.db.open_tree(&name)?;
-        let filled = Self::fill_from_snapshot(&tree, r).and_then(|()| {
-            let ks = load_keyspace(&tree)?;
-            tree.flush()?;
-            Ok(ks)
-        });
-        let ks = match filled {
-            Ok(ks) => ks,
-            Err(e) => {
-                drop(tree);
-                self.db.drop_tree(&name)?;
-                return Err(e);
-            }
-        };
-        self.db
-            .insert(GENERATION_KEY, &encode_i64(generation as i64)[..])?;
-        self.db.flush()?;
-        let old = std::mem::replace(
-            &mut *inner,
-            Inner {
-                generation,
-                tree,
-                ks,
-            },
-        );
-        drop(old.tree);
-        self.db.drop_tree(tree_name(old.generation))?;
-        Ok(())
-    }
-
-    fn fill_from_snapshot(tree: &sled::Tree, r: &mut dyn Read) -> Result<(), Error> {
         let mut input = CrcReader {
             r,
             crc: Crc32c::new(),
@@ -456,49 +440,9 @@ impl Store {
                 "snapshot format version {version}; this build reads version {SNAPSHOT_VERSION}"
             )));
         }
-        let mut batch = sled::Batch::default();
-        let mut in_batch = 0;
-        loop {
-            match input.get(1)?[0] {
-                0 => break,
-                1 => {}
-                tag => {
-                    return Err(Error::InvalidSnapshot(format!("unknown entry tag {tag}")));
-                }
-            }
-            let klen = input.u32()?;
-            if klen > MAX_SNAPSHOT_ITEM {
-                return Err(Error::InvalidSnapshot(format!(
-                    "key length {klen} is too large"
-                )));
-            }
-            let key = input.get(klen as usize)?;
-            let vlen = input.u32()?;
-            if vlen > MAX_SNAPSHOT_ITEM {
-                return Err(Error::InvalidSnapshot(format!(
-                    "value length {vlen} is too large"
-                )));
-            }
-            let value = input.get(vlen as usize)?;
-            batch.insert(key, value);
-            in_batch += 1;
-            if in_batch == 1024 {
-                tree.apply_batch(std::mem::take(&mut batch))?;
-                in_batch = 0;
-            }
-        }
-        let computed = input.crc.finish();
-        let mut trailer = [0u8; 4];
-        input.r.read_exact(&mut trailer).map_err(|e| {
-            Error::InvalidSnapshot(format!("stream ended before its checksum: {e}"))
-        })?;
-        let stored = u32::from_be_bytes(trailer);
-        if stored != computed {
-            return Err(Error::InvalidSnapshot(format!(
-                "checksum mismatch: stream says {stored:08x}, content is {computed:08x}"
-            )));
-        }
-        tree.apply_batch(batch)?;
+        let mut items = SnapshotEntries { input, done: false };
+        inner.tree.replace(&mut items)?;
+        inner.ks = load_keyspace(&inner.tree)?;
         Ok(())
     }
 
@@ -519,16 +463,105 @@ impl Store {
             sub: 0,
         }
         .to_tree_key();
-        for item in inner.tree.range(&[PREFIX_HISTORY][..]..&hi[..]) {
+        for item in inner.tree.range(
+            Bound::Included(&[PREFIX_HISTORY][..]),
+            Bound::Excluded(&hi[..]),
+        ) {
             let (k, v) = item?;
-            crc.update(&k);
+            crc.update(k);
             crc.update(&v);
         }
         Ok((crc.finish(), inner.ks.compact_revision()))
     }
 
-    /// Bytes sled occupies on disk.
+    /// Bytes of the data file.
     pub fn size_bytes(&self) -> u64 {
-        self.db.size_on_disk().unwrap_or(0)
+        self.read().tree.size_on_disk()
+    }
+}
+
+/// The entries of a snapshot stream after its header. Each history record and lease is decoded
+/// on the way, and the stream's checksum is checked at its end: a damaged stream ends in an
+/// error, and [`Tree::replace`] puts its new file in place only after the entries end without
+/// one.
+struct SnapshotEntries<'a> {
+    input: CrcReader<'a>,
+    done: bool,
+}
+
+impl SnapshotEntries<'_> {
+    fn next_entry(&mut self) -> Result<Option<tree::Entry>, Error> {
+        match self.input.get(1)?[0] {
+            0 => {
+                let computed = self.input.crc.finish();
+                let mut trailer = [0u8; 4];
+                self.input.r.read_exact(&mut trailer).map_err(|e| {
+                    Error::InvalidSnapshot(format!("stream ended before its checksum: {e}"))
+                })?;
+                let stored = u32::from_be_bytes(trailer);
+                if stored != computed {
+                    return Err(Error::InvalidSnapshot(format!(
+                        "checksum mismatch: stream says {stored:08x}, content is {computed:08x}"
+                    )));
+                }
+                return Ok(None);
+            }
+            1 => {}
+            tag => return Err(Error::InvalidSnapshot(format!("unknown entry tag {tag}"))),
+        }
+        let klen = self.input.u32()?;
+        if klen > MAX_SNAPSHOT_ITEM {
+            return Err(Error::InvalidSnapshot(format!(
+                "key length {klen} is too large"
+            )));
+        }
+        let key = self.input.get(klen as usize)?;
+        let vlen = self.input.u32()?;
+        if vlen > MAX_SNAPSHOT_ITEM {
+            return Err(Error::InvalidSnapshot(format!(
+                "value length {vlen} is too large"
+            )));
+        }
+        let value = self.input.get(vlen as usize)?;
+        let bad = |e: Error| Error::InvalidSnapshot(e.to_string());
+        match key.first() {
+            Some(&PREFIX_HISTORY) => {
+                let at = RevKey::from_tree_key(&key).map_err(bad)?;
+                let rec = decode_record(&value).map_err(bad)?;
+                if rec.kv.mod_revision != at.main {
+                    return Err(Error::InvalidSnapshot(format!(
+                        "record at revision {} says mod_revision {}",
+                        at.main, rec.kv.mod_revision
+                    )));
+                }
+            }
+            Some(&PREFIX_LEASE) => {
+                lease_id_from_tree_key(&key).map_err(bad)?;
+                decode_lease(&value).map_err(bad)?;
+            }
+            _ => {}
+        }
+        Ok(Some((key, value)))
+    }
+}
+
+impl Iterator for SnapshotEntries<'_> {
+    type Item = Result<tree::Entry, Error>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        match self.next_entry() {
+            Ok(Some(entry)) => Some(Ok(entry)),
+            Ok(None) => {
+                self.done = true;
+                None
+            }
+            Err(e) => {
+                self.done = true;
+                Some(Err(e))
+            }
+        }
     }
 }

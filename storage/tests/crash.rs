@@ -24,7 +24,7 @@ const CHILD_ENV: &str = "EDEN_CRASH_CHILD_DIR";
 const APPLIED: &[u8] = b"applied";
 
 /// The deterministic batch of op `n`: puts with growing versions, leases, txns, deletes,
-/// compactions and some large values (to cross sled segment boundaries).
+/// compactions and some large values (stored in the data file, not in memory).
 fn op(n: u64, current_rev: Revision) -> Vec<Command> {
     let key = |i: u64| format!("key/{:02}", i % 40).into_bytes();
     let value = if n.is_multiple_of(9) {
@@ -100,10 +100,11 @@ fn applied_of(store: &Store) -> u64 {
 }
 
 /// The child: continue the op sequence forever, flushing after every eighth op and then
-/// acknowledging the ops up to it. The ops in between went to sled unflushed when the kill
-/// comes.
+/// acknowledging the ops up to it. The ops in between went to the data file unsynced when the
+/// kill comes. The child checkpoints its data file once it holds 64 KiB of garbage (instead of
+/// 64 MiB), so kills also land inside checkpoints.
 fn child(dir: &Path) -> ! {
-    let store = Store::open(dir).expect("child opens the store");
+    let store = Store::open_with(dir, 64 << 10).expect("child opens the store");
     println!("open");
     let mut n = applied_of(&store);
     loop {

@@ -1,4 +1,4 @@
-//! Property test: the sled-backed [`Store`] against a deliberately naive in-memory model.
+//! Property test: the durable [`Store`] against a deliberately naive in-memory model.
 //!
 //! The model keeps a full copy of the keyspace for every revision (`states[rev]`) and answers
 //! every question by brute force over those copies; the store keeps history records and an

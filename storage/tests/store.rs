@@ -454,8 +454,8 @@ fn store_is_send_and_sync_and_reads_run_beside_writes() {
     assert_eq!(store.revision(), 201);
 }
 
-/// What a crash in the middle of `import_snapshot` leaves behind: a half-filled tree of the next
-/// generation, never pointed at. Open must ignore it (and drop it), keeping the old state.
+/// What a crash in the middle of `import_snapshot` leaves behind: a half-written next data file
+/// under its temporary name. Open must ignore it (and remove it), keeping the old state.
 #[test]
 fn half_written_import_is_dropped_on_open() {
     let dir = tempfile::tempdir().unwrap();
@@ -470,26 +470,72 @@ fn half_written_import_is_dropped_on_open() {
         store.flush().unwrap();
         store.range(&all).unwrap()
     };
-    {
-        // Same retry as Store::open: the dropped store's lock is released asynchronously.
-        let db = (0..100)
-            .find_map(|_| {
-                sled::open(dir.path())
-                    .map_err(|_| std::thread::sleep(std::time::Duration::from_millis(20)))
-                    .ok()
-            })
-            .expect("sled reopens");
-        let half = db.open_tree("eden-g1").unwrap();
-        half.insert(b"h-garbage", b"not a record").unwrap();
-        half.insert(b"mrev", &999i64.to_be_bytes()).unwrap();
-        db.flush().unwrap();
-    }
+    let half = dir.path().join("data-00000002.tmp");
+    std::fs::write(&half, b"EDENTREE\0\0\0\x01 and then the crash").unwrap();
     let store = Store::open(dir.path()).unwrap();
     assert_eq!(store.range(&all).unwrap(), before);
     assert_eq!(store.revision(), 7);
-    // The next import reuses generation 1 from scratch.
+    assert!(!half.exists());
+    // The next import fills the next file from scratch.
     let mut snap = Vec::new();
     store.export_snapshot(&mut snap).unwrap();
     store.import_snapshot(&mut snap.as_slice()).unwrap();
+    assert_eq!(store.range(&all).unwrap(), before);
+}
+
+/// A directory of the older layout (one sled database: the default tree names the current
+/// generation, `eden-g<N>` holds its entries, and a half-written import may have left
+/// `eden-g<N+1>`) opens with the current generation's content, and sled's files are gone.
+#[test]
+fn a_sled_store_of_earlier_builds_is_converted_on_open() {
+    let all = RangeRequest {
+        key: vec![0],
+        range_end: vec![0],
+        ..Default::default()
+    };
+    let source = tempfile::tempdir().unwrap();
+    let (before, entries) = {
+        let store = Store::open(source.path()).unwrap();
+        store
+            .apply(&sample_commands(), &[(b"applied".to_vec(), b"42".to_vec())])
+            .unwrap();
+        let before = store.range(&all).unwrap();
+        drop(store);
+        let tree = eden_storage::tree::Tree::open(source.path()).unwrap();
+        let entries: Vec<(Vec<u8>, Vec<u8>)> = tree
+            .iter()
+            .map(|r| r.map(|(k, v)| (k.to_vec(), v)).unwrap())
+            .collect();
+        (before, entries)
+    };
+    assert!(entries.len() > 5);
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let db = sled::open(dir.path()).unwrap();
+        db.insert(b"generation", &1i64.to_be_bytes()).unwrap();
+        let current = db.open_tree("eden-g1").unwrap();
+        for (k, v) in &entries {
+            current.insert(k, v.as_slice()).unwrap();
+        }
+        let half = db.open_tree("eden-g2").unwrap();
+        half.insert(b"mrev", &999i64.to_be_bytes()).unwrap();
+        db.flush().unwrap();
+    }
+    // sled releases its lock from a background thread after the drop.
+    let store = (0..100)
+        .find_map(|_| {
+            Store::open(dir.path())
+                .map_err(|_| std::thread::sleep(std::time::Duration::from_millis(20)))
+                .ok()
+        })
+        .expect("the converted store opens");
+    assert_eq!(store.range(&all).unwrap(), before);
+    assert_eq!(store.revision(), 7);
+    assert_eq!(store.meta(b"applied"), Some(b"42".to_vec()));
+    for gone in ["conf", "db", "blobs"] {
+        assert!(!dir.path().join(gone).exists(), "{gone} is still there");
+    }
+    drop(store);
+    let store = Store::open(dir.path()).unwrap();
     assert_eq!(store.range(&all).unwrap(), before);
 }
