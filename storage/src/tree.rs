@@ -317,65 +317,7 @@ impl Tree {
             .map_err(|e| io("cannot stat", &path, e))?
             .len();
         let mut r = BufReader::with_capacity(1 << 20, &self.file);
-        let mut head = [0u8; HEADER_LEN as usize];
-        r.read_exact(&mut head)
-            .map_err(|e| Error::Corrupt(format!("{}: no header: {e}", path.display())))?;
-        if &head[..8] != MAGIC {
-            return Err(Error::Corrupt(format!(
-                "{} is not an eden data file",
-                path.display()
-            )));
-        }
-        let version = u32::from_be_bytes(head[8..12].try_into().expect("4 bytes"));
-        if version != VERSION {
-            return Err(Error::Corrupt(format!(
-                "{} has format version {version}; this build reads version {VERSION}",
-                path.display()
-            )));
-        }
-        let mut index = BTreeMap::new();
-        let mut live = 0u64;
-        let mut end = HEADER_LEN;
-        let mut payload = Vec::new();
-        loop {
-            let mut fh = [0u8; FRAME_HEADER as usize];
-            if r.read_exact(&mut fh).is_err() {
-                break;
-            }
-            let len = u32::from_be_bytes(fh[..4].try_into().expect("4 bytes"));
-            let crc = u32::from_be_bytes(fh[4..].try_into().expect("4 bytes"));
-            if len == 0 || len > MAX_FRAME || end + FRAME_HEADER + len as u64 > size {
-                break;
-            }
-            payload.resize(len as usize, 0);
-            if r.read_exact(&mut payload).is_err() {
-                break;
-            }
-            let mut c = Crc32c::new();
-            c.update(&payload);
-            if c.finish() != crc {
-                break;
-            }
-            let ops = match parse_ops(&payload) {
-                Ok(ops) => ops,
-                Err(why) => {
-                    return Err(Error::Corrupt(format!(
-                        "{}: frame at byte {end} passes its checksum but does not parse: {why}",
-                        path.display()
-                    )))
-                }
-            };
-            let base = end + FRAME_HEADER;
-            for (key, value) in ops {
-                index_op(
-                    &mut index,
-                    &mut live,
-                    key,
-                    value.map(|(at, v)| (base + at as u64, v)),
-                );
-            }
-            end = base + len as u64;
-        }
+        let Scan { index, live, end } = scan(&mut r, size, &path.display())?;
         drop(r);
         if end < size {
             let mut rest = vec![0u8; (size - end).min(1 << 20) as usize];
@@ -540,6 +482,92 @@ impl Tree {
     pub fn is_empty(&self) -> bool {
         self.index.is_empty()
     }
+}
+
+/// What a replay of a data file gives.
+struct Scan {
+    index: BTreeMap<Box<[u8]>, Slot>,
+    live: u64,
+    /// End of the last whole frame.
+    end: u64,
+}
+
+/// Replays the frames of a data file of `size` bytes read from `r`, up to the first one that is
+/// short or fails its checksum. A bad header, or a frame that passes its checksum but does not
+/// parse, is corruption. `name` names the file in errors.
+fn scan(r: &mut dyn Read, size: u64, name: &dyn std::fmt::Display) -> Result<Scan, Error> {
+    let mut head = [0u8; HEADER_LEN as usize];
+    r.read_exact(&mut head)
+        .map_err(|e| Error::Corrupt(format!("{name}: no header: {e}")))?;
+    if &head[..8] != MAGIC {
+        return Err(Error::Corrupt(format!("{name} is not an eden data file")));
+    }
+    let version = u32::from_be_bytes(head[8..12].try_into().expect("4 bytes"));
+    if version != VERSION {
+        return Err(Error::Corrupt(format!(
+            "{name} has format version {version}; this build reads version {VERSION}"
+        )));
+    }
+    let mut index = BTreeMap::new();
+    let mut live = 0u64;
+    let mut end = HEADER_LEN;
+    let mut payload = Vec::new();
+    loop {
+        let mut fh = [0u8; FRAME_HEADER as usize];
+        if r.read_exact(&mut fh).is_err() {
+            break;
+        }
+        let len = u32::from_be_bytes(fh[..4].try_into().expect("4 bytes"));
+        let crc = u32::from_be_bytes(fh[4..].try_into().expect("4 bytes"));
+        if len == 0 || len > MAX_FRAME || end + FRAME_HEADER + len as u64 > size {
+            break;
+        }
+        payload.resize(len as usize, 0);
+        if r.read_exact(&mut payload).is_err() {
+            break;
+        }
+        let mut c = Crc32c::new();
+        c.update(&payload);
+        if c.finish() != crc {
+            break;
+        }
+        let ops = parse_ops(&payload).map_err(|why| {
+            Error::Corrupt(format!(
+                "{name}: frame at byte {end} passes its checksum but does not parse: {why}"
+            ))
+        })?;
+        let base = end + FRAME_HEADER;
+        for (key, value) in ops {
+            index_op(
+                &mut index,
+                &mut live,
+                key,
+                value.map(|(at, v)| (base + at as u64, v)),
+            );
+        }
+        end = base + len as u64;
+    }
+    Ok(Scan { index, live, end })
+}
+
+/// Replays the bytes of a data file as [`Tree::open`] would, without a file or a directory:
+/// the entries it would keep (with their values) and the end of the last whole frame. For the
+/// fuzz target and for checks.
+pub fn scan_bytes(bytes: &[u8]) -> Result<(Vec<Entry>, u64), Error> {
+    let Scan { index, end, .. } = scan(&mut &bytes[..], bytes.len() as u64, &"data file")?;
+    let entries = index
+        .into_iter()
+        .map(|(k, slot)| {
+            let v = match slot {
+                Slot::Inline(v) => v.to_vec(),
+                Slot::At { offset, len } => {
+                    bytes[offset as usize..offset as usize + len as usize].to_vec()
+                }
+            };
+            (k.to_vec(), v)
+        })
+        .collect();
+    Ok((entries, end))
 }
 
 /// Applies one op to the index: a put of `value` (with its offset in the data file) or a removal.
