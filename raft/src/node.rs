@@ -293,6 +293,12 @@ impl RaftNode {
                 config.data_dir.join("state").display()
             ))
         })?;
+        if let Some(entries) = store.converted_from_sled() {
+            tracing::info!(
+                entries,
+                "converted the store from the sled layout of earlier builds"
+            );
+        }
         let cut = store.recovery();
         if cut.cut_nonzero {
             tracing::warn!(

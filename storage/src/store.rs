@@ -36,6 +36,8 @@ struct Inner {
 /// The durable MVCC keyspace. `Send + Sync`; share it behind an `Arc`.
 pub struct Store {
     inner: RwLock<Inner>,
+    /// Entries converted from an older sled directory by this open, if it was one.
+    converted: Option<usize>,
 }
 
 /// Reads records straight from the tree.
@@ -172,10 +174,11 @@ const SLED_FILES: [&str; 3] = ["conf", "db", "blobs"];
 /// Converts a directory written by earlier builds (one sled database whose default tree names
 /// the current generation tree `eden-g<N>`) to the tree's data file: the entries of the current
 /// generation are written as a new data file (synced and renamed into place), and only then are
-/// sled's files removed. A crash before that point converts again on the next open.
-fn migrate_from_sled(dir: &Path, tree: &mut Tree) -> Result<(), Error> {
+/// sled's files removed. A crash before that point converts again on the next open. Returns
+/// the number of entries converted, or `None` if the directory was not in the older layout.
+fn migrate_from_sled(dir: &Path, tree: &mut Tree) -> Result<Option<usize>, Error> {
     if !SLED_FILES.iter().any(|f| dir.join(f).exists()) {
-        return Ok(());
+        return Ok(None);
     }
     let db = sled::Config::new().path(dir).open()?;
     let generation = match db.get(b"generation")? {
@@ -188,6 +191,7 @@ fn migrate_from_sled(dir: &Path, tree: &mut Tree) -> Result<(), Error> {
         Ok((k.to_vec(), v.to_vec()))
     });
     tree.replace(&mut items)?;
+    let converted = tree.len();
     drop(old);
     drop(db);
     for name in SLED_FILES {
@@ -210,7 +214,7 @@ fn migrate_from_sled(dir: &Path, tree: &mut Tree) -> Result<(), Error> {
             let _ = std::fs::remove_file(dir.join(name));
         }
     }
-    Ok(())
+    Ok(Some(converted))
 }
 
 impl Store {
@@ -224,10 +228,11 @@ impl Store {
     /// that want checkpoints to happen often.
     pub fn open_with(dir: &Path, checkpoint_min: u64) -> Result<Store, Error> {
         let mut tree = Tree::open_with(dir, checkpoint_min)?;
-        migrate_from_sled(dir, &mut tree)?;
+        let converted = migrate_from_sled(dir, &mut tree)?;
         let ks = load_keyspace(&tree)?;
         Ok(Store {
             inner: RwLock::new(Inner { tree, ks }),
+            converted,
         })
     }
 
@@ -235,6 +240,12 @@ impl Store {
     /// out), for the caller to report.
     pub fn recovery(&self) -> tree::Recovery {
         self.read().tree.recovery()
+    }
+
+    /// The number of entries this open converted from the sled layout of earlier builds, or
+    /// `None` if the directory was already in the current layout.
+    pub fn converted_from_sled(&self) -> Option<usize> {
+        self.converted
     }
 
     fn read(&self) -> RwLockReadGuard<'_, Inner> {

@@ -532,10 +532,12 @@ fn a_sled_store_of_earlier_builds_is_converted_on_open() {
     assert_eq!(store.range(&all).unwrap(), before);
     assert_eq!(store.revision(), 7);
     assert_eq!(store.meta(b"applied"), Some(b"42".to_vec()));
+    assert_eq!(store.converted_from_sled(), Some(entries.len()));
     for gone in ["conf", "db", "blobs"] {
         assert!(!dir.path().join(gone).exists(), "{gone} is still there");
     }
     drop(store);
     let store = Store::open(dir.path()).unwrap();
     assert_eq!(store.range(&all).unwrap(), before);
+    assert_eq!(store.converted_from_sled(), None);
 }
