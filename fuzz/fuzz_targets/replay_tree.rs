@@ -7,10 +7,13 @@ use eden_storage::codec::Crc32c;
 use eden_storage::tree::scan_bytes;
 use libfuzzer_sys::fuzz_target;
 
+/// A valid header: magic, version 1, base 0.
+const HEADER: &[u8] = b"EDENTREE\0\0\0\x01\0\0\0\0\0\0\0\0";
+
 /// Walks the frames of `bytes` (after the header) and writes each one's correct CRC, so the
 /// fuzzer reaches the op parser instead of stopping at checksums.
 fn fix_checksums(bytes: &mut [u8]) {
-    let mut at = 12;
+    let mut at = HEADER.len();
     while at + 8 <= bytes.len() {
         let len = u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
         if len == 0 || at + 8 + len > bytes.len() {
@@ -30,10 +33,10 @@ fuzz_target!(|data: &[u8]| {
     // Most inputs would fail the header check: give them a valid one unless bit 0 is set.
     let mut bytes = Vec::new();
     if mode & 1 == 0 {
-        bytes.extend_from_slice(b"EDENTREE\0\0\0\x01");
+        bytes.extend_from_slice(HEADER);
     }
     bytes.extend_from_slice(rest);
-    if mode & 2 == 0 && bytes.len() >= 12 {
+    if mode & 2 == 0 && bytes.len() >= HEADER.len() {
         fix_checksums(&mut bytes);
     }
     if let Ok((entries, end)) = scan_bytes(&bytes) {

@@ -131,11 +131,12 @@ impl Shared {
     }
 
     fn applied_state(&self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
-        let applied = match self.store.meta(META_APPLIED) {
+        let meta = |key| self.store.meta(key).map_err(|e| sm_err(ErrorVerb::Read, e));
+        let applied = match meta(META_APPLIED)? {
             Some(b) => decode::<Option<LogId>>(&b).map_err(|e| sm_err(ErrorVerb::Read, e))?,
             None => None,
         };
-        let membership = match self.store.meta(META_MEMBERSHIP) {
+        let membership = match meta(META_MEMBERSHIP)? {
             Some(b) => decode::<StoredMembership>(&b).map_err(|e| sm_err(ErrorVerb::Read, e))?,
             None => StoredMembership::default(),
         };
@@ -185,6 +186,12 @@ impl Shared {
                 openraft::AnyError::new(&e),
             ))
         })?;
+        if let Some(e) = self.store.take_maintenance_error() {
+            tracing::warn!(
+                "could not rewrite the store's data file to drop its garbage (the writes are \
+                 applied; it is tried again later): {e}"
+            );
+        }
         let mut per_command = Vec::with_capacity(results.len());
         for result in results {
             match result {

@@ -42,7 +42,7 @@
 //! store.flush().unwrap();
 //! let got = store.range(&RangeRequest { key: b"a".to_vec(), ..Default::default() }).unwrap();
 //! assert_eq!(got.kvs[0].value, b"1");
-//! assert_eq!(store.meta(b"applied"), Some(b"7".to_vec()));
+//! assert_eq!(store.meta(b"applied").unwrap(), Some(b"7".to_vec()));
 //! ```
 
 pub mod codec;

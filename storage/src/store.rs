@@ -22,7 +22,7 @@ use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use crate::codec::*;
 use crate::error::Error;
 use crate::mvcc::{Keyspace, RecordRead, RecordSink};
-use crate::tree::{self, Tree};
+use crate::tree::{self, Contents, Tree};
 use crate::types::*;
 
 const SNAPSHOT_MAGIC: &[u8; 8] = b"EDENSNAP";
@@ -31,6 +31,8 @@ const SNAPSHOT_VERSION: u32 = 1;
 struct Inner {
     tree: Tree,
     ks: Keyspace,
+    /// The last failed checkpoint, until the caller takes it.
+    maintenance_error: Option<Error>,
 }
 
 /// The durable MVCC keyspace. `Send + Sync`; share it behind an `Arc`.
@@ -41,9 +43,9 @@ pub struct Store {
 }
 
 /// Reads records straight from the tree.
-struct TreeRecords<'a>(&'a Tree);
+struct TreeRecords<'a>(&'a Contents);
 
-fn read_record(tree: &Tree, at: RevKey) -> Result<Record, Error> {
+fn read_record(tree: &Contents, at: RevKey) -> Result<Record, Error> {
     match tree.get(&at.to_tree_key())? {
         Some(bytes) => decode_record(&bytes),
         None => Err(Error::Corrupt(format!(
@@ -61,7 +63,7 @@ impl RecordRead for TreeRecords<'_> {
 
 /// Collects one apply batch; reads see the records written earlier in the same batch.
 struct BatchSink<'a> {
-    tree: &'a Tree,
+    tree: &'a Contents,
     writes: Vec<tree::Write>,
     pending: std::collections::HashMap<RevKey, Record>,
 }
@@ -94,7 +96,7 @@ impl RecordSink for BatchSink<'_> {
     }
 }
 
-fn meta_i64(tree: &Tree, key: &[u8], default: i64) -> Result<i64, Error> {
+fn meta_i64(tree: &Contents, key: &[u8], default: i64) -> Result<i64, Error> {
     match tree.get(key)? {
         Some(v) => decode_i64(&v, &String::from_utf8_lossy(key)),
         None => Ok(default),
@@ -102,7 +104,7 @@ fn meta_i64(tree: &Tree, key: &[u8], default: i64) -> Result<i64, Error> {
 }
 
 /// Rebuilds the in-memory keyspace from the tree.
-fn load_keyspace(tree: &Tree) -> Result<Keyspace, Error> {
+fn load_keyspace(tree: &Contents) -> Result<Keyspace, Error> {
     let revision = meta_i64(tree, META_REV, 1)?;
     let compacted = meta_i64(tree, META_COMPACT, -1)?;
     let lease_seq = meta_i64(tree, META_LEASE_SEQ, 0)?;
@@ -174,26 +176,22 @@ const SLED_FILES: [&str; 3] = ["conf", "db", "blobs"];
 /// Converts a directory written by earlier builds (one sled database whose default tree names
 /// the current generation tree `eden-g<N>`) to the tree's data file: the entries of the current
 /// generation are written as a new data file (synced and renamed into place), and only then are
-/// sled's files removed. A crash before that point converts again on the next open. Returns
-/// the number of entries converted, or `None` if the directory was not in the older layout.
+/// sled's files removed, and the directory synced. Returns the number of entries converted, or
+/// `None` if there was nothing to convert.
+///
+/// Only a fresh tree (the empty first data file, made by this open) is filled from sled. A tree
+/// that already has data was converted by an earlier open that stopped before removing sled's
+/// files: they are only removed now. And sled's main file `db` must be there, since opening
+/// sled would create a missing one empty.
 fn migrate_from_sled(dir: &Path, tree: &mut Tree) -> Result<Option<usize>, Error> {
     if !SLED_FILES.iter().any(|f| dir.join(f).exists()) {
         return Ok(None);
     }
-    let db = sled::Config::new().path(dir).open()?;
-    let generation = match db.get(b"generation")? {
-        Some(v) => decode_i64(&v, "generation pointer")? as u64,
-        None => 0,
+    let converted = if tree.is_fresh() && dir.join("db").is_file() {
+        Some(convert_sled(dir, tree)?)
+    } else {
+        None
     };
-    let old = db.open_tree(format!("eden-g{generation}"))?;
-    let mut items = old.iter().map(|item| {
-        let (k, v) = item?;
-        Ok((k.to_vec(), v.to_vec()))
-    });
-    tree.replace(&mut items)?;
-    let converted = tree.len();
-    drop(old);
-    drop(db);
     for name in SLED_FILES {
         let path = dir.join(name);
         let removed = if path.is_dir() {
@@ -214,7 +212,26 @@ fn migrate_from_sled(dir: &Path, tree: &mut Tree) -> Result<Option<usize>, Error
             let _ = std::fs::remove_file(dir.join(name));
         }
     }
-    Ok(Some(converted))
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::Io(format!("fsync of {}: {e}", dir.display())))?;
+    Ok(converted)
+}
+
+/// Fills `tree` with the current generation of the sled database in `dir`.
+fn convert_sled(dir: &Path, tree: &mut Tree) -> Result<usize, Error> {
+    let db = sled::Config::new().path(dir).open()?;
+    let generation = match db.get(b"generation")? {
+        Some(v) => decode_i64(&v, "generation pointer")? as u64,
+        None => 0,
+    };
+    let old = db.open_tree(format!("eden-g{generation}"))?;
+    let mut items = old.iter().map(|item| {
+        let (k, v) = item?;
+        Ok((k.to_vec(), v.to_vec()))
+    });
+    tree.replace(&mut items, &mut |c| load_keyspace(c).map(drop))?;
+    Ok(tree.len())
 }
 
 impl Store {
@@ -231,7 +248,11 @@ impl Store {
         let converted = migrate_from_sled(dir, &mut tree)?;
         let ks = load_keyspace(&tree)?;
         Ok(Store {
-            inner: RwLock::new(Inner { tree, ks }),
+            inner: RwLock::new(Inner {
+                tree,
+                ks,
+                maintenance_error: None,
+            }),
             converted,
         })
     }
@@ -249,8 +270,8 @@ impl Store {
     }
 
     fn read(&self) -> RwLockReadGuard<'_, Inner> {
-        // A panic while holding the lock cannot leave `Inner` half-updated in a way reads
-        // could observe wrongly: apply reloads from disk on any fault. So poison is ignored.
+        // A panic inside `apply` may leave the in-memory keyspace ahead of the tree. Poison is
+        // ignored so that reads keep working; as after any fault, the store should be reopened.
         self.inner.read().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -304,6 +325,13 @@ impl Store {
         if let Err(e) = inner.tree.apply(&writes) {
             inner.ks = load_keyspace(&inner.tree)?;
             return Err(e);
+        }
+        // The batch is in. A checkpoint that fails does not undo it: the tree stays as it was,
+        // tries again later, and the error waits for `take_maintenance_error`.
+        if inner.tree.checkpoint_due() {
+            if let Err(e) = inner.tree.checkpoint() {
+                inner.maintenance_error = Some(e);
+            }
         }
         Ok(results)
     }
@@ -400,9 +428,15 @@ impl Store {
     }
 
     /// A value the caller stored through `apply`'s `meta`.
-    pub fn meta(&self, key: &[u8]) -> Option<Vec<u8>> {
-        let inner = self.read();
-        inner.tree.get(&user_meta_key(key)).ok().flatten()
+    pub fn meta(&self, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
+        self.read().tree.get(&user_meta_key(key))
+    }
+
+    /// The error of the last checkpoint of the data file that failed since the last call, if
+    /// any. The batch that triggered it was applied; the checkpoint is tried again later. The
+    /// caller logs it.
+    pub fn take_maintenance_error(&self) -> Option<Error> {
+        self.write().maintenance_error.take()
     }
 
     /// Writes the whole keyspace (history, leases, revisions, meta) as one stream:
@@ -452,8 +486,14 @@ impl Store {
             )));
         }
         let mut items = SnapshotEntries { input, done: false };
-        inner.tree.replace(&mut items)?;
-        inner.ks = load_keyspace(&inner.tree)?;
+        // The new content's keyspace is loaded before the new file is put in place: a stream
+        // that passes its checksum but does not load changes nothing either.
+        let mut loaded = None;
+        inner.tree.replace(&mut items, &mut |c| {
+            loaded = Some(load_keyspace(c)?);
+            Ok(())
+        })?;
+        inner.ks = loaded.expect("replace ran the check");
         Ok(())
     }
 

@@ -96,6 +96,7 @@ fn op(n: u64, current_rev: Revision) -> Vec<Command> {
 fn applied_of(store: &Store) -> u64 {
     store
         .meta(APPLIED)
+        .unwrap()
         .map_or(0, |v| String::from_utf8(v).unwrap().parse().unwrap())
 }
 

@@ -267,7 +267,7 @@ fn state_survives_reopen_and_meta_is_stored_with_the_batch() {
     assert_eq!(before, after);
     assert_eq!(store.revision(), 7);
     assert_eq!(store.compact_revision(), 4);
-    assert_eq!(store.meta(b"applied"), Some(b"9".to_vec()));
+    assert_eq!(store.meta(b"applied").unwrap(), Some(b"9".to_vec()));
     // Generated lease ids are deterministic and continue after reopen.
     let ids: Vec<_> = store.leases().iter().map(|l| l.id).collect();
     assert_eq!(ids, vec![1, 2]);
@@ -307,8 +307,8 @@ fn snapshot_round_trip_replaces_everything() {
     assert_eq!(target.range(&all).unwrap(), source.range(&all).unwrap());
     assert_eq!(target.hash_kv(0).unwrap(), source.hash_kv(0).unwrap());
     assert_eq!(target.leases(), source.leases());
-    assert_eq!(target.meta(b"applied"), Some(b"9".to_vec()));
-    assert_eq!(target.meta(b"other"), None);
+    assert_eq!(target.meta(b"applied").unwrap(), Some(b"9".to_vec()));
+    assert_eq!(target.meta(b"other").unwrap(), None);
     assert_eq!(
         target.events(4, 100).unwrap(),
         source.events(4, 100).unwrap()
@@ -531,7 +531,7 @@ fn a_sled_store_of_earlier_builds_is_converted_on_open() {
         .expect("the converted store opens");
     assert_eq!(store.range(&all).unwrap(), before);
     assert_eq!(store.revision(), 7);
-    assert_eq!(store.meta(b"applied"), Some(b"42".to_vec()));
+    assert_eq!(store.meta(b"applied").unwrap(), Some(b"42".to_vec()));
     assert_eq!(store.converted_from_sled(), Some(entries.len()));
     for gone in ["conf", "db", "blobs"] {
         assert!(!dir.path().join(gone).exists(), "{gone} is still there");
@@ -540,4 +540,138 @@ fn a_sled_store_of_earlier_builds_is_converted_on_open() {
     let store = Store::open(dir.path()).unwrap();
     assert_eq!(store.range(&all).unwrap(), before);
     assert_eq!(store.converted_from_sled(), None);
+}
+
+/// After a conversion, leftovers of sled's files (an open that stopped before removing them
+/// all) are removed on the next open without converting again: neither a partial directory
+/// (`db` gone, which sled would recreate empty) nor a whole one may replace newer data.
+#[test]
+fn sled_leftovers_after_a_conversion_do_not_convert_again() {
+    let all = RangeRequest {
+        key: vec![0],
+        range_end: vec![0],
+        ..Default::default()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let db = sled::open(dir.path()).unwrap();
+        db.insert(b"generation", &0i64.to_be_bytes()).unwrap();
+        db.open_tree("eden-g0").unwrap();
+        db.flush().unwrap();
+    }
+    let open = || {
+        (0..100)
+            .find_map(|_| {
+                Store::open(dir.path())
+                    .map_err(|_| std::thread::sleep(std::time::Duration::from_millis(20)))
+                    .ok()
+            })
+            .expect("the store opens")
+    };
+    let store = open();
+    assert_eq!(store.converted_from_sled(), Some(0));
+    store.apply(&sample_commands(), &[]).unwrap();
+    store.flush().unwrap();
+    let before = store.range(&all).unwrap();
+    drop(store);
+    // Only sled's blob directory is left.
+    std::fs::create_dir(dir.path().join("blobs")).unwrap();
+    let store = open();
+    assert_eq!(store.converted_from_sled(), None);
+    assert_eq!(store.range(&all).unwrap(), before);
+    assert!(!dir.path().join("blobs").exists());
+    drop(store);
+    // A whole (empty) sled database is left.
+    {
+        let db = sled::open(dir.path()).unwrap();
+        db.insert(b"generation", &0i64.to_be_bytes()).unwrap();
+        db.flush().unwrap();
+    }
+    let store = open();
+    assert_eq!(store.converted_from_sled(), None);
+    assert_eq!(store.range(&all).unwrap(), before);
+    assert!(!dir.path().join("db").exists() && !dir.path().join("conf").exists());
+}
+
+/// Splits a snapshot stream into its entries (checking nothing) and builds one back, with a
+/// correct checksum.
+fn snapshot_entries(stream: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut at = 12;
+    let mut out = Vec::new();
+    let u32_at = |at: usize| u32::from_be_bytes(stream[at..at + 4].try_into().unwrap()) as usize;
+    while stream[at] == 1 {
+        let klen = u32_at(at + 1);
+        let key = stream[at + 5..at + 5 + klen].to_vec();
+        let vat = at + 5 + klen;
+        let vlen = u32_at(vat);
+        out.push((key, stream[vat + 4..vat + 4 + vlen].to_vec()));
+        at = vat + 4 + vlen;
+    }
+    out
+}
+
+fn snapshot_stream(entries: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
+    let mut s = b"EDENSNAP".to_vec();
+    s.extend_from_slice(&1u32.to_be_bytes());
+    for (k, v) in entries {
+        s.push(1);
+        s.extend_from_slice(&(k.len() as u32).to_be_bytes());
+        s.extend_from_slice(k);
+        s.extend_from_slice(&(v.len() as u32).to_be_bytes());
+        s.extend_from_slice(v);
+    }
+    s.push(0);
+    let mut crc = eden_storage::codec::Crc32c::new();
+    crc.update(&s);
+    s.extend_from_slice(&crc.finish().to_be_bytes());
+    s
+}
+
+/// A stream whose checksum is right but whose content does not load (history above the
+/// stored current revision) is refused, and the store keeps its state, on disk too.
+#[test]
+fn a_snapshot_that_does_not_load_changes_nothing() {
+    let all = RangeRequest {
+        key: vec![0],
+        range_end: vec![0],
+        ..Default::default()
+    };
+    let source_dir = tempfile::tempdir().unwrap();
+    let source = Store::open(source_dir.path()).unwrap();
+    source.apply(&sample_commands(), &[]).unwrap();
+    let mut good = Vec::new();
+    source.export_snapshot(&mut good).unwrap();
+    let entries = snapshot_entries(&good);
+    assert_eq!(
+        snapshot_stream(&entries),
+        good,
+        "the test's encoder matches"
+    );
+    let without_rev: Vec<_> = entries
+        .into_iter()
+        .filter(|(k, _)| k.as_slice() != codec::META_REV)
+        .collect();
+    let bad = snapshot_stream(&without_rev);
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    store
+        .apply(
+            &[Command::Put(PutRequest {
+                key: b"mine".to_vec(),
+                value: b"1".to_vec(),
+                ..Default::default()
+            })],
+            &[],
+        )
+        .unwrap();
+    let before = store.range(&all).unwrap();
+    let err = store.import_snapshot(&mut bad.as_slice()).unwrap_err();
+    assert!(err.is_fault(), "{err}");
+    assert_eq!(store.range(&all).unwrap(), before);
+    drop(store);
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.range(&all).unwrap(), before);
+    store.import_snapshot(&mut good.as_slice()).unwrap();
+    assert_eq!(store.revision(), source.revision());
 }
