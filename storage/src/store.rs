@@ -328,12 +328,23 @@ impl Store {
         }
         // The batch is in. A checkpoint that fails does not undo it: the tree stays as it was,
         // tries again later, and the error waits for `take_maintenance_error`.
-        if inner.tree.checkpoint_due() {
-            if let Err(e) = inner.tree.checkpoint() {
-                inner.maintenance_error = Some(e);
-            }
+        let due = inner.tree.checkpoint_due();
+        drop(guard);
+        if due {
+            self.checkpoint();
         }
         Ok(results)
+    }
+
+    /// Rewrites the data file without its garbage: written under the read lock, so reads go on
+    /// meanwhile, and put in place under the write lock, unless a batch came in between.
+    fn checkpoint(&self) {
+        let prepared = self.read().tree.prepare_checkpoint();
+        let mut inner = self.write();
+        if let Err(e) = prepared.and_then(|p| inner.tree.finish_checkpoint(p)) {
+            inner.tree.checkpoint_failed();
+            inner.maintenance_error = Some(e);
+        }
     }
 
     /// Makes every applied batch durable (fsync).

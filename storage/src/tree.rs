@@ -33,7 +33,9 @@
 //!   file or the complete new one.
 //! - **Garbage.** Overwritten and removed values stay in the file. [`Tree::checkpoint_due`]
 //!   says when the garbage passes both the checkpoint threshold ([`CHECKPOINT_MIN`] by default)
-//!   and the live bytes; the caller then checkpoints.
+//!   and the live bytes; the caller then checkpoints, in one step ([`Tree::checkpoint`]) or in
+//!   two, the first of which needs only `&self` ([`Tree::prepare_checkpoint`],
+//!   [`Tree::finish_checkpoint`]).
 //! - **One process.** `LOCK` in the directory is `flock`ed while a tree is open.
 
 use std::collections::BTreeMap;
@@ -112,6 +114,13 @@ pub struct Contents {
     /// Bytes of the ops the index refers to (keys, values and op headers). The rest of the file
     /// is file and frame headers, and garbage.
     live: u64,
+}
+
+/// A checkpoint written by [`Tree::prepare_checkpoint`], not yet in place.
+pub struct PreparedCheckpoint {
+    contents: Contents,
+    /// The data file's number and length it was made from.
+    from: (u64, u64),
 }
 
 pub struct Tree {
@@ -803,26 +812,49 @@ impl Tree {
     /// is unchanged, and the next checkpoint is due only once another threshold's worth of
     /// garbage has piled up.
     pub fn checkpoint(&mut self) -> Result<(), Error> {
-        let next = self.data.number + 1;
+        let done = self
+            .prepare_checkpoint()
+            .and_then(|p| self.finish_checkpoint(p));
+        if done.is_err() {
+            self.checkpoint_failed();
+        }
+        done.map(drop)
+    }
+
+    /// The first half of a checkpoint: writes the live entries into the next data file, synced,
+    /// under its temporary name. It needs only `&self`, so reads may go on meanwhile;
+    /// [`Tree::finish_checkpoint`] puts it in place if nothing was written since.
+    pub fn prepare_checkpoint(&self) -> Result<PreparedCheckpoint, Error> {
         let data = &self.data;
         let mut items = data
             .index
             .iter()
             .map(|(k, s)| Ok((k.to_vec(), data.value(s)?)));
-        let written = write_new(&self.dir, next, &mut items).and_then(|mut c| {
-            Self::commit(&self.dir, &mut c)?;
-            Ok(c)
-        });
-        match written {
-            Ok(c) => {
-                self.switch_to(c);
-                Ok(())
-            }
-            Err(e) => {
-                self.retry_at = self.garbage() + self.checkpoint_min;
-                Err(e)
-            }
+        let contents = write_new(&self.dir, data.number + 1, &mut items)?;
+        Ok(PreparedCheckpoint {
+            contents,
+            from: (data.number, data.end),
+        })
+    }
+
+    /// The second half of a checkpoint: renames the prepared file into place and drops the old
+    /// one. `Ok(false)` if the tree changed since the checkpoint was prepared: it is discarded
+    /// and the tree is unchanged.
+    pub fn finish_checkpoint(&mut self, p: PreparedCheckpoint) -> Result<bool, Error> {
+        let PreparedCheckpoint { mut contents, from } = p;
+        if from != (self.data.number, self.data.end) {
+            let _ = fs::remove_file(&contents.path);
+            return Ok(false);
         }
+        Self::commit(&self.dir, &mut contents)?;
+        self.switch_to(contents);
+        Ok(true)
+    }
+
+    /// Records a failed checkpoint: the next is due only once another threshold's worth of
+    /// garbage has piled up.
+    pub fn checkpoint_failed(&mut self) {
+        self.retry_at = self.garbage() + self.checkpoint_min;
     }
 
     /// Replaces every entry with `items` (a snapshot import). The new file is written and
@@ -1079,6 +1111,27 @@ mod tests {
         fs::remove_dir(&blocker).unwrap();
         t.checkpoint().unwrap();
         assert_eq!(t.get(b"k").unwrap(), Some(vec![9u8; 200]));
+    }
+
+    /// A checkpoint prepared before a write is discarded, not put in place: it would lack the
+    /// write.
+    #[test]
+    fn a_checkpoint_prepared_before_a_write_is_discarded() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = Tree::open(dir.path()).unwrap();
+        t.apply(&[put("a", b"1")]).unwrap();
+        let prepared = t.prepare_checkpoint().unwrap();
+        assert!(dir.path().join(tmp_name(2)).exists());
+        t.apply(&[put("b", b"2")]).unwrap();
+        assert!(!t.finish_checkpoint(prepared).unwrap());
+        assert!(!dir.path().join(tmp_name(2)).exists());
+        assert!(!dir.path().join(file_name(2)).exists());
+        assert_eq!(all(&t).len(), 2);
+        let prepared = t.prepare_checkpoint().unwrap();
+        assert!(t.finish_checkpoint(prepared).unwrap());
+        assert!(dir.path().join(file_name(2)).exists());
+        drop(t);
+        assert_eq!(all(&Tree::open(dir.path()).unwrap()).len(), 2);
     }
 
     /// A crash inside a checkpoint leaves `.tmp` (ignored) or both files (the newer wins).
