@@ -252,6 +252,13 @@ fn crash_loop_keeps_every_acknowledged_write() {
             "seed {seed}, cycle {cycle}: op {last_acked} was acknowledged but the store has only {applied}"
         );
         last_acked = applied;
+        if (cycle + 1) % 100 == 0 && cycle + 1 < cycles {
+            eprintln!(
+                "crash loop: {} of {cycles} kills survived, {applied} ops applied, {:?}",
+                cycle + 1,
+                started.elapsed()
+            );
+        }
     }
     eprintln!(
         "crash loop: {cycles} kills survived, {total_acks} acknowledged batches, {} ops applied, {:?}",
