@@ -17,7 +17,7 @@
 use std::io::{Read, Write};
 use std::ops::Bound;
 use std::path::Path;
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::codec::*;
 use crate::error::Error;
@@ -31,8 +31,6 @@ const SNAPSHOT_VERSION: u32 = 1;
 struct Inner {
     tree: Tree,
     ks: Keyspace,
-    /// The last failed checkpoint, until the caller takes it.
-    maintenance_error: Option<Error>,
 }
 
 /// The durable MVCC keyspace. `Send + Sync`; share it behind an `Arc`.
@@ -40,6 +38,9 @@ pub struct Store {
     inner: RwLock<Inner>,
     /// Entries converted from an older sled directory by this open, if it was one.
     converted: Option<usize>,
+    /// The last failed checkpoint, until the caller takes it (outside `inner`, so that taking
+    /// it after every apply does not wait for readers).
+    maintenance_error: Mutex<Option<Error>>,
 }
 
 /// Reads records straight from the tree.
@@ -248,12 +249,9 @@ impl Store {
         let converted = migrate_from_sled(dir, &mut tree)?;
         let ks = load_keyspace(&tree)?;
         Ok(Store {
-            inner: RwLock::new(Inner {
-                tree,
-                ks,
-                maintenance_error: None,
-            }),
+            inner: RwLock::new(Inner { tree, ks }),
             converted,
+            maintenance_error: Mutex::new(None),
         })
     }
 
@@ -343,7 +341,7 @@ impl Store {
         let mut inner = self.write();
         if let Err(e) = prepared.and_then(|p| inner.tree.finish_checkpoint(p)) {
             inner.tree.checkpoint_failed();
-            inner.maintenance_error = Some(e);
+            *self.maintenance_error() = Some(e);
         }
     }
 
@@ -447,7 +445,13 @@ impl Store {
     /// any. The batch that triggered it was applied; the checkpoint is tried again later. The
     /// caller logs it.
     pub fn take_maintenance_error(&self) -> Option<Error> {
-        self.write().maintenance_error.take()
+        self.maintenance_error().take()
+    }
+
+    fn maintenance_error(&self) -> std::sync::MutexGuard<'_, Option<Error>> {
+        self.maintenance_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     /// Writes the whole keyspace (history, leases, revisions, meta) as one stream:

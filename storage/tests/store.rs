@@ -675,3 +675,49 @@ fn a_snapshot_that_does_not_load_changes_nothing() {
     store.import_snapshot(&mut good.as_slice()).unwrap();
     assert_eq!(store.revision(), source.revision());
 }
+
+/// A checkpoint of the data file that fails does not fail the batch that triggered it: every
+/// apply succeeds, the error is handed to the caller once, and a later checkpoint succeeds.
+#[test]
+fn a_failed_checkpoint_is_reported_and_the_writes_stand() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_with(dir.path(), 4096).unwrap();
+    let blocker = dir.path().join("data-00000002.tmp");
+    std::fs::create_dir(&blocker).unwrap();
+    // Each put overwrites the key and compacts the history away: all garbage.
+    let put = |i: usize| {
+        vec![
+            Command::Put(PutRequest {
+                key: b"k".to_vec(),
+                value: vec![i as u8; 300],
+                ..Default::default()
+            }),
+            Command::Compact(CompactionRequest {
+                revision: i as i64 + 2,
+                physical: false,
+            }),
+        ]
+    };
+    for i in 0..40 {
+        let results = store.apply(&put(i), &[]).unwrap();
+        assert!(results.iter().all(|r| r.is_ok()));
+    }
+    let err = store
+        .take_maintenance_error()
+        .expect("the checkpoint failed");
+    assert!(err.to_string().contains("data-00000002.tmp"), "{err}");
+    assert!(store.take_maintenance_error().is_none(), "reported once");
+    assert_eq!(store.revision(), 41);
+    std::fs::remove_dir(&blocker).unwrap();
+    for i in 40..80 {
+        store.apply(&put(i), &[]).unwrap();
+    }
+    assert!(store.take_maintenance_error().is_none());
+    assert!(
+        !dir.path().join("data-00000001.edb").exists(),
+        "a checkpoint replaced the first data file"
+    );
+    drop(store);
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.revision(), 81);
+}
