@@ -194,6 +194,27 @@ fn ignore_value_after_from_key_delete_fails_the_whole_txn() {
     assert_eq!(r.kvs[0].value, b"x");
 }
 
+/// A range over every key.
+fn everything() -> RangeRequest {
+    RangeRequest {
+        key: vec![0],
+        range_end: vec![0],
+        ..Default::default()
+    }
+}
+
+/// Opens the store in a directory sled had open moments ago in this process: sled releases its
+/// lock from a background thread after the drop, so the first tries may find it held.
+fn open_after_sled(dir: &std::path::Path) -> Store {
+    (0..100)
+        .find_map(|_| {
+            Store::open(dir)
+                .map_err(|_| std::thread::sleep(std::time::Duration::from_millis(20)))
+                .ok()
+        })
+        .expect("the store opens once sled has let go of the directory")
+}
+
 fn sample_commands() -> Vec<Command> {
     let p = |k: &str, v: &str, lease| {
         Command::Put(PutRequest {
@@ -234,11 +255,7 @@ fn observe(
     (u32, i64),
     Vec<(i64, Vec<Event>)>,
 ) {
-    let all = RangeRequest {
-        key: vec![0],
-        range_end: vec![0],
-        ..Default::default()
-    };
+    let all = everything();
     (
         store.revision(),
         store.compact_revision(),
@@ -299,11 +316,7 @@ fn snapshot_round_trip_replaces_everything() {
         )
         .unwrap();
     target.import_snapshot(&mut snap.as_slice()).unwrap();
-    let all = RangeRequest {
-        key: vec![0],
-        range_end: vec![0],
-        ..Default::default()
-    };
+    let all = everything();
     assert_eq!(target.range(&all).unwrap(), source.range(&all).unwrap());
     assert_eq!(target.hash_kv(0).unwrap(), source.hash_kv(0).unwrap());
     assert_eq!(target.leases(), source.leases());
@@ -337,11 +350,7 @@ fn damaged_snapshot_changes_nothing() {
             &[],
         )
         .unwrap();
-    let all = RangeRequest {
-        key: vec![0],
-        range_end: vec![0],
-        ..Default::default()
-    };
+    let all = everything();
     let before = target.range(&all).unwrap();
     let mut flipped = snap.clone();
     let mid = flipped.len() / 2;
@@ -459,11 +468,7 @@ fn store_is_send_and_sync_and_reads_run_beside_writes() {
 #[test]
 fn half_written_import_is_dropped_on_open() {
     let dir = tempfile::tempdir().unwrap();
-    let all = RangeRequest {
-        key: vec![0],
-        range_end: vec![0],
-        ..Default::default()
-    };
+    let all = everything();
     let before = {
         let store = Store::open(dir.path()).unwrap();
         store.apply(&sample_commands(), &[]).unwrap();
@@ -488,11 +493,7 @@ fn half_written_import_is_dropped_on_open() {
 /// `eden-g<N+1>`) opens with the current generation's content, and sled's files are gone.
 #[test]
 fn a_sled_store_of_earlier_builds_is_converted_on_open() {
-    let all = RangeRequest {
-        key: vec![0],
-        range_end: vec![0],
-        ..Default::default()
-    };
+    let all = everything();
     let source = tempfile::tempdir().unwrap();
     let (before, entries) = {
         let store = Store::open(source.path()).unwrap();
@@ -521,14 +522,7 @@ fn a_sled_store_of_earlier_builds_is_converted_on_open() {
         half.insert(b"mrev", &999i64.to_be_bytes()).unwrap();
         db.flush().unwrap();
     }
-    // sled releases its lock from a background thread after the drop.
-    let store = (0..100)
-        .find_map(|_| {
-            Store::open(dir.path())
-                .map_err(|_| std::thread::sleep(std::time::Duration::from_millis(20)))
-                .ok()
-        })
-        .expect("the converted store opens");
+    let store = open_after_sled(dir.path());
     assert_eq!(store.range(&all).unwrap(), before);
     assert_eq!(store.revision(), 7);
     assert_eq!(store.meta(b"applied").unwrap(), Some(b"42".to_vec()));
@@ -547,11 +541,7 @@ fn a_sled_store_of_earlier_builds_is_converted_on_open() {
 /// (`db` gone, which sled would recreate empty) nor a whole one may replace newer data.
 #[test]
 fn sled_leftovers_after_a_conversion_do_not_convert_again() {
-    let all = RangeRequest {
-        key: vec![0],
-        range_end: vec![0],
-        ..Default::default()
-    };
+    let all = everything();
     let dir = tempfile::tempdir().unwrap();
     {
         let db = sled::open(dir.path()).unwrap();
@@ -559,15 +549,7 @@ fn sled_leftovers_after_a_conversion_do_not_convert_again() {
         db.open_tree("eden-g0").unwrap();
         db.flush().unwrap();
     }
-    let open = || {
-        (0..100)
-            .find_map(|_| {
-                Store::open(dir.path())
-                    .map_err(|_| std::thread::sleep(std::time::Duration::from_millis(20)))
-                    .ok()
-            })
-            .expect("the store opens")
-    };
+    let open = || open_after_sled(dir.path());
     let store = open();
     assert_eq!(store.converted_from_sled(), Some(0));
     store.apply(&sample_commands(), &[]).unwrap();
@@ -631,11 +613,7 @@ fn snapshot_stream(entries: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
 /// stored current revision) is refused, and the store keeps its state, on disk too.
 #[test]
 fn a_snapshot_that_does_not_load_changes_nothing() {
-    let all = RangeRequest {
-        key: vec![0],
-        range_end: vec![0],
-        ..Default::default()
-    };
+    let all = everything();
     let source_dir = tempfile::tempdir().unwrap();
     let source = Store::open(source_dir.path()).unwrap();
     source.apply(&sample_commands(), &[]).unwrap();
