@@ -213,9 +213,7 @@ fn migrate_from_sled(dir: &Path, tree: &mut Tree) -> Result<Option<usize>, Error
             let _ = std::fs::remove_file(dir.join(name));
         }
     }
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| Error::Io(format!("fsync of {}: {e}", dir.display())))?;
+    tree::sync_dir(dir)?;
     Ok(converted)
 }
 
@@ -305,18 +303,10 @@ impl Store {
             }
         }
         let BatchSink { mut writes, .. } = sink;
-        writes.push((
-            META_REV.to_vec(),
-            Some(encode_i64(inner.ks.revision()).to_vec()),
-        ));
-        writes.push((
-            META_COMPACT.to_vec(),
-            Some(encode_i64(inner.ks.compact_revision()).to_vec()),
-        ));
-        writes.push((
-            META_LEASE_SEQ.to_vec(),
-            Some(encode_i64(inner.ks.lease_seq()).to_vec()),
-        ));
+        let counter = |k: &[u8], v: i64| (k.to_vec(), Some(encode_i64(v).to_vec()));
+        writes.push(counter(META_REV, inner.ks.revision()));
+        writes.push(counter(META_COMPACT, inner.ks.compact_revision()));
+        writes.push(counter(META_LEASE_SEQ, inner.ks.lease_seq()));
         for (k, v) in meta {
             writes.push((user_meta_key(k), Some(v.clone())));
         }

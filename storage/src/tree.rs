@@ -169,7 +169,7 @@ fn number_of(name: &str) -> Option<(u64, bool)> {
     }
 }
 
-fn sync_dir(dir: &Path) -> Result<(), Error> {
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), Error> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| Error::Io(format!("fsync of {}: {e}", dir.display())))
