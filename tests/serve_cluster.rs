@@ -480,3 +480,75 @@ async fn bad_setups_are_refused_with_a_clear_error_and_change_nothing() {
     n1.ready().await;
     put_retrying(&n1.endpoint(), "still", "here").await;
 }
+
+/// A serializable read of `key` at `rev` on one node: Ok(value) or the error's message.
+async fn local_get_at(endpoint: &str, key: &str, rev: i64) -> Result<Option<Vec<u8>>, String> {
+    let ch = channel(endpoint).await.map_err(|e| e.to_string())?;
+    Kv::new(ch)
+        .range(eden::etcd::pb::etcdserverpb::RangeRequest {
+            key: key.into(),
+            revision: rev,
+            serializable: true,
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner().kvs.into_iter().next().map(|kv| kv.value))
+        .map_err(|e| e.message().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_compacts_history_older_than_the_retention_on_every_replica() {
+    let root = tempfile::tempdir().unwrap();
+    let nodes = three_nodes(root.path(), &["--auto-compaction-retention", "3s"]).await;
+    let ep = nodes[0].endpoint();
+    let first = put_retrying(&ep, "/hist/k", "v0").await;
+    let mut last = first;
+    for i in 1..20 {
+        last = put(&ep, "/hist/k", &format!("v{i}")).await.unwrap();
+    }
+    assert!(last > first, "revisions {first}..{last}");
+    // Until the retention has passed, nothing of it is forgotten.
+    assert_eq!(
+        local_get_at(&ep, "/hist/k", first)
+            .await
+            .unwrap()
+            .as_deref(),
+        Some(&b"v0"[..])
+    );
+    // Checks run every 0.3 s; the revision seen once 3 s have passed is compacted away on
+    // every replica.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for n in &nodes {
+        loop {
+            match local_get_at(&n.endpoint(), "/hist/k", first).await {
+                Err(e) if e == "etcdserver: mvcc: required revision has been compacted" => break,
+                other => assert!(
+                    Instant::now() < deadline,
+                    "{} still serves revision {first} 30 s later: {other:?}\n{}",
+                    n.name,
+                    nodes[0].log_text()
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    // The newest value is never compacted away, and history newer than the window stays.
+    let recent = put(&ep, "/hist/k", "newest").await.unwrap();
+    for n in &nodes {
+        wait_local_value(n, "/hist/k", "newest").await;
+        assert_eq!(
+            local_get_at(&n.endpoint(), "/hist/k", recent)
+                .await
+                .unwrap()
+                .as_deref(),
+            Some(&b"newest"[..]),
+            "{}",
+            n.name
+        );
+    }
+    let log: String = nodes.iter().map(|n| n.log_text()).collect();
+    assert!(
+        log.contains("auto-compaction: compacted history up to revision"),
+        "no compaction logged:\n{log}"
+    );
+}

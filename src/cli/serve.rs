@@ -62,6 +62,16 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N", default_value_t = 10_000,
           value_parser = clap::value_parser!(u64).range(10..))]
     pub snapshot_count: u64,
+    /// How --auto-compaction-retention is read: periodic (keep a time window of history) or
+    /// revision (keep the last N revisions). The leader compacts older history away, so the
+    /// keyspace's memory and data file stay bounded (etcd's flag).
+    #[arg(long, value_name = "periodic|revision", default_value = "periodic")]
+    pub auto_compaction_mode: String,
+    /// History to keep. Periodic: a duration (30m, 2h, 90s) or whole hours (1 = 1h), checked
+    /// every tenth of it (at most every 6 min). Revision: a count, checked every 5 min.
+    /// 0 keeps all history (etcd's default; memory then grows with every write).
+    #[arg(long, value_name = "RETENTION", default_value = crate::cluster::compactor::DEFAULT_RETENTION)]
+    pub auto_compaction_retention: String,
 }
 
 fn parse_labels(s: &str) -> Result<BTreeMap<String, String>> {
@@ -88,6 +98,10 @@ pub fn run(args: ServeArgs) -> Result<i32> {
         labels: parse_labels(args.labels.as_deref().unwrap_or(""))?,
         client_plaintext: args.client_plaintext,
         snapshot_count: args.snapshot_count,
+        compaction: crate::cluster::compactor::Policy::parse(
+            &args.auto_compaction_mode,
+            &args.auto_compaction_retention,
+        )?,
     };
     init_logging();
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -6,9 +6,11 @@
 //! - [`gossip`]: SWIM failure detection (foca) over the peer port: who is alive, suspect, dead.
 //! - [`serve`]: `eden serve`: init, join or restart, then run Raft, the peer server and the
 //!   etcd API until shutdown.
+//! - [`compactor`]: auto-compaction of the keyspace's history by the leader.
 //! - [`controller`]: the role controller (promotes standbys, replaces dead voters) and the
 //!   leader's member prober; it reads health from both.
 
+pub mod compactor;
 pub mod controller;
 pub mod datadir;
 pub mod gossip;

@@ -63,6 +63,8 @@ pub struct ServeOptions {
     pub client_plaintext: bool,
     /// Raft entries between snapshots; 0 means eden's default (10 000).
     pub snapshot_count: u64,
+    /// What history the leader compacts away (default: keep one hour).
+    pub compaction: super::compactor::Policy,
 }
 
 /// What to do with the data dir.
@@ -144,7 +146,7 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()>) -> Re
             }
         }
     };
-    serve_until(dir, file, started, client, shutdown).await
+    serve_until(dir, file, started, client, opts.compaction, shutdown).await
 }
 
 /// Steps 2-3: the node's record (ids still 0 for a new node), its bound listeners, and what
@@ -626,6 +628,7 @@ async fn serve_until(
     file: NodeFile,
     started: Started,
     client: TcpListener,
+    compaction: super::compactor::Policy,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
     tracing::info!(
@@ -672,11 +675,13 @@ async fn serve_until(
         started.peer_client_tls.clone(),
         !file.client_plaintext,
     ));
+    let compactor_task = tokio::spawn(super::compactor::run(started.node.clone(), compaction));
     shutdown.await;
     tracing::info!("shutting down");
     agent_task.abort();
     controller_task.abort();
     membership_task.abort();
+    compactor_task.abort();
     leave_agent(&kv, &agent).await;
     let _ = client_stop.send(());
     if let Ok(Err(e)) = client_task.await {
