@@ -26,7 +26,7 @@ fuzz_target!(|data: &[u8]| {
             1 => vec![0],
             _ => key(c),
         };
-        let cmd = match op % 6 {
+        let cmd = match op % 7 {
             0 => Command::Put(PutRequest {
                 key: key(a),
                 value: vec![b],
@@ -74,6 +74,15 @@ fuzz_target!(|data: &[u8]| {
                 id: (a % 4) as i64,
                 ttl: 10,
             },
+            5 => Command::Alarm {
+                activate: a % 2 == 0,
+                member: (b % 3) as u64,
+                alarm: if a % 3 == 0 {
+                    AlarmType::Corrupt
+                } else {
+                    AlarmType::NoSpace
+                },
+            },
             _ => Command::LeaseRevoke { id: (a % 4) as i64 },
         };
         let _ = ks.apply(&mut recs, &cmd);
@@ -96,6 +105,7 @@ fuzz_target!(|data: &[u8]| {
         ks.compact_revision(),
         ks.lease_seq(),
         recs.leases.clone(),
+        recs.alarms.clone(),
         history,
     )
     .unwrap();

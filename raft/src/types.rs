@@ -62,6 +62,7 @@ pub enum RejectionKind {
     ValueProvided,
     LeaseProvided,
     KeyNotFound,
+    NoSpace,
 }
 
 /// A command the store refused. `message` is the store error's text, byte for byte etcd's.
@@ -86,6 +87,7 @@ impl Rejection {
             StoreError::ValueProvided => RejectionKind::ValueProvided,
             StoreError::LeaseProvided => RejectionKind::LeaseProvided,
             StoreError::KeyNotFound => RejectionKind::KeyNotFound,
+            StoreError::NoSpace => RejectionKind::NoSpace,
             StoreError::Io(_) | StoreError::Corrupt(_) | StoreError::InvalidSnapshot(_) => {
                 return None
             }
@@ -110,6 +112,7 @@ impl Rejection {
             RejectionKind::ValueProvided => StoreError::ValueProvided,
             RejectionKind::LeaseProvided => StoreError::LeaseProvided,
             RejectionKind::KeyNotFound => StoreError::KeyNotFound,
+            RejectionKind::NoSpace => StoreError::NoSpace,
         }
     }
 }

@@ -73,6 +73,7 @@ fn store_code(e: &eden_storage::Error) -> Code {
         | E::ValueProvided
         | E::LeaseProvided
         | E::KeyNotFound => Code::InvalidArgument,
+        E::NoSpace => Code::ResourceExhausted,
         E::Io(_) | E::Corrupt(_) | E::InvalidSnapshot(_) => Code::Internal,
     }
 }
@@ -161,6 +162,11 @@ mod tests {
                 ApiError::Store(E::LeaseProvided),
                 Code::InvalidArgument,
                 "etcdserver: lease is provided",
+            ),
+            (
+                ApiError::Store(E::NoSpace),
+                Code::ResourceExhausted,
+                "etcdserver: mvcc: database space exceeded",
             ),
             (
                 ApiError::MemberNotFound,

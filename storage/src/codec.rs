@@ -15,13 +15,14 @@
 //! return an error, never panic, on any input) so they can be fuzzed.
 
 use crate::error::Error;
-use crate::types::{EventKind, KeyValue, LeaseId, Revision};
+use crate::types::{AlarmMember, AlarmType, EventKind, KeyValue, LeaseId, Revision};
 
 /// The format version byte at the start of every record and lease value.
 pub const FORMAT_V1: u8 = 1;
 
 pub const PREFIX_HISTORY: u8 = b'h';
 pub const PREFIX_LEASE: u8 = b'l';
+pub const PREFIX_ALARM: u8 = b'a';
 pub const PREFIX_META: u8 = b'm';
 pub const PREFIX_USER: u8 = b'u';
 
@@ -199,6 +200,26 @@ pub fn lease_tree_key(id: LeaseId) -> [u8; 9] {
     k[0] = PREFIX_LEASE;
     k[1..].copy_from_slice(&((id as u64) ^ (1 << 63)).to_be_bytes());
     k
+}
+
+/// `a` + member (u64 BE) + alarm number (i32 BE); the value is empty.
+pub fn alarm_tree_key(a: AlarmMember) -> [u8; 13] {
+    let mut k = [0u8; 13];
+    k[0] = PREFIX_ALARM;
+    k[1..9].copy_from_slice(&a.member.to_be_bytes());
+    k[9..].copy_from_slice(&a.alarm.number().to_be_bytes());
+    k
+}
+
+pub fn alarm_from_tree_key(k: &[u8]) -> Result<AlarmMember, Error> {
+    let bad = || Error::Corrupt(format!("alarm key {k:02x?} is malformed"));
+    if k.len() != 13 || k[0] != PREFIX_ALARM {
+        return Err(bad());
+    }
+    let member = u64::from_be_bytes(k[1..9].try_into().expect("8 bytes"));
+    let n = i32::from_be_bytes(k[9..].try_into().expect("4 bytes"));
+    let alarm = AlarmType::from_number(n).ok_or_else(bad)?;
+    Ok(AlarmMember { member, alarm })
 }
 
 pub fn lease_id_from_tree_key(k: &[u8]) -> Result<LeaseId, Error> {

@@ -5,7 +5,7 @@
 //! crate knows nothing of gRPC.
 //!
 //! Two families:
-//! - **replies** (`Compacted` .. `KeyNotFound`): deterministic outcomes of a command or a read.
+//! - **replies** (`Compacted` .. `NoSpace`): deterministic outcomes of a command or a read.
 //!   Every replica computes the same one, so they are safe to return from `apply`.
 //! - **faults** (`Io`, `Corrupt`, `InvalidSnapshot`): the disk or the input is bad. A fault from
 //!   `apply` means the store must not be used further; reopen it.
@@ -43,6 +43,10 @@ pub enum Error {
     /// A put with `ignore_value` or `ignore_lease` on a key that does not exist.
     #[error("etcdserver: key not found")]
     KeyNotFound,
+    /// A put, a txn with puts or a lease grant while a member's `NoSpace` alarm is up, or a
+    /// request that would take the store past its quota.
+    #[error("etcdserver: mvcc: database space exceeded")]
+    NoSpace,
     /// The disk failed. The message names the operation.
     #[error("storage I/O error: {0}")]
     Io(String),

@@ -46,6 +46,8 @@ pub trait RecordSink: RecordRead {
     fn remove_record(&mut self, at: RevKey);
     fn put_lease(&mut self, id: LeaseId, ttl: i64);
     fn remove_lease(&mut self, id: LeaseId);
+    fn put_alarm(&mut self, alarm: AlarmMember);
+    fn remove_alarm(&mut self, alarm: AlarmMember);
 }
 
 /// One change of one key, as the index remembers it.
@@ -71,6 +73,7 @@ pub struct Keyspace {
     compacted: Revision,
     leases: BTreeMap<LeaseId, LeaseState>,
     lease_seq: i64,
+    alarms: BTreeSet<AlarmMember>,
 }
 
 impl Default for Keyspace {
@@ -81,6 +84,7 @@ impl Default for Keyspace {
             compacted: -1,
             leases: BTreeMap::new(),
             lease_seq: 0,
+            alarms: BTreeSet::new(),
         }
     }
 }
@@ -180,12 +184,14 @@ impl Keyspace {
         compacted: Revision,
         lease_seq: i64,
         leases: impl IntoIterator<Item = (LeaseId, i64)>,
+        alarms: impl IntoIterator<Item = AlarmMember>,
         history: impl IntoIterator<Item = Result<(RevKey, Record), Error>>,
     ) -> Result<Keyspace, Error> {
         let mut ks = Keyspace {
             revision: revision.max(1),
             compacted,
             lease_seq,
+            alarms: alarms.into_iter().collect(),
             leases: leases
                 .into_iter()
                 .map(|(id, ttl)| {
@@ -238,6 +244,16 @@ impl Keyspace {
 
     pub fn compact_revision(&self) -> Revision {
         self.compacted
+    }
+
+    /// The raised alarms, by member then type.
+    pub fn alarms(&self) -> Vec<AlarmMember> {
+        self.alarms.iter().copied().collect()
+    }
+
+    /// Whether writes are refused: some member's store reached its quota.
+    pub fn capped(&self) -> bool {
+        self.alarms.iter().any(|a| a.alarm == AlarmType::NoSpace)
     }
 
     /// The counter behind generated lease ids; persisted so ids never repeat.
@@ -384,6 +400,9 @@ impl Keyspace {
         match cmd {
             Command::Put(p) => {
                 check_put(p)?;
+                if self.capped() {
+                    return Err(Error::NoSpace);
+                }
                 if p.lease != 0 && !self.leases.contains_key(&p.lease) {
                     return Err(Error::LeaseNotFound);
                 }
@@ -420,6 +439,9 @@ impl Keyspace {
                 Ok((applied, Vec::new()))
             }
             Command::LeaseGrant { id, ttl } => {
+                if self.capped() {
+                    return Err(Error::NoSpace);
+                }
                 if *ttl > MAX_LEASE_TTL {
                     return Err(Error::LeaseTtlTooLarge);
                 }
@@ -454,6 +476,32 @@ impl Keyspace {
                     Vec::new(),
                 ))
             }
+            Command::Alarm {
+                activate,
+                member,
+                alarm,
+            } => {
+                let a = AlarmMember {
+                    member: *member,
+                    alarm: *alarm,
+                };
+                let changed = if *activate {
+                    if self.alarms.insert(a) {
+                        sink.put_alarm(a);
+                    }
+                    vec![a]
+                } else if self.alarms.remove(&a) {
+                    sink.remove_alarm(a);
+                    vec![a]
+                } else {
+                    Vec::new()
+                };
+                let applied = Applied {
+                    revision: self.revision,
+                    response: CommandResponse::Alarm(changed),
+                };
+                Ok((applied, Vec::new()))
+            }
             Command::LeaseRevoke { id } => {
                 let Some(lease) = self.leases.get(id) else {
                     return Err(Error::LeaseNotFound);
@@ -481,6 +529,11 @@ impl Keyspace {
         check_txn(t, MAX_TXN_OPS)?;
         check_intervals(&t.success)?;
         check_intervals(&t.failure)?;
+        // etcd's capped applier looks at the txn's own puts only, not at nested txns'.
+        let puts = |ops: &[RequestOp]| ops.iter().any(|op| matches!(op, RequestOp::Put(_)));
+        if self.capped() && (puts(&t.success) || puts(&t.failure)) {
+            return Err(Error::NoSpace);
+        }
         let path = self.eval_path(recs, t)?;
         self.check_path(recs, t, &path, true)?;
         self.check_path(recs, t, &path, false)?;
@@ -1056,6 +1109,7 @@ impl<'a, R: RecordRead> TxnView<'a, R> {
 pub struct MemRecords {
     pub records: BTreeMap<RevKey, Record>,
     pub leases: BTreeMap<LeaseId, i64>,
+    pub alarms: BTreeSet<AlarmMember>,
 }
 
 impl RecordRead for MemRecords {
@@ -1079,5 +1133,11 @@ impl RecordSink for MemRecords {
     }
     fn remove_lease(&mut self, id: LeaseId) {
         self.leases.remove(&id);
+    }
+    fn put_alarm(&mut self, alarm: AlarmMember) {
+        self.alarms.insert(alarm);
+    }
+    fn remove_alarm(&mut self, alarm: AlarmMember) {
+        self.alarms.remove(&alarm);
     }
 }

@@ -95,6 +95,13 @@ impl RecordSink for BatchSink<'_> {
     fn remove_lease(&mut self, id: LeaseId) {
         self.writes.push((lease_tree_key(id).to_vec(), None));
     }
+    fn put_alarm(&mut self, alarm: AlarmMember) {
+        self.writes
+            .push((alarm_tree_key(alarm).to_vec(), Some(Vec::new())));
+    }
+    fn remove_alarm(&mut self, alarm: AlarmMember) {
+        self.writes.push((alarm_tree_key(alarm).to_vec(), None));
+    }
 }
 
 fn meta_i64(tree: &Contents, key: &[u8], default: i64) -> Result<i64, Error> {
@@ -114,6 +121,10 @@ fn load_keyspace(tree: &Contents) -> Result<Keyspace, Error> {
         let (k, v) = item?;
         leases.push((lease_id_from_tree_key(k)?, decode_lease(&v)?));
     }
+    let mut alarms = Vec::new();
+    for item in tree.scan_prefix(&[PREFIX_ALARM]) {
+        alarms.push(alarm_from_tree_key(item?.0)?);
+    }
     let history = tree.scan_prefix(&[PREFIX_HISTORY]).map(|item| {
         let (k, v) = item?;
         let at = RevKey::from_tree_key(k)?;
@@ -126,7 +137,7 @@ fn load_keyspace(tree: &Contents) -> Result<Keyspace, Error> {
         }
         Ok((at, rec))
     });
-    Keyspace::load(revision, compacted, lease_seq, leases, history)
+    Keyspace::load(revision, compacted, lease_seq, leases, alarms, history)
 }
 
 /// Counts bytes into a CRC as they pass.
@@ -349,6 +360,21 @@ impl Store {
     /// The current revision: 1 for an empty store, +1 per command that changed something.
     pub fn revision(&self) -> Revision {
         self.read().ks.revision()
+    }
+
+    /// The raised alarms (replicated: every replica has the same list).
+    pub fn alarms(&self) -> Vec<AlarmMember> {
+        self.read().ks.alarms()
+    }
+
+    /// Rewrites the data file with only the live data now, not waiting for enough garbage
+    /// (etcd's Defragment): after a compaction this is what brings the file's size down.
+    /// Writes wait meanwhile, as they do in etcd.
+    pub fn defragment(&self) -> Result<(), Error> {
+        let mut inner = self.write();
+        let prepared = inner.tree.prepare_checkpoint()?;
+        inner.tree.finish_checkpoint(prepared)?;
+        Ok(())
     }
 
     /// The revision of the last compaction; -1 if there was none (etcd's `compactMainRev`,
@@ -594,6 +620,9 @@ impl SnapshotEntries<'_> {
             Some(&PREFIX_LEASE) => {
                 lease_id_from_tree_key(&key).map_err(bad)?;
                 decode_lease(&value).map_err(bad)?;
+            }
+            Some(&PREFIX_ALARM) => {
+                alarm_from_tree_key(&key).map_err(bad)?;
             }
             _ => {}
         }

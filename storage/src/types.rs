@@ -192,6 +192,50 @@ pub enum Command {
     LeaseRevoke {
         id: LeaseId,
     },
+    /// Raise (`activate`) or clear an alarm of one member. While any member has a `NoSpace`
+    /// alarm, puts, txns with puts and lease grants are refused with [`crate::Error::NoSpace`].
+    Alarm {
+        activate: bool,
+        member: u64,
+        alarm: AlarmType,
+    },
+}
+
+/// etcd's alarm types, with etcd's numbers ([`AlarmType::number`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum AlarmType {
+    /// `NONE` (0): in a request, any type.
+    None,
+    /// `NOSPACE` (1): the member's store reached its quota.
+    NoSpace,
+    /// `CORRUPT` (2): the member's store differs from the others'.
+    Corrupt,
+}
+
+impl AlarmType {
+    pub fn number(self) -> i32 {
+        match self {
+            AlarmType::None => 0,
+            AlarmType::NoSpace => 1,
+            AlarmType::Corrupt => 2,
+        }
+    }
+
+    pub fn from_number(n: i32) -> Option<AlarmType> {
+        match n {
+            0 => Some(AlarmType::None),
+            1 => Some(AlarmType::NoSpace),
+            2 => Some(AlarmType::Corrupt),
+            _ => None,
+        }
+    }
+}
+
+/// One raised alarm: which member, and what.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct AlarmMember {
+    pub member: u64,
+    pub alarm: AlarmType,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -200,8 +244,14 @@ pub enum CommandResponse {
     DeleteRange(DeleteRangeResponse),
     Txn(TxnResponse),
     Compact,
-    LeaseGrant { id: LeaseId, ttl: i64 },
+    LeaseGrant {
+        id: LeaseId,
+        ttl: i64,
+    },
     LeaseRevoke,
+    /// The alarm that was raised (also when it was up already), or the one that was cleared
+    /// (none if it was not up).
+    Alarm(Vec<AlarmMember>),
 }
 
 /// The outcome of one applied command: its response and the store revision after it (the

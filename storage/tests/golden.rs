@@ -375,6 +375,7 @@ fn run(store: &Store, lines: &[&str]) -> Vec<String> {
             CommandResponse::Compact => out.push(format!("rev={}", applied.revision)),
             CommandResponse::LeaseGrant { id, ttl } => out.push(format!("id={id} ttl={ttl}")),
             CommandResponse::LeaseRevoke => out.push(format!("rev={}", applied.revision)),
+            CommandResponse::Alarm(a) => out.push(format!("alarms={a:?}")),
         },
     }
     out

@@ -10,7 +10,7 @@
 //! Cases: `PROPTEST_CASES` (default 256 here; the largest run is recorded in
 //! `docs/architecture.md`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use eden_storage::*;
 use proptest::prelude::*;
@@ -26,6 +26,7 @@ struct Model {
     compacted: i64,
     leases: BTreeMap<i64, i64>,
     lease_seq: i64,
+    alarms: BTreeSet<AlarmMember>,
 }
 
 fn in_range(key: &[u8], range_end: &[u8], k: &[u8]) -> bool {
@@ -157,6 +158,9 @@ impl Model {
     fn rev(&self) -> i64 {
         self.states.len() as i64 - 1
     }
+    fn capped(&self) -> bool {
+        self.alarms.iter().any(|a| a.alarm == AlarmType::NoSpace)
+    }
     fn current(&self) -> &Map {
         self.states.last().unwrap()
     }
@@ -253,6 +257,9 @@ impl Model {
                 if p.key.is_empty() {
                     return Err(Error::EmptyKey);
                 }
+                if self.capped() {
+                    return Err(Error::NoSpace);
+                }
                 if p.lease != 0 && !self.leases.contains_key(&p.lease) {
                     return Err(Error::LeaseNotFound);
                 }
@@ -267,6 +274,10 @@ impl Model {
                     // etcd's exact rule is order-dependent; the store must either reject with
                     // DuplicateKey or accept, and the test checks the response it gave.
                     return Err(Error::DuplicateKey);
+                }
+                let puts = |ops: &[RequestOp]| ops.iter().any(|o| matches!(o, RequestOp::Put(_)));
+                if self.capped() && (puts(&t.success) || puts(&t.failure)) {
+                    return Err(Error::NoSpace);
                 }
                 self.check_path(t, true)?;
                 self.check_path(t, false)?;
@@ -305,6 +316,9 @@ impl Model {
                 ));
             }
             Command::LeaseGrant { id, ttl } => {
+                if self.capped() {
+                    return Err(Error::NoSpace);
+                }
                 let id = if *id == 0 {
                     let mut n = self.lease_seq + 1;
                     while self.leases.contains_key(&n) {
@@ -323,6 +337,31 @@ impl Model {
                     Applied {
                         revision: self.rev(),
                         response,
+                    },
+                    vec![],
+                ));
+            }
+            Command::Alarm {
+                activate,
+                member,
+                alarm,
+            } => {
+                let a = AlarmMember {
+                    member: *member,
+                    alarm: *alarm,
+                };
+                let changed = if *activate {
+                    self.alarms.insert(a);
+                    vec![a]
+                } else if self.alarms.remove(&a) {
+                    vec![a]
+                } else {
+                    vec![]
+                };
+                return Ok((
+                    Applied {
+                        revision: self.rev(),
+                        response: CommandResponse::Alarm(changed),
                     },
                     vec![],
                 ));
@@ -636,6 +675,8 @@ fn command() -> impl Strategy<Value = Command> {
         1 => (-1..14i64).prop_map(|revision| Command::Compact(CompactionRequest { revision, physical: false })),
         1 => (0..3i64, 1..100i64).prop_map(|(id, ttl)| Command::LeaseGrant { id, ttl }),
         1 => (0..3i64).prop_map(|id| Command::LeaseRevoke { id }),
+        1 => (any::<bool>(), 0..2u64, prop_oneof![Just(AlarmType::NoSpace), Just(AlarmType::Corrupt)])
+            .prop_map(|(activate, member, alarm)| Command::Alarm { activate, member, alarm }),
     ]
 }
 
@@ -707,6 +748,7 @@ proptest! {
         drop(store);
         let reopened = Store::open(dir.path()).unwrap();
         check_reads(&reopened, &model, &probes);
+        prop_assert_eq!(reopened.alarms(), model.alarms.iter().copied().collect::<Vec<_>>());
         for from in model.compacted + 1..=model.rev() {
             prop_assert_eq!(reopened.events(from, 100), model_events(&model, from));
         }

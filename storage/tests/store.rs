@@ -699,3 +699,156 @@ fn a_failed_checkpoint_is_reported_and_the_writes_stand() {
     let store = Store::open(dir.path()).unwrap();
     assert_eq!(store.revision(), 81);
 }
+
+fn alarm(activate: bool, member: u64, alarm: AlarmType) -> Command {
+    Command::Alarm {
+        activate,
+        member,
+        alarm,
+    }
+}
+
+/// A `NoSpace` alarm refuses what etcd's capped applier refuses (puts, txns with puts of their
+/// own, lease grants) and lets the rest through; alarms survive a reopen and travel in
+/// snapshots.
+#[test]
+fn a_nospace_alarm_caps_writes_and_is_kept() {
+    let (dir, store) = open();
+    apply_one(
+        &store,
+        Command::Put(PutRequest {
+            key: b"k".to_vec(),
+            value: b"v".to_vec(),
+            ..Default::default()
+        }),
+    )
+    .unwrap();
+    let raised = AlarmMember {
+        member: 7,
+        alarm: AlarmType::NoSpace,
+    };
+    let (applied, _) = apply_one(&store, alarm(true, 7, AlarmType::NoSpace)).unwrap();
+    assert_eq!(applied.response, CommandResponse::Alarm(vec![raised]));
+    // Raising it again answers with it, and changes nothing.
+    let (again, _) = apply_one(&store, alarm(true, 7, AlarmType::NoSpace)).unwrap();
+    assert_eq!(again.response, CommandResponse::Alarm(vec![raised]));
+    assert_eq!(store.alarms(), vec![raised]);
+    let rev = store.revision();
+
+    let refused = [
+        Command::Put(PutRequest {
+            key: b"k2".to_vec(),
+            ..Default::default()
+        }),
+        Command::Txn(txn(vec![get("k")], vec![put("k")])),
+        Command::LeaseGrant { id: 0, ttl: 60 },
+    ];
+    for cmd in refused {
+        assert_eq!(
+            apply_one(&store, cmd.clone()).unwrap_err(),
+            Error::NoSpace,
+            "{cmd:?}"
+        );
+    }
+    // Validation comes first, as in etcd.
+    let empty = Command::Put(PutRequest::default());
+    assert_eq!(apply_one(&store, empty).unwrap_err(), Error::EmptyKey);
+    // Reads, deletes, compaction and a txn whose only put is in a nested txn go through.
+    apply_one(&store, Command::Txn(txn(vec![get("k")], vec![]))).unwrap();
+    apply_one(
+        &store,
+        Command::Txn(txn(vec![nested(vec![put("n")], vec![])], vec![])),
+    )
+    .unwrap();
+    apply_one(
+        &store,
+        Command::DeleteRange(DeleteRangeRequest {
+            key: b"k".to_vec(),
+            ..Default::default()
+        }),
+    )
+    .unwrap();
+    apply_one(
+        &store,
+        Command::Compact(CompactionRequest {
+            revision: rev,
+            physical: false,
+        }),
+    )
+    .unwrap();
+
+    let mut snap = Vec::new();
+    store.export_snapshot(&mut snap).unwrap();
+    store.flush().unwrap();
+    drop(store);
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.alarms(), vec![raised]);
+    let (_d2, other) = open();
+    other.import_snapshot(&mut &snap[..]).unwrap();
+    assert_eq!(other.alarms(), vec![raised]);
+    assert_eq!(
+        apply_one(&other, Command::LeaseGrant { id: 0, ttl: 60 }).unwrap_err(),
+        Error::NoSpace
+    );
+
+    // Clearing answers with what was cleared; clearing again with nothing.
+    let (cleared, _) = apply_one(&store, alarm(false, 7, AlarmType::NoSpace)).unwrap();
+    assert_eq!(cleared.response, CommandResponse::Alarm(vec![raised]));
+    let (none, _) = apply_one(&store, alarm(false, 7, AlarmType::NoSpace)).unwrap();
+    assert_eq!(none.response, CommandResponse::Alarm(vec![]));
+    assert!(store.alarms().is_empty());
+    apply_one(&store, Command::LeaseGrant { id: 0, ttl: 60 }).unwrap();
+    // A CORRUPT alarm does not cap writes.
+    apply_one(&store, alarm(true, 3, AlarmType::Corrupt)).unwrap();
+    apply_one(
+        &store,
+        Command::Put(PutRequest {
+            key: b"k3".to_vec(),
+            ..Default::default()
+        }),
+    )
+    .unwrap();
+}
+
+/// Defragment rewrites the data file with only what is live: after compacting away the
+/// history of one key written many times, the file is a fraction of its size.
+#[test]
+fn defragment_leaves_out_compacted_history() {
+    let (_dir, store) = open();
+    for i in 0..200 {
+        let value = vec![b'a' + (i % 26) as u8; 4096];
+        apply_one(
+            &store,
+            Command::Put(PutRequest {
+                key: b"big".to_vec(),
+                value,
+                ..Default::default()
+            }),
+        )
+        .unwrap();
+    }
+    let rev = store.revision();
+    apply_one(
+        &store,
+        Command::Compact(CompactionRequest {
+            revision: rev,
+            physical: false,
+        }),
+    )
+    .unwrap();
+    let before = store.size_bytes();
+    store.defragment().unwrap();
+    let after = store.size_bytes();
+    assert!(before > 200 * 4096, "{before}");
+    assert!(
+        after < 3 * 4096,
+        "defragment left {after} of {before} bytes"
+    );
+    let got = store
+        .range(&RangeRequest {
+            key: b"big".to_vec(),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(got.kvs[0].value, vec![b'a' + (199 % 26) as u8; 4096]);
+}
