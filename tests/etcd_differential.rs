@@ -661,6 +661,176 @@ async fn watch_script(endpoint: String) -> Vec<(String, String)> {
     r.steps
 }
 
+/// The store quota both servers run with in [`quota_matches_etcd`].
+const QUOTA: &str = "4194304";
+
+/// Fills the store past its quota, then walks etcd's recovery: what is refused while the
+/// NOSPACE alarm is up, and compact, defragment and disarm. How many 256 KiB puts fit differs
+/// (bbolt pages against eden's data file), so from the fill on revisions are masked and the
+/// fill and delete counts are recorded as "some".
+async fn quota_script(endpoint: String) -> Vec<(String, String)> {
+    let ch = Channel::from_shared(endpoint)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut kv = KvClient::new(ch.clone());
+    let mut lease = LeaseClient::new(ch.clone());
+    let mut m = MaintenanceClient::new(ch);
+    let mut r = Recorder {
+        steps: Vec::new(),
+        extra_mask: vec![],
+    };
+    r.rec("put before the fill", kv.put(put("small", "v")).await);
+    let big = "x".repeat(256 * 1024);
+    let mut stored = 0;
+    let refusal = loop {
+        match kv.put(put(&format!("big/{stored:03}"), &big)).await {
+            Ok(_) if stored < 64 => stored += 1,
+            Ok(_) => panic!("64 puts of 256 KiB did not reach a quota of {QUOTA} bytes"),
+            Err(e) => break e,
+        }
+    };
+    r.extra_mask = vec!["revision"];
+    r.steps.push((
+        "filled".into(),
+        format!("some puts went in: {}", stored > 0),
+    ));
+    r.rec::<()>("the put that reached the quota", Err(refusal));
+    use pb::alarm_request::AlarmAction;
+    let alarm_req = |action: AlarmAction, member_id: u64, alarm: i32| pb::AlarmRequest {
+        action: action as i32,
+        member_id,
+        alarm,
+    };
+    let get_alarms = |alarm: pb::AlarmType| alarm_req(AlarmAction::Get, 0, alarm as i32);
+    r.rec("alarm list", m.alarm(get_alarms(pb::AlarmType::None)).await);
+    r.rec(
+        "alarm list NOSPACE",
+        m.alarm(get_alarms(pb::AlarmType::Nospace)).await,
+    );
+    r.rec(
+        "alarm list CORRUPT",
+        m.alarm(get_alarms(pb::AlarmType::Corrupt)).await,
+    );
+    let raised = m
+        .alarm(get_alarms(pb::AlarmType::None))
+        .await
+        .unwrap()
+        .into_inner()
+        .alarms;
+    let errors = m
+        .status(pb::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .errors;
+    let errors: Vec<String> = errors
+        .iter()
+        .map(|e| mask(&e.replace("memberID:", "memberID: "), &["memberID"]))
+        .collect();
+    r.steps
+        .push(("status errors".into(), format!("{errors:?}")));
+    r.rec(
+        "a small put while the alarm is up",
+        kv.put(put("tiny", "v")).await,
+    );
+    let txn = |success: Vec<pb::RequestOp>| pb::TxnRequest {
+        compare: Vec::new(),
+        success,
+        failure: Vec::new(),
+    };
+    r.rec(
+        "a read-only txn",
+        kv.txn(txn(vec![op_range("small")])).await,
+    );
+    r.rec(
+        "a txn with a put",
+        kv.txn(txn(vec![op_put("t", "v")])).await,
+    );
+    r.rec(
+        "a lease grant",
+        lease
+            .lease_grant(pb::LeaseGrantRequest { ttl: 60, id: 0 })
+            .await,
+    );
+    r.rec("a read", kv.range(range("small", "")).await);
+    let deleted = kv
+        .delete_range(pb::DeleteRangeRequest {
+            key: b"big/".to_vec(),
+            range_end: b"big0".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    r.steps.push((
+        "delete the fill".into(),
+        format!(
+            "deleted all: {}",
+            deleted.deleted == stored + 1 || deleted.deleted == stored
+        ),
+    ));
+    let now = deleted.header.unwrap().revision;
+    r.rec(
+        "compact",
+        kv.compact(pb::CompactionRequest {
+            revision: now,
+            physical: true,
+        })
+        .await,
+    );
+    r.rec("defragment", m.defragment(pb::DefragmentRequest {}).await);
+    r.rec(
+        "still refused before the disarm",
+        kv.put(put("tiny", "v")).await,
+    );
+    for a in &raised {
+        r.rec(
+            "disarm",
+            m.alarm(alarm_req(AlarmAction::Deactivate, a.member_id, a.alarm))
+                .await,
+        );
+    }
+    r.rec(
+        "alarm list after the disarm",
+        m.alarm(get_alarms(pb::AlarmType::None)).await,
+    );
+    r.rec("a put after the disarm", kv.put(put("tiny", "v")).await);
+    r.rec(
+        "a lease grant after the disarm",
+        lease
+            .lease_grant(pb::LeaseGrantRequest { ttl: 60, id: 77 })
+            .await,
+    );
+    let last = [
+        (
+            "disarm again",
+            alarm_req(
+                AlarmAction::Deactivate,
+                raised[0].member_id,
+                pb::AlarmType::Nospace as i32,
+            ),
+        ),
+        (
+            "raise no alarm",
+            alarm_req(AlarmAction::Activate, 5, pb::AlarmType::None as i32),
+        ),
+        (
+            "raise CORRUPT for a member",
+            alarm_req(AlarmAction::Activate, 5, pb::AlarmType::Corrupt as i32),
+        ),
+    ];
+    for (name, req) in last {
+        r.rec(name, m.alarm(req).await);
+    }
+    r.rec(
+        "alarm list with CORRUPT",
+        m.alarm(get_alarms(pb::AlarmType::None)).await,
+    );
+    r.steps
+}
+
 fn compare(what: &str, etcd: &[(String, String)], eden: &[(String, String)]) {
     let mut diffs = Vec::new();
     for (i, (e, d)) in etcd.iter().zip(eden).enumerate() {
@@ -705,4 +875,17 @@ async fn lease_matches_etcd() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn watch_matches_etcd() {
     differential("watch", |e| Box::pin(watch_script(e))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn quota_and_alarms_match_etcd() {
+    let etcd = RealEtcd::start_with(&[&format!("--quota-backend-bytes={QUOTA}")]).await;
+    let eden = EdenCluster::start(1, false).await;
+    eden.nodes[0]
+        .backend
+        .set_quota_bytes(QUOTA.parse().unwrap());
+    let reference = quota_script(etcd.endpoint.clone()).await;
+    let ours = quota_script(eden.endpoint(0)).await;
+    compare("quota", &reference, &ours);
+    eden.stop().await;
 }

@@ -277,3 +277,53 @@ async fn etcdctl_endpoint_status_and_hashkv_with_url_endpoints_over_plaintext() 
     assert!(hashes.iter().all(|h| *h == hashes[0]), "{hashes:?}");
     c.stop().await;
 }
+
+/// The operator's way out of a full store, with etcdctl: a put past the quota is refused on a
+/// follower, `alarm list` names the member, and compact, `defrag` on every node and
+/// `alarm disarm` let writes through again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn etcdctl_alarm_list_defrag_and_disarm_after_the_quota_is_reached() {
+    const QUOTA: i64 = 2 << 20;
+    let c = EdenCluster::start(3, true).await;
+    for n in &c.nodes {
+        n.backend.set_quota_bytes(QUOTA);
+    }
+    let e2 = c.endpoint(1);
+    let big = "x".repeat(100 * 1024);
+    let mut refused = None;
+    for i in 0..60 {
+        let out = c.etcdctl(&e2, &["put", &format!("big/{i:02}"), &big]);
+        if !out.status.success() {
+            refused = Some(String::from_utf8_lossy(&out.stderr).to_string());
+            break;
+        }
+    }
+    let refused = refused.expect("60 puts of 100 KiB did not reach a 2 MiB quota");
+    assert!(
+        refused.contains("etcdserver: mvcc: database space exceeded"),
+        "{refused}"
+    );
+    let member = c.nodes[1].id;
+    assert_eq!(
+        stdout(&c.etcdctl(&e2, &["alarm", "list"])),
+        format!("memberID:{member} alarm:NOSPACE \n")
+    );
+    // Every node refuses writes while the alarm is up; reads go on.
+    for i in 0..3 {
+        let out = c.etcdctl(&c.endpoint(i), &["put", "small", "v"]);
+        assert!(!out.status.success(), "node {i} took a put under the alarm");
+        stdout(&c.etcdctl(&c.endpoint(i), &["get", "big/00", "--keys-only"]));
+    }
+    stdout(&c.etcdctl(&e2, &["del", "big/", "--prefix"]));
+    let rev = json(&c.etcdctl(&e2, &["get", "x", "-w", "json"]))["header"]["revision"]
+        .as_i64()
+        .unwrap();
+    stdout(&c.etcdctl(&e2, &["compact", &rev.to_string(), "--physical"]));
+    let defrag = stdout(&c.etcdctl(&c.endpoints(), &["defrag"]));
+    assert_eq!(defrag.lines().count(), 3, "{defrag}");
+    let disarmed = stdout(&c.etcdctl(&e2, &["alarm", "disarm"]));
+    assert_eq!(disarmed, format!("memberID:{member} alarm:NOSPACE \n"));
+    assert_eq!(stdout(&c.etcdctl(&e2, &["alarm", "list"])), "");
+    assert_eq!(stdout(&c.etcdctl(&e2, &["put", "small", "v"])), "OK\n");
+    c.stop().await;
+}

@@ -552,3 +552,37 @@ async fn the_leader_compacts_history_older_than_the_retention_on_every_replica()
         "no compaction logged:\n{log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_refuses_writes_past_its_quota_backend_bytes() {
+    let root = tempfile::tempdir().unwrap();
+    let mut n1 = Node::new(root.path(), "n1");
+    n1.create(None, &["--quota-backend-bytes", "2097152"]);
+    n1.ready().await;
+    let ep = n1.endpoint();
+    let big = "x".repeat(100 * 1024);
+    let mut refused = None;
+    for i in 0..60 {
+        let key = format!("/big/{i}");
+        let r = if i == 0 {
+            Ok(put_retrying(&ep, &key, &big).await)
+        } else {
+            put(&ep, &key, &big).await
+        };
+        if let Err(e) = r {
+            refused = Some((i, e));
+            break;
+        }
+    }
+    let (i, e) = refused.expect("60 puts of 100 KiB went past a 2 MiB quota");
+    assert!(
+        e.contains("etcdserver: mvcc: database space exceeded"),
+        "{e}"
+    );
+    assert!((10..=21).contains(&i), "refused after {i} puts of 100 KiB");
+    assert!(
+        n1.log_text().contains("raising a NOSPACE alarm"),
+        "{}",
+        n1.log_text()
+    );
+}

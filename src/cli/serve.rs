@@ -72,6 +72,17 @@ pub struct ServeArgs {
     /// 0 keeps all history (etcd's default; memory then grows with every write).
     #[arg(long, value_name = "RETENTION", default_value = crate::cluster::compactor::DEFAULT_RETENTION)]
     pub auto_compaction_retention: String,
+    /// The most this node's store may hold, in bytes (etcd's flag; 0 means 2 GiB, negative
+    /// none). A write that would pass it raises a NOSPACE alarm, and the cluster refuses puts,
+    /// txns with puts and lease grants until an operator compacts, defragments and disarms:
+    /// `etcdctl compact REV; etcdctl defrag; etcdctl alarm disarm`. Reads and deletes go on.
+    #[arg(
+        long,
+        value_name = "BYTES",
+        default_value_t = 0,
+        allow_negative_numbers = true
+    )]
+    pub quota_backend_bytes: i64,
 }
 
 fn parse_labels(s: &str) -> Result<BTreeMap<String, String>> {
@@ -102,6 +113,7 @@ pub fn run(args: ServeArgs) -> Result<i32> {
             &args.auto_compaction_mode,
             &args.auto_compaction_retention,
         )?,
+        quota_backend_bytes: args.quota_backend_bytes,
     };
     init_logging();
     let rt = tokio::runtime::Builder::new_multi_thread()

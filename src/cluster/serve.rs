@@ -65,6 +65,8 @@ pub struct ServeOptions {
     pub snapshot_count: u64,
     /// What history the leader compacts away (default: keep one hour).
     pub compaction: super::compactor::Policy,
+    /// etcd's `--quota-backend-bytes`: 0 is 2 GiB, negative is no quota.
+    pub quota_backend_bytes: i64,
 }
 
 /// What to do with the data dir.
@@ -146,6 +148,7 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()>) -> Re
             }
         }
     };
+    started.etcd.set_quota_bytes(opts.quota_backend_bytes);
     serve_until(dir, file, started, client, opts.compaction, shutdown).await
 }
 

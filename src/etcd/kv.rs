@@ -224,6 +224,7 @@ impl Backend {
     }
 
     pub async fn put(&self, p: pb::PutRequest) -> Result<pb::PutResponse, ApiError> {
+        self.check_quota(super::maintenance::Cost::Put(&p)).await?;
         let applied = self.node.write(st::Command::Put(put_from_pb(p))).await?;
         match applied.response {
             st::CommandResponse::Put(r) => Ok(put_to_pb(r, self.header(applied.revision))),
@@ -251,6 +252,7 @@ impl Backend {
     }
 
     pub async fn txn(&self, t: pb::TxnRequest) -> Result<pb::TxnResponse, ApiError> {
+        self.check_quota(super::maintenance::Cost::Txn(&t)).await?;
         let applied = self.node.write(st::Command::Txn(txn_from_pb(t)?)).await?;
         match applied.response {
             st::CommandResponse::Txn(r) => Ok(self.txn_to_pb(r, applied.revision)),

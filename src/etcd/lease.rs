@@ -121,6 +121,8 @@ impl Backend {
         &self,
         r: pb::LeaseGrantRequest,
     ) -> Result<pb::LeaseGrantResponse, ApiError> {
+        self.check_quota(super::maintenance::Cost::LeaseGrant)
+            .await?;
         let ttl = r.ttl.max(MIN_LEASE_TTL);
         let applied = self
             .node

@@ -83,6 +83,9 @@ pub struct Backend {
     /// its scheme, so clients that sync their endpoints from it (the Go client's
     /// `AutoSyncInterval`, for one) dial what the nodes serve. A cluster's nodes share it.
     client_tls: AtomicBool,
+    /// `--quota-backend-bytes`: writes that would take this node's data file past it raise a
+    /// NOSPACE alarm and are refused (`maintenance::Backend::check_quota`). Negative: no quota.
+    quota_bytes: std::sync::atomic::AtomicI64,
 }
 
 impl Backend {
@@ -96,7 +99,19 @@ impl Backend {
             keeper_running: AtomicBool::new(false),
             serving: tokio::sync::watch::Sender::new(true),
             client_tls: AtomicBool::new(true),
+            quota_bytes: std::sync::atomic::AtomicI64::new(maintenance::DEFAULT_QUOTA_BYTES),
         })
+    }
+
+    /// Sets the store quota as etcd's `--quota-backend-bytes` reads it: 0 is the default
+    /// (2 GiB), a negative value turns the quota off.
+    pub fn set_quota_bytes(&self, bytes: i64) {
+        let bytes = if bytes == 0 {
+            maintenance::DEFAULT_QUOTA_BYTES
+        } else {
+            bytes
+        };
+        self.quota_bytes.store(bytes, Ordering::Relaxed);
     }
 
     /// Whether this node serves the etcd API: false while it is not a Raft member.

@@ -126,6 +126,7 @@ pub struct EdenNode {
     pub id: NodeId,
     pub client_addr: String,
     pub node: Arc<RaftNode>,
+    pub backend: Arc<Backend>,
     stops: Vec<oneshot::Sender<()>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -179,6 +180,7 @@ impl EdenCluster {
             let peer_node = node.clone();
             let backend = Backend::new(node.clone(), 0xeded);
             let fallback = Some(backend.clone().peer_fallback());
+            let node_backend = backend.clone();
             let peer_task = tokio::spawn(async move {
                 PeerServer::serve(peer, peer_server, peer_node, fallback, async {
                     let _ = peer_stopped.await;
@@ -198,6 +200,7 @@ impl EdenCluster {
                 id,
                 client_addr: info.client_addr,
                 node,
+                backend: node_backend,
                 stops: vec![stop_client, stop_peer],
                 tasks: vec![client_task, peer_task],
             });
@@ -285,6 +288,11 @@ pub struct RealEtcd {
 
 impl RealEtcd {
     pub async fn start() -> RealEtcd {
+        Self::start_with(&[]).await
+    }
+
+    /// Starts etcd with `extra` flags added.
+    pub async fn start_with(extra: &[&str]) -> RealEtcd {
         let dir = tempfile::tempdir().unwrap();
         let (client, peer) = (free_port(), free_port());
         let endpoint = format!("http://127.0.0.1:{client}");
@@ -297,6 +305,7 @@ impl RealEtcd {
             .arg(format!("--listen-peer-urls={peer_url}"))
             .arg(format!("--initial-advertise-peer-urls={peer_url}"))
             .arg(format!("--initial-cluster=ref={peer_url}"))
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
