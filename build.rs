@@ -7,7 +7,8 @@ use prost::Message;
 fn main() {
     let dir = "src/etcd/proto";
     println!("cargo:rerun-if-changed={dir}");
-    let fds = protox::compile([format!("{dir}/rpc.proto")], [dir])
+    let protos = ["rpc.proto", "v3lock.proto", "v3election.proto"].map(|p| format!("{dir}/{p}"));
+    let fds = protox::compile(protos, [dir])
         .unwrap_or_else(|e| panic!("the etcd protos in {dir} do not compile: {e}"));
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     std::fs::write(out.join("etcd_descriptor.bin"), fds.encode_to_vec())

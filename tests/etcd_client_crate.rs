@@ -149,3 +149,105 @@ async fn etcd_client_crate_on_a_three_node_cluster() {
 
     eden.stop().await;
 }
+
+/// The crate's `lock()` and election calls use etcd's server-side Lock and Election services:
+/// two clients on different nodes take turns on a lock, and a campaign waits for the leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn etcd_client_crate_lock_and_election_on_three_nodes() {
+    use etcd_client::{LockOptions, ProclaimOptions, ResignOptions};
+    let eden = EdenCluster::start(3, false).await;
+    let mut a = Client::connect([eden.endpoint(1)], None).await.unwrap();
+    let mut b = Client::connect([eden.endpoint(2)], None).await.unwrap();
+    let lease_a = a.lease_grant(30, None).await.unwrap().id();
+    let lease_b = b.lease_grant(30, None).await.unwrap().id();
+
+    let held = a
+        .lock("jobs", Some(LockOptions::new().with_lease(lease_a)))
+        .await
+        .unwrap();
+    assert_eq!(held.key(), format!("jobs/{lease_a:x}").as_bytes());
+    let waiting = tokio::spawn(async move {
+        let r = b
+            .lock("jobs", Some(LockOptions::new().with_lease(lease_b)))
+            .await
+            .unwrap();
+        (b, r.key().to_vec())
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!waiting.is_finished(), "the second client took a held lock");
+    a.unlock(held.key()).await.unwrap();
+    let (mut b, key_b) = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the second client did not get the lock after the unlock")
+        .unwrap();
+    assert_eq!(key_b, format!("jobs/{lease_b:x}").as_bytes());
+    b.unlock(key_b).await.unwrap();
+
+    // A waiter whose client gives up leaves no key behind to take the lock later.
+    let again = a
+        .lock("jobs", Some(LockOptions::new().with_lease(lease_a)))
+        .await
+        .unwrap();
+    let mut c = Client::connect([eden.endpoint(0)], None).await.unwrap();
+    let lease_c = c.lease_grant(30, None).await.unwrap().id();
+    let key_c = format!("jobs/{lease_c:x}");
+    let gives_up = tokio::spawn(async move {
+        c.lock("jobs", Some(LockOptions::new().with_lease(lease_c)))
+            .await
+    });
+    let mut waited = false;
+    for _ in 0..50 {
+        if a.get(key_c.as_str(), None).await.unwrap().count() == 1 {
+            waited = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(waited, "the third waiter never put its key {key_c}");
+    gives_up.abort();
+    let mut cleaned = false;
+    for _ in 0..50 {
+        if a.get(key_c.as_str(), None).await.unwrap().count() == 0 {
+            cleaned = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(cleaned, "the abandoned waiter's key {key_c} is still there");
+    a.unlock(again.key()).await.unwrap();
+
+    let won = a.campaign("leader", "node-a", lease_a).await.unwrap();
+    let leader_a = won.leader().unwrap().clone();
+    let mut observe = b.observe("leader").await.unwrap();
+    let first = observe.message().await.unwrap().unwrap();
+    assert_eq!(first.kv().unwrap().value(), b"node-a");
+    let mut b2 = b.clone();
+    let contender =
+        tokio::spawn(async move { b2.campaign("leader", "node-b", lease_b).await.unwrap() });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!contender.is_finished(), "a second leader was elected");
+    a.proclaim(
+        "node-a v2",
+        Some(ProclaimOptions::new().with_leader(leader_a.clone())),
+    )
+    .await
+    .unwrap();
+    let news = observe.message().await.unwrap().unwrap();
+    assert_eq!(news.kv().unwrap().value(), b"node-a v2");
+    a.resign(Some(ResignOptions::new().with_leader(leader_a)))
+        .await
+        .unwrap();
+    let won_b = tokio::time::timeout(Duration::from_secs(10), contender)
+        .await
+        .expect("the contender did not win after the leader resigned")
+        .unwrap();
+    assert_eq!(
+        won_b.leader().unwrap().key(),
+        format!("leader/{lease_b:x}").as_bytes()
+    );
+    let next = observe.message().await.unwrap().unwrap();
+    assert_eq!(next.kv().unwrap().value(), b"node-b");
+    let now = a.leader("leader").await.unwrap();
+    assert_eq!(now.kv().unwrap().value(), b"node-b");
+    eden.stop().await;
+}

@@ -824,9 +824,215 @@ async fn quota_script(endpoint: String) -> Vec<(String, String)> {
     for (name, req) in last {
         r.rec(name, m.alarm(req).await);
     }
+    // etcd lists alarms from a Go map, in no fixed order: compare them sorted.
+    let mut all = m.alarm(get_alarms(pb::AlarmType::None)).await;
+    if let Ok(resp) = all.as_mut() {
+        resp.get_mut()
+            .alarms
+            .sort_by_key(|a| (a.member_id, a.alarm));
+    }
+    r.rec("alarm list with CORRUPT", all);
+    r.steps
+}
+
+/// The server-side Lock and Election services: a second locker waits for the first, a
+/// campaigner for the leader, and Observe follows the leader's key. Everything is driven from
+/// one task with short waits, so the order of events is the same on both servers.
+async fn lock_election_script(endpoint: String) -> Vec<(String, String)> {
+    use eden::etcd::pb::v3electionpb as el;
+    use eden::etcd::pb::v3lockpb as lk;
+    let ch = Channel::from_shared(endpoint)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut lease = LeaseClient::new(ch.clone());
+    let kv = KvClient::new(ch.clone());
+    // Waits until a contender's key is in, so the order of events does not depend on timing.
+    let key_in = |key: &'static str| {
+        let mut kv = kv.clone();
+        async move {
+            for _ in 0..200 {
+                let got = kv.range(range(key, "")).await.unwrap().into_inner();
+                if got.count == 1 {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            false
+        }
+    };
+    let mut lock = lk::lock_client::LockClient::new(ch.clone());
+    let mut elect = el::election_client::ElectionClient::new(ch.clone());
+    let mut r = Recorder {
+        steps: Vec::new(),
+        extra_mask: vec![],
+    };
+    for id in [1001, 1002] {
+        lease
+            .lease_grant(pb::LeaseGrantRequest { ttl: 60, id })
+            .await
+            .unwrap();
+    }
+    let lock_req = |name: &str, lease: i64| lk::LockRequest {
+        name: name.into(),
+        lease,
+    };
+    let first = lock.lock(lock_req("mylock", 1001)).await;
+    let first_key = first.as_ref().unwrap().get_ref().key.clone();
+    r.rec("lock", first);
+    let mut second_client = lock.clone();
+    let second = tokio::spawn(async move { second_client.lock(lock_req("mylock", 1002)).await });
+    let queued = key_in("mylock/3ea").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    r.steps.push((
+        "second locker waits".into(),
+        format!("{queued} {}", !second.is_finished()),
+    ));
     r.rec(
-        "alarm list with CORRUPT",
-        m.alarm(get_alarms(pb::AlarmType::None)).await,
+        "unlock",
+        lock.unlock(lk::UnlockRequest { key: first_key }).await,
+    );
+    r.rec("second locker gets it", second.await.unwrap());
+    r.rec(
+        "lock with an unknown lease",
+        lock.lock(lock_req("other", 999)).await,
+    );
+    let fresh = lock.lock(lock_req("fresh", 0)).await.unwrap().into_inner();
+    r.steps.push((
+        "lock with lease 0 gets a new lease".into(),
+        format!(
+            "{}",
+            fresh.key.starts_with(b"fresh/") && fresh.key.len() > 6
+        ),
+    ));
+    r.rec(
+        "unlock a key that is not there",
+        lock.unlock(lk::UnlockRequest { key: "nope".into() }).await,
+    );
+
+    let leader_req = || el::LeaderRequest { name: "e1".into() };
+    r.rec(
+        "leader of an empty election",
+        elect.leader(leader_req()).await,
+    );
+    let alice = elect
+        .campaign(el::CampaignRequest {
+            name: "e1".into(),
+            lease: 1001,
+            value: "alice".into(),
+        })
+        .await;
+    let alice_key = alice.as_ref().unwrap().get_ref().leader.clone().unwrap();
+    r.rec("campaign", alice);
+    r.rec("leader", elect.leader(leader_req()).await);
+    let mut observe = elect.observe(leader_req()).await.unwrap().into_inner();
+    let mut next_observed = async |r: &mut Recorder, name: &str| {
+        let msg = tokio::time::timeout(Duration::from_secs(5), observe.message()).await;
+        match msg {
+            Ok(Ok(Some(m))) => r.rec(name, Ok(tonic::Response::new(m))),
+            other => r
+                .steps
+                .push((name.into(), format!("no message: {other:?}"))),
+        }
+    };
+    next_observed(&mut r, "observe: the leader").await;
+    let mut bob_client = elect.clone();
+    let bob = tokio::spawn(async move {
+        bob_client
+            .campaign(el::CampaignRequest {
+                name: "e1".into(),
+                lease: 1002,
+                value: "bob".into(),
+            })
+            .await
+    });
+    let queued = key_in("e1/3ea").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    r.steps.push((
+        "second campaigner waits".into(),
+        format!("{queued} {}", !bob.is_finished()),
+    ));
+    r.rec(
+        "proclaim",
+        elect
+            .proclaim(el::ProclaimRequest {
+                leader: Some(alice_key.clone()),
+                value: "alice2".into(),
+            })
+            .await,
+    );
+    next_observed(&mut r, "observe: the proclaimed value").await;
+    r.rec(
+        "proclaim with a stale revision",
+        elect
+            .proclaim(el::ProclaimRequest {
+                leader: Some(el::LeaderKey {
+                    rev: alice_key.rev - 1,
+                    ..alice_key.clone()
+                }),
+                value: "x".into(),
+            })
+            .await,
+    );
+    r.rec(
+        "proclaim without a leader key",
+        elect
+            .proclaim(el::ProclaimRequest {
+                leader: None,
+                value: "x".into(),
+            })
+            .await,
+    );
+    r.rec(
+        "resign",
+        elect
+            .resign(el::ResignRequest {
+                leader: Some(alice_key.clone()),
+            })
+            .await,
+    );
+    let bob = bob.await.unwrap();
+    let bob_key = bob.as_ref().unwrap().get_ref().leader.clone().unwrap();
+    r.rec("second campaigner wins", bob);
+    next_observed(&mut r, "observe: the next leader").await;
+    r.rec(
+        "campaign again with another value",
+        elect
+            .campaign(el::CampaignRequest {
+                name: "e1".into(),
+                lease: 1002,
+                value: "bob2".into(),
+            })
+            .await,
+    );
+    next_observed(&mut r, "observe: the new value").await;
+    r.rec(
+        "leader after the new value",
+        elect.leader(leader_req()).await,
+    );
+    r.rec(
+        "resign with a stale revision",
+        elect
+            .resign(el::ResignRequest {
+                leader: Some(el::LeaderKey {
+                    rev: bob_key.rev + 100,
+                    ..bob_key.clone()
+                }),
+            })
+            .await,
+    );
+    r.rec(
+        "resign without a leader key",
+        elect.resign(el::ResignRequest { leader: None }).await,
+    );
+    lease
+        .lease_revoke(pb::LeaseRevokeRequest { id: 1002 })
+        .await
+        .unwrap();
+    r.rec(
+        "leader after its lease is revoked",
+        elect.leader(leader_req()).await,
     );
     r.steps
 }
@@ -858,6 +1064,11 @@ async fn differential(what: &str, script: fn(String) -> ScriptFuture) {
     let eden = EdenCluster::start(1, false).await;
     let reference = script(etcd.endpoint.clone()).await;
     let ours = script(eden.endpoint(0)).await;
+    if std::env::var("EDEN_SHOW_STEPS").is_ok() {
+        for s in &ours {
+            eprintln!("{} => {}", s.0, s.1);
+        }
+    }
     compare(what, &reference, &ours);
     eden.stop().await;
 }
@@ -888,4 +1099,9 @@ async fn quota_and_alarms_match_etcd() {
     let ours = quota_script(eden.endpoint(0)).await;
     compare("quota", &reference, &ours);
     eden.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lock_and_election_match_etcd() {
+    differential("lock and election", |e| Box::pin(lock_election_script(e))).await;
 }

@@ -175,6 +175,32 @@ fn unary_script() -> Vec<(&'static str, &'static str, String)> {
             "/v3/kv/put",
             format!(r#"{{"key":"{B64_BAR}","value":"{B64_BAR}","lease":"77"}}"#),
         ),
+        (
+            "lock",
+            "/v3/lock/lock",
+            format!(r#"{{"name":"{B64_FOO}","lease":"77"}}"#),
+        ),
+        (
+            "election leader of none",
+            "/v3/election/leader",
+            format!(r#"{{"name":"{B64_BAR}"}}"#),
+        ),
+        (
+            "campaign",
+            "/v3/election/campaign",
+            format!(r#"{{"name":"{B64_BAR}","lease":"77","value":"{B64_FOO}"}}"#),
+        ),
+        (
+            "election leader",
+            "/v3/election/leader",
+            format!(r#"{{"name":"{B64_BAR}"}}"#),
+        ),
+        (
+            // "foo/4d": the lock's key, lease 77 in hex.
+            "unlock",
+            "/v3/lock/unlock",
+            r#"{"key":"Zm9vLzRk"}"#.to_string(),
+        ),
         ("lease leases", "/v3/lease/leases", "{}".to_string()),
         (
             "lease leases (kv path)",

@@ -35,6 +35,10 @@ pub enum ApiError {
     /// A disk fault or a bug on this node.
     #[error("{0}")]
     Internal(String),
+    /// An error of the lock and election recipes (`election: not leader`), which etcd returns
+    /// as a plain error: gRPC code Unknown.
+    #[error("{0}")]
+    Recipe(String),
 }
 
 impl From<eden_storage::Error> for ApiError {
@@ -89,6 +93,7 @@ impl ApiError {
             ApiError::InvalidInput(_) => Code::InvalidArgument,
             ApiError::Unavailable(_) => Code::Unavailable,
             ApiError::Internal(_) => Code::Internal,
+            ApiError::Recipe(_) => Code::Unknown,
         }
     }
 }

@@ -32,7 +32,11 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::Code;
 
 use super::pb::etcdserverpb as pb;
-use super::{cluster, kv, lease, maintenance, Backend};
+use super::pb::v3electionpb as electionpb;
+use super::pb::v3lockpb as lockpb;
+use super::{cluster, election, kv, lease, lock, maintenance, Backend};
+use electionpb::election_server::Election;
+use lockpb::lock_server::Lock;
 use pb::cluster_server::Cluster;
 use pb::kv_server::Kv;
 use pb::lease_server::Lease;
@@ -182,19 +186,25 @@ struct Services {
     lease: Arc<lease::LeaseService>,
     cluster: Arc<cluster::ClusterService>,
     maintenance: Arc<maintenance::MaintenanceService>,
+    lock: Arc<lock::LockService>,
+    election: Arc<election::ElectionService>,
 }
 
 /// `unary!(service, Trait::method, RequestType, "Request", "Response")`: a POST route that
 /// decodes the JSON request, calls the gRPC method and encodes its answer.
+/// `unary!(package: ...)` does the same for messages of another proto package.
 macro_rules! unary {
     ($svc:ident, $method:path, $req:ty, $req_name:literal, $resp_name:literal) => {
+        unary!(package: "etcdserverpb.", $svc, $method, $req, $req_name, $resp_name)
+    };
+    (package: $pkg:literal, $svc:ident, $method:path, $req:ty, $req_name:literal, $resp_name:literal) => {
         post(|State(s): State<Services>, body: Bytes| async move {
-            let req: $req = match single(concat!("etcdserverpb.", $req_name), &body) {
+            let req: $req = match single(concat!($pkg, $req_name), &body) {
                 Ok(r) => r,
                 Err((code, msg)) => return error_response(code, &msg),
             };
             reply(
-                concat!("etcdserverpb.", $resp_name),
+                concat!($pkg, $resp_name),
                 $method(&*s.$svc, tonic::Request::new(req)).await,
             )
         })
@@ -208,6 +218,8 @@ pub fn router(backend: Arc<Backend>) -> axum::Router {
         lease: Arc::new(lease::LeaseService::new(backend.clone())),
         cluster: Arc::new(cluster::ClusterService::new(backend.clone())),
         maintenance: Arc::new(maintenance::MaintenanceService::new(backend.clone())),
+        lock: Arc::new(lock::LockService::new(backend.clone())),
+        election: Arc::new(election::ElectionService::new(backend.clone())),
         backend,
     };
     let lease_revoke = unary!(
@@ -389,6 +401,31 @@ pub fn router(backend: Arc<Backend>) -> axum::Router {
             ),
         )
         .route("/v3/maintenance/snapshot", post(snapshot))
+        .route(
+            "/v3/lock/lock",
+            unary!(package: "v3lockpb.", lock, Lock::lock, lockpb::LockRequest, "LockRequest", "LockResponse"),
+        )
+        .route(
+            "/v3/lock/unlock",
+            unary!(package: "v3lockpb.", lock, Lock::unlock, lockpb::UnlockRequest, "UnlockRequest", "UnlockResponse"),
+        )
+        .route(
+            "/v3/election/campaign",
+            unary!(package: "v3electionpb.", election, Election::campaign, electionpb::CampaignRequest, "CampaignRequest", "CampaignResponse"),
+        )
+        .route(
+            "/v3/election/proclaim",
+            unary!(package: "v3electionpb.", election, Election::proclaim, electionpb::ProclaimRequest, "ProclaimRequest", "ProclaimResponse"),
+        )
+        .route(
+            "/v3/election/leader",
+            unary!(package: "v3electionpb.", election, Election::leader, electionpb::LeaderRequest, "LeaderRequest", "LeaderResponse"),
+        )
+        .route(
+            "/v3/election/resign",
+            unary!(package: "v3electionpb.", election, Election::resign, electionpb::ResignRequest, "ResignRequest", "ResignResponse"),
+        )
+        .route("/v3/election/observe", post(observe))
         .route("/version", get(version))
         .route("/health", get(health))
         .with_state(services)
@@ -411,6 +448,23 @@ async fn watch(State(s): State<Services>, body: Bytes) -> Response {
     let requests = tokio_stream::iter(requests).chain(tokio_stream::pending());
     let responses = super::watch::start_session(s.backend.clone(), Box::pin(requests));
     stream_response(responses.map(|r| r.map(|m| encode("etcdserverpb.WatchResponse", &m))))
+}
+
+/// `POST /v3/election/observe`: the leader's key and its changes, one line each, until the
+/// client goes away.
+async fn observe(State(s): State<Services>, body: Bytes) -> Response {
+    let req: electionpb::LeaderRequest = match single("v3electionpb.LeaderRequest", &body) {
+        Ok(r) => r,
+        Err((code, msg)) => return error_response(code, &msg),
+    };
+    match Election::observe(&*s.election, tonic::Request::new(req)).await {
+        Ok(stream) => stream_response(
+            stream
+                .into_inner()
+                .map(|r| r.map(|m| encode("v3electionpb.LeaderResponse", &m))),
+        ),
+        Err(status) => error_response(status.code(), status.message()),
+    }
 }
 
 /// `POST /v3/lease/keepalive`: one answer per request in the body, then the stream ends.

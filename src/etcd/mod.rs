@@ -1,5 +1,5 @@
-//! The etcd v3 API on every datastore node: gRPC (KV, Watch, Lease, Cluster, Maintenance) and
-//! the JSON gateway, on one client port, over TLS or (loopback only) plaintext.
+//! The etcd v3 API on every datastore node: gRPC (KV, Watch, Lease, Cluster, Maintenance, and
+//! the server-side Lock and Election recipes) and the JSON gateway, on one client port, over TLS or (loopback only) plaintext.
 //!
 //! ## What this module owns
 //! - The wire: protos in `proto/` with etcd's field numbers, compiled by protox in `build.rs`
@@ -28,11 +28,13 @@
 
 pub mod authority;
 pub mod cluster;
+pub mod election;
 pub mod errors;
 pub mod gateway;
 mod hpack;
 pub mod kv;
 pub mod lease;
+pub mod lock;
 pub mod maintenance;
 pub mod watch;
 
@@ -58,6 +60,12 @@ pub mod pb {
     }
     pub mod etcdserverpb {
         tonic::include_proto!("etcdserverpb");
+    }
+    pub mod v3lockpb {
+        tonic::include_proto!("v3lockpb");
+    }
+    pub mod v3electionpb {
+        tonic::include_proto!("v3electionpb");
     }
 }
 
@@ -237,6 +245,12 @@ pub fn router(backend: Arc<Backend>) -> axum::Router {
         .add_service(ClusterServer::new(cluster::ClusterService::new(
             backend.clone(),
         )))
+        .add_service(pb::v3lockpb::lock_server::LockServer::new(
+            lock::LockService::new(backend.clone()),
+        ))
+        .add_service(pb::v3electionpb::election_server::ElectionServer::new(
+            election::ElectionService::new(backend.clone()),
+        ))
         .add_service(MaintenanceServer::new(
             maintenance::MaintenanceService::new(backend.clone()),
         ));
