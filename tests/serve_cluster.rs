@@ -497,9 +497,18 @@ async fn local_get_at(endpoint: &str, key: &str, rev: i64) -> Result<Option<Vec<
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_leader_compacts_history_older_than_the_retention_on_every_replica() {
+async fn the_leader_compacts_history_and_checks_the_replicas_agree() {
     let root = tempfile::tempdir().unwrap();
-    let nodes = three_nodes(root.path(), &["--auto-compaction-retention", "3s"]).await;
+    let nodes = three_nodes(
+        root.path(),
+        &[
+            "--auto-compaction-retention",
+            "3s",
+            "--experimental-corrupt-check-time",
+            "1s",
+        ],
+    )
+    .await;
     let ep = nodes[0].endpoint();
     let first = put_retrying(&ep, "/hist/k", "v0").await;
     let mut last = first;
@@ -551,6 +560,12 @@ async fn the_leader_compacts_history_older_than_the_retention_on_every_replica()
         log.contains("auto-compaction: compacted history up to revision"),
         "no compaction logged:\n{log}"
     );
+    // The corruption check ran alongside and found the replicas alike.
+    assert!(
+        log.contains("corruption check: every member that answered agrees"),
+        "no corruption check logged:\n{log}"
+    );
+    assert!(!log.contains("CORRUPT alarm"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -63,6 +63,7 @@ pub enum RejectionKind {
     LeaseProvided,
     KeyNotFound,
     NoSpace,
+    CorruptCluster,
 }
 
 /// A command the store refused. `message` is the store error's text, byte for byte etcd's.
@@ -88,6 +89,7 @@ impl Rejection {
             StoreError::LeaseProvided => RejectionKind::LeaseProvided,
             StoreError::KeyNotFound => RejectionKind::KeyNotFound,
             StoreError::NoSpace => RejectionKind::NoSpace,
+            StoreError::CorruptCluster => RejectionKind::CorruptCluster,
             StoreError::Io(_) | StoreError::Corrupt(_) | StoreError::InvalidSnapshot(_) => {
                 return None
             }
@@ -113,6 +115,7 @@ impl Rejection {
             RejectionKind::LeaseProvided => StoreError::LeaseProvided,
             RejectionKind::KeyNotFound => StoreError::KeyNotFound,
             RejectionKind::NoSpace => StoreError::NoSpace,
+            RejectionKind::CorruptCluster => StoreError::CorruptCluster,
         }
     }
 }

@@ -83,6 +83,13 @@ pub struct ServeArgs {
         allow_negative_numbers = true
     )]
     pub quota_backend_bytes: i64,
+    /// How often the leader compares every member's store with its own (etcd's flag): it
+    /// hashes its history at its revision and asks each member for the same hash. A member
+    /// whose history differs gets a CORRUPT alarm, and the cluster refuses every change until
+    /// an operator rebuilds that member and disarms (`etcdctl alarm disarm`). A duration
+    /// (30m, 1h); 0 turns it off.
+    #[arg(long, value_name = "DURATION", default_value = "1h")]
+    pub experimental_corrupt_check_time: String,
 }
 
 fn parse_labels(s: &str) -> Result<BTreeMap<String, String>> {
@@ -94,6 +101,23 @@ fn parse_labels(s: &str) -> Result<BTreeMap<String, String>> {
         labels.insert(k.trim().to_string(), v.trim().to_string());
     }
     Ok(labels)
+}
+
+/// `--experimental-corrupt-check-time`: `None` for 0.
+fn parse_check_time(s: &str) -> Result<Option<std::time::Duration>> {
+    let d = if s.trim() == "0" {
+        Some(std::time::Duration::ZERO)
+    } else {
+        crate::cluster::compactor::parse_duration(s.trim())
+    };
+    match d {
+        Some(d) if d.is_zero() => Ok(None),
+        Some(d) => Ok(Some(d)),
+        None => Err(Error::InvalidInput(format!(
+            "--experimental-corrupt-check-time {s:?}: use a duration such as 30m or 1h, or 0 \
+             to turn the check off"
+        ))),
+    }
 }
 
 pub fn run(args: ServeArgs) -> Result<i32> {
@@ -114,6 +138,7 @@ pub fn run(args: ServeArgs) -> Result<i32> {
             &args.auto_compaction_retention,
         )?,
         quota_backend_bytes: args.quota_backend_bytes,
+        corrupt_check: parse_check_time(&args.experimental_corrupt_check_time)?,
     };
     init_logging();
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -119,7 +119,7 @@ impl std::fmt::Display for Policy {
 }
 
 /// `90s`, `30m`, `2h`, `1h30m`, `500ms`: a sum of whole numbers with units.
-fn parse_duration(s: &str) -> Option<Duration> {
+pub(crate) fn parse_duration(s: &str) -> Option<Duration> {
     let mut total = Duration::ZERO;
     let mut rest = s;
     if rest.is_empty() {

@@ -67,6 +67,8 @@ pub struct ServeOptions {
     pub compaction: super::compactor::Policy,
     /// etcd's `--quota-backend-bytes`: 0 is 2 GiB, negative is no quota.
     pub quota_backend_bytes: i64,
+    /// How often the leader compares the members' stores; `None`: never.
+    pub corrupt_check: Option<Duration>,
 }
 
 /// What to do with the data dir.
@@ -149,7 +151,11 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()>) -> Re
         }
     };
     started.etcd.set_quota_bytes(opts.quota_backend_bytes);
-    serve_until(dir, file, started, client, opts.compaction, shutdown).await
+    let checks = Checks {
+        compaction: opts.compaction,
+        corrupt_check: opts.corrupt_check,
+    };
+    serve_until(dir, file, started, client, checks, shutdown).await
 }
 
 /// Steps 2-3: the node's record (ids still 0 for a new node), its bound listeners, and what
@@ -626,12 +632,18 @@ async fn join(
     }
 }
 
+/// The leader's periodic upkeep of the store.
+struct Checks {
+    compaction: super::compactor::Policy,
+    corrupt_check: Option<Duration>,
+}
+
 async fn serve_until(
     dir: DataDir,
     file: NodeFile,
     started: Started,
     client: TcpListener,
-    compaction: super::compactor::Policy,
+    checks: Checks,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
     tracing::info!(
@@ -678,13 +690,25 @@ async fn serve_until(
         started.peer_client_tls.clone(),
         !file.client_plaintext,
     ));
-    let compactor_task = tokio::spawn(super::compactor::run(started.node.clone(), compaction));
+    let compactor_task = tokio::spawn(super::compactor::run(
+        started.node.clone(),
+        checks.compaction,
+    ));
+    let corrupt_task = checks.corrupt_check.map(|period| {
+        tokio::spawn(crate::etcd::maintenance::run_corruption_check(
+            started.etcd.clone(),
+            period,
+        ))
+    });
     shutdown.await;
     tracing::info!("shutting down");
     agent_task.abort();
     controller_task.abort();
     membership_task.abort();
     compactor_task.abort();
+    if let Some(t) = corrupt_task {
+        t.abort();
+    }
     leave_agent(&kv, &agent).await;
     let _ = client_stop.send(());
     if let Ok(Err(e)) = client_task.await {

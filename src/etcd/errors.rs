@@ -78,6 +78,7 @@ fn store_code(e: &eden_storage::Error) -> Code {
         | E::LeaseProvided
         | E::KeyNotFound => Code::InvalidArgument,
         E::NoSpace => Code::ResourceExhausted,
+        E::CorruptCluster => Code::DataLoss,
         E::Io(_) | E::Corrupt(_) | E::InvalidSnapshot(_) => Code::Internal,
     }
 }
@@ -172,6 +173,11 @@ mod tests {
                 ApiError::Store(E::NoSpace),
                 Code::ResourceExhausted,
                 "etcdserver: mvcc: database space exceeded",
+            ),
+            (
+                ApiError::Store(E::CorruptCluster),
+                Code::DataLoss,
+                "etcdserver: corrupt cluster",
             ),
             (
                 ApiError::MemberNotFound,

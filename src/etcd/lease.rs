@@ -11,7 +11,7 @@
 //!
 //! - The leader's clock is the one that counts. A follower forwards KeepAlive and the remaining
 //!   TTL of TimeToLive to the leader over the peer link ([`RENEW_PATH`], [`REMAINING_PATH`],
-//!   served by [`Backend::peer_request`]), as etcd forwards them.
+//!   served by [`Backend::lease_peer_request`]), as etcd forwards them.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -221,7 +221,11 @@ impl Backend {
     /// Serves the lease routes of the peer port (a JSON lease id in, a JSON number out).
     /// `None` if `path` is not one of them. Refuses when this node is no longer the leader, so
     /// a stale follower view never renews on the wrong clock.
-    pub async fn peer_request(&self, path: &str, body: &[u8]) -> Option<Result<Vec<u8>, String>> {
+    pub async fn lease_peer_request(
+        &self,
+        path: &str,
+        body: &[u8],
+    ) -> Option<Result<Vec<u8>, String>> {
         if path != RENEW_PATH && path != REMAINING_PATH {
             return None;
         }

@@ -9,7 +9,12 @@
 //! every replica refuses puts, txns with puts and lease grants (`mvcc::Keyspace::capped`).
 //! Reads, deletes and compaction go on. Defragment rewrites this node's data file with only
 //! its live data (`Store::defragment`), so after compacting, defragmenting and disarming
-//! (`etcdctl alarm disarm`) writes go through again. The snapshot is eden's store export (`EDENSNAP`), not a bbolt
+//! (`etcdctl alarm disarm`) writes go through again.
+//!
+//! The corruption check ([`run_corruption_check`]) is etcd's too: the leader compares every
+//! member's hash of its history with its own at the same revision and raises a CORRUPT alarm
+//! for a member that differs; while it is up, every replica refuses every change with
+//! `etcdserver: corrupt cluster`. The snapshot is eden's store export (`EDENSNAP`), not a bbolt
 //! file: it restores into eden, not into etcd.
 
 use std::pin::Pin;
@@ -72,6 +77,20 @@ fn alarm_to_pb(a: st::AlarmMember) -> pb::AlarmMember {
     }
 }
 
+/// Peer route: this member's HashKV at a revision (a JSON revision in, [`HashAnswer`] out).
+pub const HASHKV_PATH: &str = "/etcd/hashkv";
+/// How long the leader waits for a member's hash.
+const HASH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A member's answer to [`HASHKV_PATH`].
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct HashAnswer {
+    /// The member's current revision.
+    revision: i64,
+    hash: u32,
+    compact_revision: i64,
+}
+
 /// Snapshot bytes per streamed message.
 const SNAPSHOT_CHUNK: usize = 32 * 1024;
 
@@ -86,6 +105,84 @@ impl MaintenanceService {
 }
 
 impl Backend {
+    /// Serves [`HASHKV_PATH`]: the hash of this replica's history at the asked revision. A
+    /// member that has not applied that revision yet answers with an error.
+    pub(super) fn hashkv_peer(&self, body: &[u8]) -> Result<Vec<u8>, String> {
+        let rev: i64 = serde_json::from_slice(body)
+            .map_err(|e| format!("{HASHKV_PATH}: the body must be a revision: {e}"))?;
+        let store = self.node.store();
+        let revision = store.revision();
+        let (hash, compact_revision) = store.hash_kv(rev).map_err(|e| e.to_string())?;
+        serde_json::to_vec(&HashAnswer {
+            revision,
+            hash,
+            compact_revision,
+        })
+        .map_err(|e| e.to_string())
+    }
+
+    /// etcd's corruption check, run by the leader: hash its own history at its current
+    /// revision, ask every other member for its hash at the same revision, and raise a CORRUPT
+    /// alarm for each member whose history differs while its compacted revision is the same
+    /// (a member that lags, or compacted differently, cannot be compared and is skipped).
+    /// Returns the members found to differ.
+    pub async fn check_corruption(&self) -> Result<Vec<u64>, ApiError> {
+        if !self.node.is_leader() {
+            return Ok(Vec::new());
+        }
+        let store = self.node.store().clone();
+        let rev = store.revision();
+        let (hash, compacted) = tokio::task::spawn_blocking(move || store.hash_kv(rev))
+            .await
+            .map_err(|e| ApiError::Internal(format!("hashing the store failed: {e}")))??;
+        let m = self.node.metrics();
+        let body = serde_json::to_vec(&rev).map_err(|e| ApiError::Internal(e.to_string()))?;
+        let mut differ = Vec::new();
+        for (id, info) in m.voters.iter().chain(m.learners.iter()) {
+            if *id == self.node.id() {
+                continue;
+            }
+            let answer = self
+                .node
+                .peer_pool()
+                .call(&info.peer_addr, HASHKV_PATH, body.clone(), HASH_TIMEOUT)
+                .await;
+            let answer: HashAnswer = match answer.map(|b| serde_json::from_slice(&b)) {
+                Ok(Ok(a)) => a,
+                Ok(Err(e)) => {
+                    tracing::warn!(member = id, "corruption check: unreadable answer: {e}");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::debug!(member = id, "corruption check: no hash at {rev}: {e}");
+                    continue;
+                }
+            };
+            if answer.compact_revision == compacted && answer.hash != hash {
+                tracing::error!(
+                    member = id,
+                    revision = rev,
+                    leader_hash = hash,
+                    member_hash = answer.hash,
+                    "corruption check: the member's history differs from the leader's; raising \
+                     a CORRUPT alarm (every change is refused until the member is rebuilt and \
+                     the alarm disarmed)"
+                );
+                differ.push(*id);
+            }
+        }
+        for id in &differ {
+            self.node
+                .write(st::Command::Alarm {
+                    activate: true,
+                    member: *id,
+                    alarm: st::AlarmType::Corrupt,
+                })
+                .await?;
+        }
+        Ok(differ)
+    }
+
     /// etcd's quota check, before a write is proposed: if `cost` would take this node's data
     /// file to its quota, raise this member's NOSPACE alarm and refuse the write.
     pub async fn check_quota(&self, cost: Cost<'_>) -> Result<(), ApiError> {
@@ -200,6 +297,29 @@ impl Backend {
             hash,
             compact_revision,
         })
+    }
+}
+
+/// Runs [`Backend::check_corruption`] every `period` while this node leads.
+pub async fn run_corruption_check(backend: Arc<Backend>, period: std::time::Duration) {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        match backend.check_corruption().await {
+            Ok(differ) if differ.is_empty() => {
+                if backend.node.is_leader() {
+                    tracing::info!(
+                        "corruption check: every member that answered agrees with the leader"
+                    );
+                }
+            }
+            Ok(differ) => {
+                tracing::error!(members = ?differ, "corruption check: CORRUPT alarm raised")
+            }
+            Err(e) => tracing::warn!("corruption check failed (tried again at the next one): {e}"),
+        }
     }
 }
 

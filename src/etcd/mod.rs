@@ -175,7 +175,8 @@ impl Backend {
 const MAX_PEER_BODY: usize = 4096;
 
 impl Backend {
-    /// Serves the etcd layer's routes on the peer port (`/etcd/...`: lease clock forwarding).
+    /// Serves the etcd layer's routes on the peer port (`/etcd/...`: lease clock forwarding and
+    /// the corruption check's hashes).
     /// Only cluster members may call them: the request must carry a peer certificate.
     pub async fn peer_route(
         &self,
@@ -215,6 +216,15 @@ impl Backend {
                 format!("no route {path}").into_bytes(),
             ),
         }
+    }
+
+    /// The etcd layer's peer routes: the corruption check's hash, and the lease clock. `None`
+    /// for any other path.
+    async fn peer_request(&self, path: &str, body: &[u8]) -> Option<Result<Vec<u8>, String>> {
+        if path == maintenance::HASHKV_PATH {
+            return Some(self.hashkv_peer(body));
+        }
+        self.lease_peer_request(path, body).await
     }
 
     /// The peer server fallback for a node that serves only the etcd layer's peer routes (no

@@ -5,7 +5,7 @@
 //! crate knows nothing of gRPC.
 //!
 //! Two families:
-//! - **replies** (`Compacted` .. `NoSpace`): deterministic outcomes of a command or a read.
+//! - **replies** (`Compacted` .. `CorruptCluster`): deterministic outcomes of a command or a read.
 //!   Every replica computes the same one, so they are safe to return from `apply`.
 //! - **faults** (`Io`, `Corrupt`, `InvalidSnapshot`): the disk or the input is bad. A fault from
 //!   `apply` means the store must not be used further; reopen it.
@@ -47,6 +47,9 @@ pub enum Error {
     /// request that would take the store past its quota.
     #[error("etcdserver: mvcc: database space exceeded")]
     NoSpace,
+    /// Any change while a member's CORRUPT alarm is up.
+    #[error("etcdserver: corrupt cluster")]
+    CorruptCluster,
     /// The disk failed. The message names the operation.
     #[error("storage I/O error: {0}")]
     Io(String),

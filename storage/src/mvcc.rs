@@ -256,6 +256,12 @@ impl Keyspace {
         self.alarms.iter().any(|a| a.alarm == AlarmType::NoSpace)
     }
 
+    /// Whether every change is refused: a member's store was found to differ from the
+    /// leader's (a CORRUPT alarm), so nothing more is written until an operator repairs it.
+    pub fn corrupted(&self) -> bool {
+        self.alarms.iter().any(|a| a.alarm == AlarmType::Corrupt)
+    }
+
     /// The counter behind generated lease ids; persisted so ids never repeat.
     pub fn lease_seq(&self) -> i64 {
         self.lease_seq
@@ -397,6 +403,25 @@ impl Keyspace {
         sink: &mut impl RecordSink,
         cmd: &Command,
     ) -> Result<(Applied, Vec<Event>), Error> {
+        if self.corrupted() {
+            // etcd's corrupt applier refuses every change; only alarms go through (so the
+            // alarm can be cleared). The request's own validation comes first, as in etcd.
+            match cmd {
+                Command::Alarm { .. } => {}
+                Command::Put(p) => {
+                    check_put(p)?;
+                    return Err(Error::CorruptCluster);
+                }
+                Command::DeleteRange(d) if d.key.is_empty() => return Err(Error::EmptyKey),
+                Command::Txn(t) => {
+                    check_txn(t, MAX_TXN_OPS)?;
+                    check_intervals(&t.success)?;
+                    check_intervals(&t.failure)?;
+                    return Err(Error::CorruptCluster);
+                }
+                _ => return Err(Error::CorruptCluster),
+            }
+        }
         match cmd {
             Command::Put(p) => {
                 check_put(p)?;

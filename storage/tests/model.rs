@@ -161,6 +161,9 @@ impl Model {
     fn capped(&self) -> bool {
         self.alarms.iter().any(|a| a.alarm == AlarmType::NoSpace)
     }
+    fn corrupted(&self) -> bool {
+        self.alarms.iter().any(|a| a.alarm == AlarmType::Corrupt)
+    }
     fn current(&self) -> &Map {
         self.states.last().unwrap()
     }
@@ -247,6 +250,19 @@ impl Model {
         cmd: &Command,
         conflicts: bool,
     ) -> Result<(Applied, Vec<Event>), Error> {
+        if self.corrupted() {
+            match cmd {
+                Command::Alarm { .. } => {}
+                Command::Put(p) if p.key.is_empty() => return Err(Error::EmptyKey),
+                Command::DeleteRange(d) if d.key.is_empty() => return Err(Error::EmptyKey),
+                Command::Txn(t)
+                    if conflicts && (naive_conflict(&t.success) || naive_conflict(&t.failure)) =>
+                {
+                    return Err(Error::DuplicateKey)
+                }
+                _ => return Err(Error::CorruptCluster),
+            }
+        }
         let mut exec = Exec {
             model: self,
             work: self.current().clone(),

@@ -798,8 +798,45 @@ fn a_nospace_alarm_caps_writes_and_is_kept() {
     assert_eq!(none.response, CommandResponse::Alarm(vec![]));
     assert!(store.alarms().is_empty());
     apply_one(&store, Command::LeaseGrant { id: 0, ttl: 60 }).unwrap();
-    // A CORRUPT alarm does not cap writes.
+    // A CORRUPT alarm refuses every change (after the request's own validation); reads go
+    // on, and clearing the alarm lets writes through again.
     apply_one(&store, alarm(true, 3, AlarmType::Corrupt)).unwrap();
+    let rev = store.revision();
+    let refused = [
+        Command::Put(PutRequest {
+            key: b"k3".to_vec(),
+            ..Default::default()
+        }),
+        Command::DeleteRange(DeleteRangeRequest {
+            key: b"k3".to_vec(),
+            ..Default::default()
+        }),
+        Command::Txn(txn(vec![get("k")], vec![])),
+        Command::Compact(CompactionRequest {
+            revision: rev,
+            physical: false,
+        }),
+        Command::LeaseGrant { id: 0, ttl: 60 },
+        Command::LeaseRevoke { id: 1 },
+    ];
+    for cmd in refused {
+        assert_eq!(
+            apply_one(&store, cmd.clone()).unwrap_err(),
+            Error::CorruptCluster,
+            "{cmd:?}"
+        );
+    }
+    assert_eq!(
+        apply_one(&store, Command::Put(PutRequest::default())).unwrap_err(),
+        Error::EmptyKey
+    );
+    store
+        .range(&RangeRequest {
+            key: b"k".to_vec(),
+            ..Default::default()
+        })
+        .unwrap();
+    apply_one(&store, alarm(false, 3, AlarmType::Corrupt)).unwrap();
     apply_one(
         &store,
         Command::Put(PutRequest {
