@@ -29,6 +29,8 @@ use crate::error::{Error, Result};
 
 /// How often revision mode looks (etcd's interval).
 pub const REVISION_CHECK: Duration = Duration::from_secs(300);
+/// The shortest wait between checks, however short the retention.
+const MIN_PERIOD: Duration = Duration::from_millis(100);
 /// The longest wait between periodic checks.
 const MAX_PERIOD: Duration = Duration::from_secs(3600);
 /// The default: keep one hour of history.
@@ -102,7 +104,7 @@ impl Policy {
     pub fn period(&self) -> Option<Duration> {
         match self {
             Policy::Off => None,
-            Policy::Periodic(d) => Some((*d).min(MAX_PERIOD) / 10),
+            Policy::Periodic(d) => Some(((*d).min(MAX_PERIOD) / 10).max(MIN_PERIOD)),
             Policy::Revision(_) => Some(REVISION_CHECK),
         }
     }
@@ -265,9 +267,10 @@ mod tests {
     }
 
     #[test]
-    fn periodic_checks_every_tenth_of_the_window_up_to_six_minutes() {
+    fn periodic_checks_every_tenth_of_the_window_from_100ms_up_to_six_minutes() {
         let period = |r| Policy::parse("periodic", r).unwrap().period().unwrap();
         assert_eq!(period("10s"), Duration::from_secs(1));
+        assert_eq!(period("1ms"), Duration::from_millis(100));
         assert_eq!(period("1h"), Duration::from_secs(360));
         assert_eq!(period("72h"), Duration::from_secs(360));
         assert_eq!(Policy::Revision(5).period(), Some(Duration::from_secs(300)));

@@ -302,6 +302,8 @@ impl Backend {
 
 /// Runs [`Backend::check_corruption`] every `period` while this node leads.
 pub async fn run_corruption_check(backend: Arc<Backend>, period: std::time::Duration) {
+    // A floor, so a tiny period neither panics nor hashes the store nonstop.
+    let period = period.max(std::time::Duration::from_millis(100));
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
