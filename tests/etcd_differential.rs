@@ -824,6 +824,21 @@ async fn quota_script(endpoint: String) -> Vec<(String, String)> {
     for (name, req) in last {
         r.rec(name, m.alarm(req).await);
     }
+    // While a CORRUPT alarm is up: changes are refused, reads and read-only txns served.
+    r.rec("a put under CORRUPT", kv.put(put("c", "v")).await);
+    r.rec(
+        "a delete under CORRUPT",
+        kv.delete_range(pb::DeleteRangeRequest {
+            key: b"small".to_vec(),
+            ..Default::default()
+        })
+        .await,
+    );
+    r.rec(
+        "a read-only txn under CORRUPT",
+        kv.txn(txn(vec![op_range("small")])).await,
+    );
+    r.rec("a read under CORRUPT", kv.range(range("small", "")).await);
     // etcd lists alarms from a Go map, in no fixed order: compare them sorted.
     let mut all = m.alarm(get_alarms(pb::AlarmType::None)).await;
     if let Ok(resp) = all.as_mut() {

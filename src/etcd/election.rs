@@ -231,8 +231,13 @@ impl Backend {
             if !send(header, leader.clone()).await {
                 return;
             }
-            // Follow the leader's key: each put is news, its delete ends this leader.
-            let mut from = header.as_ref().map_or(0, |h| h.revision) + 1;
+            // Follow the leader's key: each put is news, its delete ends this leader. (The
+            // range's header may be older than the value it read: start after both.)
+            let mut from = header
+                .as_ref()
+                .map_or(0, |h| h.revision)
+                .max(leader.mod_revision)
+                + 1;
             loop {
                 match self.key_change(&leader.key, from).await {
                     Some((rev, Some(kv))) => {

@@ -75,10 +75,12 @@ pub(super) fn prefix(name: &[u8]) -> Vec<u8> {
     p
 }
 
-/// `prefix` + the lease id in lower-case hex (Go's `%x`).
+/// `prefix` + the lease id in lower-case hex as Go's `%x` prints it (a sign, not two's
+/// complement, for a negative id).
 pub(super) fn waiter_key(prefix: &[u8], lease: i64) -> Vec<u8> {
     let mut k = prefix.to_vec();
-    k.extend_from_slice(format!("{lease:x}").as_bytes());
+    let sign = if lease < 0 { "-" } else { "" };
+    k.extend_from_slice(format!("{sign}{:x}", lease.unsigned_abs()).as_bytes());
     k
 }
 
@@ -192,14 +194,15 @@ impl Backend {
                         return Ok((*rev, t));
                     }
                 }
-                match revisions.last() {
-                    Some((rev, _)) if revisions.len() == CHUNK => next = rev + 1,
-                    _ => next = current + 1,
-                }
+                // `events` covers a window of CHUNK revision numbers, with or without events.
+                next = next.saturating_add(CHUNK as i64).min(current + 1);
             }
             loop {
                 match feed.recv().await {
                     Ok(batch) if batch.revision < next => {}
+                    // A gap in the feed (a snapshot install publishes no compacted history):
+                    // read what is missing from the store, which fails if it is compacted.
+                    Ok(batch) if batch.revision > next => break,
                     Ok(batch) => {
                         if let Some(t) = batch.events.iter().find_map(&pick) {
                             return Ok((batch.revision, t));
@@ -321,5 +324,18 @@ impl lockpb::lock_server::Lock for LockService {
                 .await
                 .map_err(as_recipe)?,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn waiter_keys_print_the_lease_as_go_does() {
+        assert_eq!(super::waiter_key(b"l/", 1001), b"l/3e9");
+        assert_eq!(
+            super::waiter_key(b"l/", 0x7fff_ffff_ffff_ffff),
+            b"l/7fffffffffffffff"
+        );
+        assert_eq!(super::waiter_key(b"l/", -31), b"l/-1f");
     }
 }

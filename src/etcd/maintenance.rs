@@ -107,12 +107,16 @@ impl MaintenanceService {
 impl Backend {
     /// Serves [`HASHKV_PATH`]: the hash of this replica's history at the asked revision. A
     /// member that has not applied that revision yet answers with an error.
-    pub(super) fn hashkv_peer(&self, body: &[u8]) -> Result<Vec<u8>, String> {
+    /// The hash is computed on a blocking thread: it reads the whole retained history.
+    pub(super) async fn hashkv_peer(&self, body: &[u8]) -> Result<Vec<u8>, String> {
         let rev: i64 = serde_json::from_slice(body)
             .map_err(|e| format!("{HASHKV_PATH}: the body must be a revision: {e}"))?;
-        let store = self.node.store();
+        let store = self.node.store().clone();
         let revision = store.revision();
-        let (hash, compact_revision) = store.hash_kv(rev).map_err(|e| e.to_string())?;
+        let (hash, compact_revision) = tokio::task::spawn_blocking(move || store.hash_kv(rev))
+            .await
+            .map_err(|e| format!("hashing the store failed: {e}"))?
+            .map_err(|e| e.to_string())?;
         serde_json::to_vec(&HashAnswer {
             revision,
             hash,

@@ -222,7 +222,7 @@ impl Backend {
     /// for any other path.
     async fn peer_request(&self, path: &str, body: &[u8]) -> Option<Result<Vec<u8>, String>> {
         if path == maintenance::HASHKV_PATH {
-            return Some(self.hashkv_peer(body));
+            return Some(self.hashkv_peer(body).await);
         }
         self.lease_peer_request(path, body).await
     }

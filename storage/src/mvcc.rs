@@ -413,6 +413,8 @@ impl Keyspace {
                     return Err(Error::CorruptCluster);
                 }
                 Command::DeleteRange(d) if d.key.is_empty() => return Err(Error::EmptyKey),
+                // etcd serves a txn of ranges only without its applier: it goes through.
+                Command::Txn(t) if is_read_only(t) => {}
                 Command::Txn(t) => {
                     check_txn(t, MAX_TXN_OPS)?;
                     check_intervals(&t.success)?;
@@ -896,6 +898,14 @@ fn compare_kv(c: &Compare, kv: &KeyValue) -> bool {
 }
 
 /// etcd's `checkPutRequest`.
+/// etcd's `isTxnReadonly`: every op of both branches is a range (a nested txn is not).
+fn is_read_only(t: &TxnRequest) -> bool {
+    t.success
+        .iter()
+        .chain(&t.failure)
+        .all(|op| matches!(op, RequestOp::Range(_)))
+}
+
 fn check_put(p: &PutRequest) -> Result<(), Error> {
     if p.key.is_empty() {
         return Err(Error::EmptyKey);

@@ -251,8 +251,15 @@ impl Model {
         conflicts: bool,
     ) -> Result<(Applied, Vec<Event>), Error> {
         if self.corrupted() {
+            let read_only = |t: &TxnRequest| {
+                t.success
+                    .iter()
+                    .chain(&t.failure)
+                    .all(|op| matches!(op, RequestOp::Range(_)))
+            };
             match cmd {
                 Command::Alarm { .. } => {}
+                Command::Txn(t) if read_only(t) => {}
                 Command::Put(p) if p.key.is_empty() => return Err(Error::EmptyKey),
                 Command::DeleteRange(d) if d.key.is_empty() => return Err(Error::EmptyKey),
                 Command::Txn(t)

@@ -798,8 +798,8 @@ fn a_nospace_alarm_caps_writes_and_is_kept() {
     assert_eq!(none.response, CommandResponse::Alarm(vec![]));
     assert!(store.alarms().is_empty());
     apply_one(&store, Command::LeaseGrant { id: 0, ttl: 60 }).unwrap();
-    // A CORRUPT alarm refuses every change (after the request's own validation); reads go
-    // on, and clearing the alarm lets writes through again.
+    // A CORRUPT alarm refuses every change (after the request's own validation); reads and
+    // txns of ranges only go on, and clearing the alarm lets writes through again.
     apply_one(&store, alarm(true, 3, AlarmType::Corrupt)).unwrap();
     let rev = store.revision();
     let refused = [
@@ -811,7 +811,8 @@ fn a_nospace_alarm_caps_writes_and_is_kept() {
             key: b"k3".to_vec(),
             ..Default::default()
         }),
-        Command::Txn(txn(vec![get("k")], vec![])),
+        Command::Txn(txn(vec![get("k")], vec![put("k")])),
+        Command::Txn(txn(vec![nested(vec![get("k")], vec![])], vec![])),
         Command::Compact(CompactionRequest {
             revision: rev,
             physical: false,
@@ -836,6 +837,8 @@ fn a_nospace_alarm_caps_writes_and_is_kept() {
             ..Default::default()
         })
         .unwrap();
+    // A txn of ranges only is a read, as etcd serves it.
+    apply_one(&store, Command::Txn(txn(vec![get("k")], vec![get("x")]))).unwrap();
     apply_one(&store, alarm(false, 3, AlarmType::Corrupt)).unwrap();
     apply_one(
         &store,
