@@ -354,6 +354,12 @@ async fn the_corruption_check_raises_a_corrupt_alarm_for_a_diverged_member() {
     assert_eq!(leader.check_corruption().await.unwrap(), Vec::<u64>::new());
     assert_eq!(stdout(&c.etcdctl(&e1, &["alarm", "list"])), "");
 
+    // A short lease with a key, granted before the alarm: it must not expire while the alarm
+    // is up (every revoke would be refused), and must once it is disarmed.
+    let granted = stdout(&c.etcdctl(&e1, &["lease", "grant", "2"]));
+    let lease = granted.split_whitespace().nth(1).unwrap().to_string();
+    stdout(&c.etcdctl(&e1, &["put", "leased", "v", "--lease", &lease]));
+
     // Change node 3's replica directly, as a storage bug would.
     let victim = c.nodes[2].id;
     c.nodes[2]
@@ -392,7 +398,29 @@ async fn the_corruption_check_raises_a_corrupt_alarm_for_a_diverged_member() {
         );
         stdout(&c.etcdctl(&c.endpoint(i), &["get", "k1"]));
     }
+    let log_before = c.nodes[0].node.metrics().last_log_index.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Nor does the leader keep proposing revokes that would be refused.
+    let log_after = c.nodes[0].node.metrics().last_log_index.unwrap();
+    assert!(
+        log_after - log_before < 3,
+        "the log grew from {log_before} to {log_after} under the alarm"
+    );
+    assert_eq!(
+        stdout(&c.etcdctl(&e1, &["get", "leased", "--print-value-only"])),
+        "v\n",
+        "the lease expired under the CORRUPT alarm"
+    );
     stdout(&c.etcdctl(&e1, &["alarm", "disarm"]));
+    let mut expired = false;
+    for _ in 0..50 {
+        if stdout(&c.etcdctl(&e1, &["get", "leased"])).is_empty() {
+            expired = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(expired, "the lease did not expire after the disarm");
     assert_eq!(stdout(&c.etcdctl(&e1, &["put", "x", "v"])), "OK\n");
 
     // The periodic runner finds it again by itself.

@@ -73,12 +73,30 @@ impl LeaseKeeper {
 /// Expires leases while this node leads. Runs until aborted (by [`super::serve`]).
 pub async fn run_keeper(backend: Arc<Backend>) {
     let mut was_leader = false;
+    let mut held = false;
     let mut tick = tokio::time::interval(KEEPER_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         if !backend.node.is_leader() {
             was_leader = false;
+            continue;
+        }
+        // Under a CORRUPT alarm every revoke would be refused: leases wait for the disarm
+        // rather than filling the log with refused commands.
+        let corrupt = backend
+            .node
+            .store()
+            .alarms()
+            .iter()
+            .any(|a| a.alarm == st::AlarmType::Corrupt);
+        if corrupt != held {
+            held = corrupt;
+            if corrupt {
+                tracing::warn!("a CORRUPT alarm is up: no lease expires until it is disarmed");
+            }
+        }
+        if corrupt {
             continue;
         }
         let leases = backend.node.store().lease_ttls();
