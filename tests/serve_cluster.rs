@@ -600,4 +600,25 @@ async fn a_node_refuses_writes_past_its_quota_backend_bytes() {
         "{}",
         n1.log_text()
     );
+    // `eden cluster status` names the alarm, in JSON and in text.
+    let status = |json: bool| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_eden"));
+        cmd.args(["cluster", "status", "--endpoints", &ep]);
+        if json {
+            cmd.args(["--output", "json"]);
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let st: serde_json::Value = serde_json::from_str(&status(true)).unwrap();
+    assert_eq!(st["alarms"][0]["member"], "n1", "{st}");
+    assert_eq!(st["alarms"][0]["alarm"], "NOSPACE", "{st}");
+    assert_eq!(st["alarms"].as_array().unwrap().len(), 1, "{st}");
+    let text = status(false);
+    assert!(text.contains("alarm NOSPACE on n1"), "{text}");
 }

@@ -253,6 +253,16 @@ pub struct MemberStatus {
     pub error: Option<String>,
 }
 
+/// A raised alarm (etcd's NOSPACE or CORRUPT): writes are refused cluster-wide while it is up.
+#[derive(Debug, Clone, Serialize)]
+pub struct AlarmStatus {
+    /// The member's name, if it is a member.
+    pub member: Option<String>,
+    pub raft_id: u64,
+    /// NOSPACE, CORRUPT (or NONE).
+    pub alarm: String,
+}
+
 /// The whole answer.
 #[derive(Debug, Clone, Serialize)]
 pub struct ClusterStatus {
@@ -260,6 +270,8 @@ pub struct ClusterStatus {
     /// Raft members first, then agent-only nodes.
     #[serde(rename = "nodes")]
     pub members: Vec<MemberStatus>,
+    /// Raised alarms; empty when writes are accepted.
+    pub alarms: Vec<AlarmStatus>,
 }
 
 pub async fn status(connector: &Connector) -> Result<ClusterStatus> {
@@ -278,6 +290,11 @@ pub async fn status(connector: &Connector) -> Result<ClusterStatus> {
         })
         .await
         .map(|r| r.into_inner().kvs)
+        .unwrap_or_default();
+    let alarms = pb::maintenance_client::MaintenanceClient::new(ch.clone())
+        .alarm(pb::AlarmRequest::default())
+        .await
+        .map(|r| r.into_inner().alarms)
         .unwrap_or_default();
     let health: Option<HealthReport> = pb::kv_client::KvClient::new(ch)
         .range(pb::RangeRequest {
@@ -371,9 +388,23 @@ pub async fn status(connector: &Connector) -> Result<ClusterStatus> {
             error: None,
         });
     }
+    let alarms = alarms
+        .into_iter()
+        .map(|a| AlarmStatus {
+            member: rows
+                .iter()
+                .find(|r| r.raft_id == a.member_id && r.role != "agent")
+                .map(|r| r.name.clone()),
+            raft_id: a.member_id,
+            alarm: pb::AlarmType::try_from(a.alarm)
+                .map(|t| t.as_str_name().to_string())
+                .unwrap_or_else(|_| a.alarm.to_string()),
+        })
+        .collect();
     Ok(ClusterStatus {
         leader: rows.iter().find(|r| r.leader).map(|r| r.name.clone()),
         members: rows,
+        alarms,
     })
 }
 
@@ -412,6 +443,19 @@ pub fn run(args: ClusterArgs) -> Result<i32> {
                             .as_ref()
                             .map(|e| format!("  ({e})"))
                             .unwrap_or_default()
+                    );
+                }
+                for a in &st.alarms {
+                    let what = match a.alarm.as_str() {
+                        "NOSPACE" => "its store reached --quota-backend-bytes: compact, defrag, then `etcdctl alarm disarm`",
+                        "CORRUPT" => "its store differs from the leader's: rebuild it (--join again), then `etcdctl alarm disarm`",
+                        _ => "see `etcdctl alarm list`",
+                    };
+                    println!(
+                        "alarm {} on {} (raft id {}): writes are refused; {what}",
+                        a.alarm,
+                        a.member.as_deref().unwrap_or("a former member"),
+                        a.raft_id
                     );
                 }
             }
