@@ -334,3 +334,98 @@ async fn gateway_streams_match_etcd() {
     );
     eden.stop().await;
 }
+
+/// `GET /metrics` as text, and its metrics: name -> (type, sample lines).
+async fn metrics(endpoint: &str) -> (String, std::collections::BTreeMap<String, String>) {
+    let mut sender = connect(endpoint).await;
+    let req = Request::builder()
+        .method(Method::GET)
+        .uri("/metrics")
+        .header("host", "localhost")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let text = String::from_utf8(
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    let types = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_once(' '))
+        .map(|(name, kind)| (name.to_string(), kind.to_string()))
+        .collect();
+    (text, types)
+}
+
+/// The value of the sample line that starts with `prefix` (name and labels).
+fn sample(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(prefix) && !l.starts_with('#'))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {prefix} in:\n{text}"))
+}
+
+/// Every metric eden serves exists in etcd 3.4's `/metrics` with the same type, and the values
+/// say what they should.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn metrics_have_etcds_names_and_types() {
+    let etcd = RealEtcd::start().await;
+    let eden = EdenCluster::start(1, false).await;
+    let ep = eden.endpoint(0);
+    let (_, rev) = call(
+        &ep,
+        Method::POST,
+        "/v3/kv/put",
+        r#"{"key":"bQ==","value":"dg=="}"#,
+    )
+    .await;
+    let (etcd_text, etcd_types) = metrics(&etcd.endpoint).await;
+    let (text, types) = metrics(&ep).await;
+    assert!(types.len() >= 15, "{text}");
+    for (name, kind) in &types {
+        assert_eq!(
+            etcd_types.get(name),
+            Some(kind),
+            "{name} ({kind}) is not in etcd's /metrics with that type"
+        );
+    }
+    assert_eq!(sample(&text, "etcd_server_has_leader "), 1.0);
+    assert_eq!(sample(&text, "etcd_server_is_leader "), 1.0);
+    assert!(sample(&text, "etcd_server_leader_changes_seen_total ") >= 1.0);
+    assert_eq!(
+        sample(&text, "etcd_server_version{server_version=\"3.4.23\"}"),
+        1.0
+    );
+    let id = format!("etcd_server_id{{server_id=\"{:x}\"}}", eden.nodes[0].id);
+    assert_eq!(sample(&text, &id), 1.0);
+    let revision: f64 = rev["header"]["revision"].as_str().unwrap().parse().unwrap();
+    assert_eq!(
+        sample(&text, "etcd_debugging_mvcc_current_revision "),
+        revision
+    );
+    // The same default quota as etcd's.
+    assert_eq!(
+        sample(&text, "etcd_server_quota_backend_bytes "),
+        sample(&etcd_text, "etcd_server_quota_backend_bytes ")
+    );
+    let fsyncs = sample(&text, "etcd_disk_wal_fsync_duration_seconds_count ");
+    assert!(fsyncs >= 1.0, "{text}");
+    assert_eq!(
+        sample(
+            &text,
+            "etcd_disk_wal_fsync_duration_seconds_bucket{le=\"+Inf\"}"
+        ),
+        fsyncs
+    );
+    assert!(sample(&text, "etcd_mvcc_db_total_size_in_bytes ") > 0.0);
+    assert!(sample(&text, "process_resident_memory_bytes ") > 1e6);
+    eden.stop().await;
+}

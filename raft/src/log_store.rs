@@ -439,6 +439,56 @@ fn append_records(inner: &mut Inner, entries: &[Entry]) -> Result<(), String> {
     Ok(())
 }
 
+/// Upper bounds of the fsync latency histogram, in seconds: 1 ms doubling to 8.192 s (the
+/// buckets of etcd's `etcd_disk_wal_fsync_duration_seconds`).
+pub const FSYNC_BUCKETS: [f64; 14] = [
+    0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.024, 2.048, 4.096,
+    8.192,
+];
+
+/// The latencies of every Raft log fsync in this process, as a histogram.
+struct FsyncHistogram {
+    buckets: [std::sync::atomic::AtomicU64; 14],
+    count: std::sync::atomic::AtomicU64,
+    sum_nanos: std::sync::atomic::AtomicU64,
+}
+
+/// A copy of the fsync histogram: per-bucket counts (not cumulative), count, sum in seconds.
+#[derive(Debug, Clone)]
+pub struct FsyncSnapshot {
+    pub buckets: [u64; 14],
+    pub count: u64,
+    pub sum_seconds: f64,
+}
+
+static FSYNCS: FsyncHistogram = FsyncHistogram {
+    buckets: [const { std::sync::atomic::AtomicU64::new(0) }; 14],
+    count: std::sync::atomic::AtomicU64::new(0),
+    sum_nanos: std::sync::atomic::AtomicU64::new(0),
+};
+
+fn record_fsync(took: std::time::Duration) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let secs = took.as_secs_f64();
+    if let Some(i) = FSYNC_BUCKETS.iter().position(|b| secs <= *b) {
+        FSYNCS.buckets[i].fetch_add(1, Relaxed);
+    }
+    FSYNCS.count.fetch_add(1, Relaxed);
+    FSYNCS
+        .sum_nanos
+        .fetch_add(took.as_nanos().min(u64::MAX as u128) as u64, Relaxed);
+}
+
+/// The fsync latencies of the Raft logs of this process so far.
+pub fn fsync_histogram() -> FsyncSnapshot {
+    use std::sync::atomic::Ordering::Relaxed;
+    FsyncSnapshot {
+        buckets: std::array::from_fn(|i| FSYNCS.buckets[i].load(Relaxed)),
+        count: FSYNCS.count.load(Relaxed),
+        sum_seconds: FSYNCS.sum_nanos.load(Relaxed) as f64 / 1e9,
+    }
+}
+
 /// Waits for appends, fsyncs once for all that are waiting, then acknowledges them in order.
 fn flush_loop(inner: &Mutex<Inner>, rx: mpsc::Receiver<LogFlushed<TypeConfig>>) {
     while let Ok(first) = rx.recv() {
@@ -447,7 +497,9 @@ fn flush_loop(inner: &Mutex<Inner>, rx: mpsc::Receiver<LogFlushed<TypeConfig>>) 
         // The segment is looked up after the callbacks arrived, so it holds their records (or a
         // later segment does, and closing the earlier one synced it).
         let file = lock(inner).active_file();
+        let started = std::time::Instant::now();
         let result = file.sync_data();
+        record_fsync(started.elapsed());
         for cb in waiting {
             cb.log_io_completed(match &result {
                 Ok(()) => Ok(()),

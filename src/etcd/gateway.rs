@@ -428,6 +428,7 @@ pub fn router(backend: Arc<Backend>) -> axum::Router {
         .route("/v3/election/observe", post(observe))
         .route("/version", get(version))
         .route("/health", get(health))
+        .route("/metrics", get(metrics))
         .with_state(services)
 }
 
@@ -517,6 +518,16 @@ async fn version() -> Response {
         "etcdcluster": super::ETCD_CLUSTER_VERSION,
     });
     json_response(StatusCode::OK, body.to_string().into_bytes())
+}
+
+/// `GET /metrics`: Prometheus text (`metrics::render`).
+async fn metrics(State(s): State<Services>) -> Response {
+    let mut resp = Response::new(axum::body::Body::from(super::metrics::render(&s.backend)));
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    resp
 }
 
 /// `GET /health`: healthy when this node can do a linearizable read (a leader and a quorum).

@@ -36,6 +36,7 @@ pub mod kv;
 pub mod lease;
 pub mod lock;
 pub mod maintenance;
+pub mod metrics;
 pub mod watch;
 
 use std::future::Future;
@@ -94,6 +95,8 @@ pub struct Backend {
     /// `--quota-backend-bytes`: writes that would take this node's data file past it raise a
     /// NOSPACE alarm and are refused (`maintenance::Backend::check_quota`). Negative: no quota.
     quota_bytes: std::sync::atomic::AtomicI64,
+    /// Leader changes seen while serving (`metrics::count_leader_changes`).
+    leader_changes: std::sync::atomic::AtomicU64,
 }
 
 impl Backend {
@@ -108,6 +111,7 @@ impl Backend {
             serving: tokio::sync::watch::Sender::new(true),
             client_tls: AtomicBool::new(true),
             quota_bytes: std::sync::atomic::AtomicI64::new(maintenance::DEFAULT_QUOTA_BYTES),
+            leader_changes: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -301,8 +305,8 @@ pub fn router(backend: Arc<Backend>) -> axum::Router {
 /// - `tls`: the client-port TLS config (with a client-certificate verifier for the cluster CA).
 ///   ALPN `h2` and `http/1.1` are added if it has none. `None` serves plaintext; the caller
 ///   must allow that only on a loopback address (DESIGN §9, `--client-plaintext`).
-/// - Also runs the lease keeper (expiry on the leader) while it serves; several `serve` calls
-///   on one [`Backend`] share one keeper.
+/// - Also runs the lease keeper (expiry on the leader) and the leader-change counter of
+///   `/metrics` while it serves; several `serve` calls on one [`Backend`] share them.
 ///
 /// On shutdown it stops accepting and drops open connections (watch streams end).
 pub async fn serve(
@@ -316,7 +320,10 @@ pub async fn serve(
     let keeper = if backend.keeper_running.swap(true, Ordering::SeqCst) {
         None
     } else {
-        Some(tokio::spawn(lease::run_keeper(backend.clone())))
+        Some((
+            tokio::spawn(lease::run_keeper(backend.clone())),
+            tokio::spawn(metrics::count_leader_changes(backend.clone())),
+        ))
     };
     let acceptor = tls.map(|config| {
         let mut config = (*config).clone();
@@ -353,8 +360,9 @@ pub async fn serve(
         }
     }
     conns.shutdown().await;
-    if let Some(k) = keeper {
+    if let Some((k, leaders)) = keeper {
         k.abort();
+        leaders.abort();
         backend.keeper_running.store(false, Ordering::SeqCst);
     }
     Ok(())

@@ -1,0 +1,190 @@
+//! `GET /metrics` on the client port: Prometheus text with etcd's metric names and types, so
+//! dashboards and alerts written for etcd read eden unchanged.
+//!
+//! What is served (every name and type is etcd 3.4's; `tests/etcd_gateway.rs` checks them
+//! against a real etcd):
+//!
+//! - leadership: `etcd_server_has_leader`, `etcd_server_is_leader`,
+//!   `etcd_server_leader_changes_seen_total` (counted by [`count_leader_changes`]);
+//! - identity: `etcd_server_id{server_id}`, `etcd_server_version{server_version}`;
+//! - progress: `etcd_server_proposals_applied_total` (the applied log index),
+//!   `etcd_debugging_mvcc_current_revision`, `etcd_debugging_mvcc_compact_revision`;
+//! - space: `etcd_mvcc_db_total_size_in_bytes`, `etcd_mvcc_db_total_size_in_use_in_bytes`
+//!   (both the data file's size), `etcd_server_quota_backend_bytes`;
+//! - disk: `etcd_disk_wal_fsync_duration_seconds`, the Raft log's fsync latencies;
+//! - the process: `process_resident_memory_bytes`, `process_cpu_seconds_total`,
+//!   `process_open_fds`, from `/proc/self`.
+
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use super::Backend;
+
+/// Counts leader changes this node sees (a different leader than the last one known),
+/// while it serves.
+pub async fn count_leader_changes(backend: Arc<Backend>) {
+    let mut rx = backend.node.raft().metrics();
+    let mut last = None;
+    loop {
+        let leader = rx.borrow_and_update().current_leader;
+        if leader.is_some() && leader != last {
+            backend.leader_changes.fetch_add(1, Ordering::Relaxed);
+            last = leader;
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+struct Text(String);
+
+impl Text {
+    fn metric(&mut self, name: &str, kind: &str, help: &str, lines: &[(String, f64)]) {
+        let _ = writeln!(self.0, "# HELP {name} {help}");
+        let _ = writeln!(self.0, "# TYPE {name} {kind}");
+        for (labels, value) in lines {
+            let _ = writeln!(self.0, "{name}{labels} {value}");
+        }
+    }
+
+    fn gauge(&mut self, name: &str, help: &str, value: f64) {
+        self.metric(name, "gauge", help, &[(String::new(), value)]);
+    }
+}
+
+/// The resident set in bytes, the CPU seconds and the open descriptors of this process.
+fn process_figures() -> (Option<f64>, Option<f64>, Option<f64>) {
+    let rss = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+                .map(|kb| kb * 1024.0)
+        });
+    // utime and stime are fields 14 and 15 of /proc/self/stat, in clock ticks (100 per
+    // second on Linux); the command name before them may hold spaces, so count from its ')'.
+    let cpu = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            let rest = &s[s.rfind(')')? + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+            Some(ticks / 100.0)
+        });
+    let fds = std::fs::read_dir("/proc/self/fd")
+        .ok()
+        .map(|d| d.count() as f64);
+    (rss, cpu, fds)
+}
+
+/// The whole `/metrics` page.
+pub fn render(backend: &Backend) -> String {
+    let m = backend.node.metrics();
+    let store = backend.node.store();
+    let mut t = Text(String::new());
+    let flag = |b: bool| if b { 1.0 } else { 0.0 };
+    t.gauge(
+        "etcd_server_has_leader",
+        "1 if this member knows a leader, else 0.",
+        flag(m.leader.is_some()),
+    );
+    t.gauge(
+        "etcd_server_is_leader",
+        "1 if this member is the leader, else 0.",
+        flag(m.leader == Some(backend.node.id())),
+    );
+    t.metric(
+        "etcd_server_leader_changes_seen_total",
+        "counter",
+        "Leader changes this member has seen since it started.",
+        &[(
+            String::new(),
+            backend.leader_changes.load(Ordering::Relaxed) as f64,
+        )],
+    );
+    t.metric(
+        "etcd_server_id",
+        "gauge",
+        "This member's id in hex, as the server_id label.",
+        &[(format!("{{server_id=\"{:x}\"}}", backend.node.id()), 1.0)],
+    );
+    t.metric(
+        "etcd_server_version",
+        "gauge",
+        "The etcd API version served, as the server_version label.",
+        &[(
+            format!("{{server_version=\"{}\"}}", super::ETCD_VERSION),
+            1.0,
+        )],
+    );
+    t.gauge(
+        "etcd_server_proposals_applied_total",
+        "The Raft log index this member has applied.",
+        m.applied_index.unwrap_or(0) as f64,
+    );
+    t.gauge(
+        "etcd_debugging_mvcc_current_revision",
+        "The store's current revision.",
+        store.revision() as f64,
+    );
+    t.gauge(
+        "etcd_debugging_mvcc_compact_revision",
+        "The revision of the store's last compaction.",
+        store.compact_revision() as f64,
+    );
+    let size = store.size_bytes() as f64;
+    t.gauge(
+        "etcd_mvcc_db_total_size_in_bytes",
+        "Bytes of the store's data file.",
+        size,
+    );
+    t.gauge(
+        "etcd_mvcc_db_total_size_in_use_in_bytes",
+        "Bytes of the store's data file (eden does not tell live from garbage here).",
+        size,
+    );
+    t.gauge(
+        "etcd_server_quota_backend_bytes",
+        "The store quota in bytes (--quota-backend-bytes; negative: none).",
+        backend.quota_bytes.load(Ordering::Relaxed) as f64,
+    );
+    let h = eden_raft::log_store::fsync_histogram();
+    let mut lines = Vec::new();
+    let mut cumulative = 0;
+    for (bound, n) in eden_raft::log_store::FSYNC_BUCKETS.iter().zip(h.buckets) {
+        cumulative += n;
+        lines.push((format!("_bucket{{le=\"{bound}\"}}"), cumulative as f64));
+    }
+    lines.push(("_bucket{le=\"+Inf\"}".to_string(), h.count as f64));
+    lines.push(("_sum".to_string(), h.sum_seconds));
+    lines.push(("_count".to_string(), h.count as f64));
+    t.metric(
+        "etcd_disk_wal_fsync_duration_seconds",
+        "histogram",
+        "Latencies of the Raft log's fsyncs in this process.",
+        &lines,
+    );
+    let (rss, cpu, fds) = process_figures();
+    if let Some(v) = rss {
+        t.gauge(
+            "process_resident_memory_bytes",
+            "Resident memory in bytes.",
+            v,
+        );
+    }
+    if let Some(v) = cpu {
+        t.metric(
+            "process_cpu_seconds_total",
+            "counter",
+            "User and system CPU seconds.",
+            &[(String::new(), v)],
+        );
+    }
+    if let Some(v) = fds {
+        t.gauge("process_open_fds", "Open file descriptors.", v);
+    }
+    t.0
+}
