@@ -405,6 +405,24 @@ impl RaftNode {
         Some((id, info))
     }
 
+    /// The leader as this node can vouch for it: another node it follows, or itself only if
+    /// a quorum answered it within twice the election timeout. openraft 0.9 has no
+    /// check-quorum, so a leader cut off from the others keeps its role; this does not count
+    /// it (etcd's leader steps down in that case).
+    pub fn confirmed_leader(&self) -> Option<NodeId> {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        match m.current_leader {
+            Some(l) if l == self.id => {
+                let limit = 2 * self.raft.config().election_timeout_max;
+                m.millis_since_quorum_ack
+                    .filter(|ms| *ms <= limit)
+                    .map(|_| l)
+            }
+            other => other,
+        }
+    }
+
     pub fn metrics(&self) -> NodeMetrics {
         let m = self.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership();

@@ -272,6 +272,8 @@ pub struct ClusterStatus {
     pub members: Vec<MemberStatus>,
     /// Raised alarms; empty when writes are accepted.
     pub alarms: Vec<AlarmStatus>,
+    /// Why the alarms could not be read, if they could not.
+    pub alarm_error: Option<String>,
 }
 
 pub async fn status(connector: &Connector) -> Result<ClusterStatus> {
@@ -291,11 +293,13 @@ pub async fn status(connector: &Connector) -> Result<ClusterStatus> {
         .await
         .map(|r| r.into_inner().kvs)
         .unwrap_or_default();
-    let alarms = pb::maintenance_client::MaintenanceClient::new(ch.clone())
+    let (alarms, alarm_error) = match pb::maintenance_client::MaintenanceClient::new(ch.clone())
         .alarm(pb::AlarmRequest::default())
         .await
-        .map(|r| r.into_inner().alarms)
-        .unwrap_or_default();
+    {
+        Ok(r) => (r.into_inner().alarms, None),
+        Err(e) => (Vec::new(), Some(e.message().to_string())),
+    };
     let health: Option<HealthReport> = pb::kv_client::KvClient::new(ch)
         .range(pb::RangeRequest {
             key: HEALTH_KEY.as_bytes().to_vec(),
@@ -405,6 +409,7 @@ pub async fn status(connector: &Connector) -> Result<ClusterStatus> {
         leader: rows.iter().find(|r| r.leader).map(|r| r.name.clone()),
         members: rows,
         alarms,
+        alarm_error,
     })
 }
 
@@ -444,6 +449,9 @@ pub fn run(args: ClusterArgs) -> Result<i32> {
                             .map(|e| format!("  ({e})"))
                             .unwrap_or_default()
                     );
+                }
+                if let Some(e) = &st.alarm_error {
+                    println!("alarms: could not be read ({e})");
                 }
                 for a in &st.alarms {
                     let what = match a.alarm.as_str() {

@@ -86,15 +86,17 @@ pub fn render(backend: &Backend) -> String {
     let store = backend.node.store();
     let mut t = Text(String::new());
     let flag = |b: bool| if b { 1.0 } else { 0.0 };
+    // A leader that has not heard from a quorum lately is not counted (`confirmed_leader`).
+    let leader = backend.node.confirmed_leader();
     t.gauge(
         "etcd_server_has_leader",
         "1 if this member knows a leader, else 0.",
-        flag(m.leader.is_some()),
+        flag(leader.is_some()),
     );
     t.gauge(
         "etcd_server_is_leader",
         "1 if this member is the leader, else 0.",
-        flag(m.leader == Some(backend.node.id())),
+        flag(leader == Some(backend.node.id())),
     );
     t.metric(
         "etcd_server_leader_changes_seen_total",
@@ -158,9 +160,12 @@ pub fn render(backend: &Backend) -> String {
         cumulative += n;
         lines.push((format!("_bucket{{le=\"{bound}\"}}"), cumulative as f64));
     }
-    lines.push(("_bucket{le=\"+Inf\"}".to_string(), h.count as f64));
+    // The buckets and the count are read one by one while fsyncs go on: `+Inf` is never
+    // shown below the last bucket.
+    let count = h.count.max(cumulative);
+    lines.push(("_bucket{le=\"+Inf\"}".to_string(), count as f64));
     lines.push(("_sum".to_string(), h.sum_seconds));
-    lines.push(("_count".to_string(), h.count as f64));
+    lines.push(("_count".to_string(), count as f64));
     t.metric(
         "etcd_disk_wal_fsync_duration_seconds",
         "histogram",

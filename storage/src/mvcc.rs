@@ -897,7 +897,6 @@ fn compare_kv(c: &Compare, kv: &KeyValue) -> bool {
     }
 }
 
-/// etcd's `checkPutRequest`.
 /// etcd's `isTxnReadonly`: every op of both branches is a range (a nested txn is not).
 fn is_read_only(t: &TxnRequest) -> bool {
     t.success
@@ -906,6 +905,7 @@ fn is_read_only(t: &TxnRequest) -> bool {
         .all(|op| matches!(op, RequestOp::Range(_)))
 }
 
+/// etcd's `checkPutRequest`.
 fn check_put(p: &PutRequest) -> Result<(), Error> {
     if p.key.is_empty() {
         return Err(Error::EmptyKey);
