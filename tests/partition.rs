@@ -337,6 +337,13 @@ async fn an_isolated_leader_serves_nothing_linearizable_and_the_majority_replace
         .then_some(())
     })
     .await;
+    // So does Status (what `etcdctl endpoint status` shows).
+    let st = client.status(&isolated).await.unwrap();
+    assert_eq!(st.leader, 0, "{st:?}");
+    assert!(
+        st.errors.iter().any(|e| e == "etcdserver: no leader"),
+        "{st:?}"
+    );
     // And the write the minority was sent is not visible on the majority side (read
     // linearizably; on a loaded machine a read-index round may time out once, and a client
     // retries).

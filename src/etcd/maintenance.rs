@@ -1,7 +1,9 @@
 //! The Maintenance service: Status, Hash, HashKV, Snapshot (streamed), Alarm, Defragment,
 //! MoveLeader.
 //!
-//! Status reports this node's view: `leader` and `raftTerm` from Raft metrics, `raftIndex` the
+//! Status reports this node's view: `leader` (only a leader a quorum has answered lately:
+//! `RaftNode::confirmed_leader`; else 0 and `etcdserver: no leader` in `errors`) and `raftTerm`
+//! from Raft metrics, `raftIndex` the
 //! last log index, `raftAppliedIndex` the applied one, `dbSize` the size of the store's data file.
 //! Alarms are etcd's: a put, txn or lease grant that would take this node's data file past
 //! `--quota-backend-bytes` raises a NOSPACE alarm for this member through Raft and is refused
@@ -266,8 +268,10 @@ impl Backend {
     pub fn status(&self) -> pb::StatusResponse {
         let m = self.node.metrics();
         let size = self.node.store().size_bytes() as i64;
+        // A leader no quorum has answered lately is not reported (`confirmed_leader`).
+        let leader = self.node.confirmed_leader();
         let mut errors = Vec::new();
-        if m.leader.is_none() {
+        if leader.is_none() {
             errors.push("etcdserver: no leader".to_string());
         }
         // etcd lists each raised alarm in the text form of its AlarmMember message.
@@ -282,7 +286,7 @@ impl Backend {
             header: self.header_now(),
             version: ETCD_VERSION.to_string(),
             db_size: size,
-            leader: m.leader.unwrap_or(0),
+            leader: leader.unwrap_or(0),
             raft_index: m.last_log_index.unwrap_or(0),
             raft_term: m.term,
             raft_applied_index: m.applied_index.unwrap_or(0),
