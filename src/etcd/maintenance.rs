@@ -3,8 +3,8 @@
 //!
 //! Status reports this node's view: `leader` (only a leader a quorum has answered lately:
 //! `RaftNode::confirmed_leader`; else 0 and `etcdserver: no leader` in `errors`) and `raftTerm`
-//! from Raft metrics, `raftIndex` the
-//! last log index, `raftAppliedIndex` the applied one, `dbSize` the size of the store's data file.
+//! from Raft metrics, `raftIndex` the last log index, `raftAppliedIndex` the applied one,
+//! `dbSize` the size of the store's data file.
 //! Alarms are etcd's: a put, txn or lease grant that would take this node's data file past
 //! `--quota-backend-bytes` raises a NOSPACE alarm for this member through Raft and is refused
 //! with `etcdserver: mvcc: database space exceeded`; while any member's NOSPACE alarm is up,
