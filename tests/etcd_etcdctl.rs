@@ -411,6 +411,18 @@ async fn the_corruption_check_raises_a_corrupt_alarm_for_a_diverged_member() {
         "v\n",
         "the lease expired under the CORRUPT alarm"
     );
+    // Its deadline has passed: a keep-alive does not bring it back (etcd answers TTL 0, which
+    // etcdctl reports as "requested lease not found").
+    let kept = c.etcdctl(&e1, &["lease", "keep-alive", "--once", &lease]);
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&kept.stdout),
+        String::from_utf8_lossy(&kept.stderr)
+    );
+    assert!(
+        !kept.status.success() && said.contains("etcdserver: requested lease not found"),
+        "{said}"
+    );
     stdout(&c.etcdctl(&e1, &["alarm", "disarm"]));
     let mut expired = false;
     for _ in 0..50 {

@@ -47,6 +47,9 @@ const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Default)]
 pub struct LeaseKeeper {
     deadlines: Mutex<HashMap<st::LeaseId, Instant>>,
+    /// True while the deadlines belong to this node's current leadership: set by the keeper
+    /// once it has (re)started every clock as leader, cleared when the node stops leading.
+    current: std::sync::atomic::AtomicBool,
 }
 
 impl LeaseKeeper {
@@ -61,6 +64,12 @@ impl LeaseKeeper {
 
     fn forget(&self, id: st::LeaseId) {
         self.lock().remove(&id);
+    }
+
+    /// Whether `id`'s deadline has passed (and the keeper has yet to revoke it).
+    fn expired(&self, id: st::LeaseId) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.current.load(Relaxed) && self.lock().get(&id).is_some_and(|d| *d <= Instant::now())
     }
 
     /// Seconds left before `id` expires, if this node has a deadline for it.
@@ -80,6 +89,10 @@ pub async fn run_keeper(backend: Arc<Backend>) {
         tick.tick().await;
         if !backend.node.is_leader() {
             was_leader = false;
+            backend
+                .leases
+                .current
+                .store(false, std::sync::atomic::Ordering::Relaxed);
             continue;
         }
         // Under a CORRUPT alarm every revoke would be refused: leases wait for the disarm
@@ -123,6 +136,10 @@ pub async fn run_keeper(backend: Arc<Backend>) {
             expired
         };
         was_leader = true;
+        backend
+            .leases
+            .current
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         for id in expired {
             match backend.node.write(st::Command::LeaseRevoke { id }).await {
                 Ok(_) | Err(eden_raft::Error::Store(st::Error::LeaseNotFound)) => {
@@ -174,9 +191,12 @@ impl Backend {
         })
     }
 
-    /// On the leader: restart `id`'s clock. The granted TTL, or 0 if there is no such lease.
+    /// On the leader: restart `id`'s clock. The granted TTL, or 0 if there is no such lease
+    /// or it has expired already (as etcd, an expired lease is not brought back: the keeper
+    /// revokes it).
     fn renew_local(&self, id: st::LeaseId) -> i64 {
         match self.node.store().lease(id) {
+            Some(_) if self.leases.expired(id) => 0,
             Some(l) => {
                 self.leases.refresh(id, l.ttl);
                 l.ttl
