@@ -455,8 +455,14 @@ pub fn run(args: ClusterArgs) -> Result<i32> {
                 }
                 for a in &st.alarms {
                     let what = match a.alarm.as_str() {
-                        "NOSPACE" => "its store reached --quota-backend-bytes: compact, defrag, then `etcdctl alarm disarm`",
-                        "CORRUPT" => "its store differs from the leader's: rebuild it (--join again), then `etcdctl alarm disarm`",
+                        "NOSPACE" => {
+                            "its store reached --quota-backend-bytes: compact, defrag, then \
+                             `etcdctl alarm disarm`"
+                        }
+                        "CORRUPT" => {
+                            "its store differs from the leader's: rebuild it (--join again), \
+                             then `etcdctl alarm disarm`"
+                        }
                         _ => "see `etcdctl alarm list`",
                     };
                     println!(

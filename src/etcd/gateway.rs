@@ -197,7 +197,14 @@ macro_rules! unary {
     ($svc:ident, $method:path, $req:ty, $req_name:literal, $resp_name:literal) => {
         unary!(package: "etcdserverpb.", $svc, $method, $req, $req_name, $resp_name)
     };
-    (package: $pkg:literal, $svc:ident, $method:path, $req:ty, $req_name:literal, $resp_name:literal) => {
+    (
+        package: $pkg:literal,
+        $svc:ident,
+        $method:path,
+        $req:ty,
+        $req_name:literal,
+        $resp_name:literal
+    ) => {
         post(|State(s): State<Services>, body: Bytes| async move {
             let req: $req = match single(concat!($pkg, $req_name), &body) {
                 Ok(r) => r,
@@ -403,27 +410,69 @@ pub fn router(backend: Arc<Backend>) -> axum::Router {
         .route("/v3/maintenance/snapshot", post(snapshot))
         .route(
             "/v3/lock/lock",
-            unary!(package: "v3lockpb.", lock, Lock::lock, lockpb::LockRequest, "LockRequest", "LockResponse"),
+            unary!(
+                package: "v3lockpb.",
+                lock,
+                Lock::lock,
+                lockpb::LockRequest,
+                "LockRequest",
+                "LockResponse"
+            ),
         )
         .route(
             "/v3/lock/unlock",
-            unary!(package: "v3lockpb.", lock, Lock::unlock, lockpb::UnlockRequest, "UnlockRequest", "UnlockResponse"),
+            unary!(
+                package: "v3lockpb.",
+                lock,
+                Lock::unlock,
+                lockpb::UnlockRequest,
+                "UnlockRequest",
+                "UnlockResponse"
+            ),
         )
         .route(
             "/v3/election/campaign",
-            unary!(package: "v3electionpb.", election, Election::campaign, electionpb::CampaignRequest, "CampaignRequest", "CampaignResponse"),
+            unary!(
+                package: "v3electionpb.",
+                election,
+                Election::campaign,
+                electionpb::CampaignRequest,
+                "CampaignRequest",
+                "CampaignResponse"
+            ),
         )
         .route(
             "/v3/election/proclaim",
-            unary!(package: "v3electionpb.", election, Election::proclaim, electionpb::ProclaimRequest, "ProclaimRequest", "ProclaimResponse"),
+            unary!(
+                package: "v3electionpb.",
+                election,
+                Election::proclaim,
+                electionpb::ProclaimRequest,
+                "ProclaimRequest",
+                "ProclaimResponse"
+            ),
         )
         .route(
             "/v3/election/leader",
-            unary!(package: "v3electionpb.", election, Election::leader, electionpb::LeaderRequest, "LeaderRequest", "LeaderResponse"),
+            unary!(
+                package: "v3electionpb.",
+                election,
+                Election::leader,
+                electionpb::LeaderRequest,
+                "LeaderRequest",
+                "LeaderResponse"
+            ),
         )
         .route(
             "/v3/election/resign",
-            unary!(package: "v3electionpb.", election, Election::resign, electionpb::ResignRequest, "ResignRequest", "ResignResponse"),
+            unary!(
+                package: "v3electionpb.",
+                election,
+                Election::resign,
+                electionpb::ResignRequest,
+                "ResignRequest",
+                "ResignResponse"
+            ),
         )
         .route("/v3/election/observe", post(observe))
         .route("/version", get(version))

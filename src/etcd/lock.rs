@@ -156,7 +156,10 @@ impl Backend {
                 ..Default::default()
             };
             if let Err(e) = backend.delete_range(req).await {
-                tracing::warn!(key = %String::from_utf8_lossy(&key), "releasing an abandoned lock or campaign key: {e}");
+                tracing::warn!(
+                    key = %String::from_utf8_lossy(&key),
+                    "releasing an abandoned lock or campaign key: {e}"
+                );
             }
         });
     }

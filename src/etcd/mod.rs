@@ -1,5 +1,6 @@
 //! The etcd v3 API on every datastore node: gRPC (KV, Watch, Lease, Cluster, Maintenance, and
-//! the server-side Lock and Election recipes) and the JSON gateway, on one client port, over TLS or (loopback only) plaintext.
+//! the server-side Lock and Election recipes), the JSON gateway and `/metrics`, on one client
+//! port, over TLS or (loopback only) plaintext.
 //!
 //! ## What this module owns
 //! - The wire: protos in `proto/` with etcd's field numbers, compiled by protox in `build.rs`
