@@ -317,7 +317,7 @@ fn event_op(
         comment: comment.into(),
     };
     Ok(kv::put_op(
-        &event_key("controller", next_seq()),
+        event_key("controller", next_seq()),
         serde_json::to_vec(&e)?,
         EVENT_LEASE.load(std::sync::atomic::Ordering::Relaxed),
     ))
@@ -378,7 +378,7 @@ async fn start(kv: &Kv, req: &RunRequest) -> Result<()> {
     for n in &targets {
         if all.get(n).is_some_and(|v| v.alive) {
             ops.push(kv::put_op(
-                &assigned_key(n, &req.id),
+                assigned_key(n, &req.id),
                 json!({"run": req.id}).to_string().into_bytes(),
                 0,
             ));
@@ -391,7 +391,7 @@ async fn start(kv: &Kv, req: &RunRequest) -> Result<()> {
                 updated_ms: now_ms(),
             };
             ops.push(kv::put_op(
-                &node_status_key(&req.id, n),
+                node_status_key(&req.id, n),
                 serde_json::to_vec(&lost)?,
                 0,
             ));

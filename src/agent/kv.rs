@@ -418,12 +418,17 @@ impl Kv {
 }
 
 /// A compare that holds when `key` does not exist.
-pub fn absent(key: &str) -> pb::Compare {
+pub fn absent(key: impl AsRef<[u8]>) -> pb::Compare {
+    created_at(key, 0)
+}
+
+/// A compare that holds when `key` was created at revision `rev` (0: does not exist).
+pub fn created_at(key: impl AsRef<[u8]>, rev: i64) -> pb::Compare {
     pb::Compare {
         result: pb::compare::CompareResult::Equal as i32,
         target: pb::compare::CompareTarget::Create as i32,
-        key: key.as_bytes().to_vec(),
-        target_union: Some(pb::compare::TargetUnion::CreateRevision(0)),
+        key: key.as_ref().to_vec(),
+        target_union: Some(pb::compare::TargetUnion::CreateRevision(rev)),
         range_end: vec![],
     }
 }
@@ -439,10 +444,10 @@ pub fn unchanged_since(key: &str, rev: i64) -> pb::Compare {
     }
 }
 
-pub fn put_op(key: &str, value: Vec<u8>, lease: i64) -> pb::RequestOp {
+pub fn put_op(key: impl AsRef<[u8]>, value: Vec<u8>, lease: i64) -> pb::RequestOp {
     pb::RequestOp {
         request: Some(pb::request_op::Request::RequestPut(pb::PutRequest {
-            key: key.as_bytes().to_vec(),
+            key: key.as_ref().to_vec(),
             value,
             lease,
             ..Default::default()
@@ -450,11 +455,11 @@ pub fn put_op(key: &str, value: Vec<u8>, lease: i64) -> pb::RequestOp {
     }
 }
 
-pub fn delete_op(key: &str) -> pb::RequestOp {
+pub fn delete_op(key: impl AsRef<[u8]>) -> pb::RequestOp {
     pb::RequestOp {
         request: Some(pb::request_op::Request::RequestDeleteRange(
             pb::DeleteRangeRequest {
-                key: key.as_bytes().to_vec(),
+                key: key.as_ref().to_vec(),
                 ..Default::default()
             },
         )),

@@ -377,9 +377,9 @@ impl Agent {
             .txn(crate::etcd::pb::etcdserverpb::TxnRequest {
                 compare: vec![],
                 success: vec![
-                    kv::put_op(&plan_key(run, &me), serde_json::to_vec(&plan)?, 0),
+                    kv::put_op(plan_key(run, &me), serde_json::to_vec(&plan)?, 0),
                     kv::put_op(
-                        &node_status_key(run, &me),
+                        node_status_key(run, &me),
                         serde_json::to_vec(&NodeStatus {
                             state: "running".into(),
                             comment: String::new(),
@@ -510,7 +510,7 @@ impl Agent {
             let Ok(v) = serde_json::to_vec(r) else {
                 continue;
             };
-            ops.push(kv::put_op(&step_key(run, me, &r.id), v, 0));
+            ops.push(kv::put_op(step_key(run, me, &r.id), v, 0));
             let e = Event {
                 time_ms: now_ms(),
                 node: me.to_string(),
@@ -522,7 +522,7 @@ impl Agent {
             };
             if let Ok(v) = serde_json::to_vec(&e) {
                 ops.push(kv::put_op(
-                    &event_key(me, self.seq.fetch_add(1, Ordering::Relaxed)),
+                    event_key(me, self.seq.fetch_add(1, Ordering::Relaxed)),
                     v,
                     lease,
                 ));

@@ -137,9 +137,9 @@ pub async fn submit(kv: &Kv, mut sub: Submission) -> Result<(String, i64)> {
     };
     let r = kv
         .txn(crate::etcd::pb::etcdserverpb::TxnRequest {
-            compare: vec![crate::agent::kv::absent(&request_key(&id))],
+            compare: vec![crate::agent::kv::absent(request_key(&id))],
             success: vec![crate::agent::kv::put_op(
-                &request_key(&id),
+                request_key(&id),
                 serde_json::to_vec(&req)?,
                 0,
             )],

@@ -23,13 +23,12 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use super::errors::ApiError;
-use super::lock::{
-    as_recipe, by_create, created_at, op_put, op_range, prefix, range_kvs, waiter_key, OnDrop,
-};
+use super::lock::{as_recipe, by_create, op_range, prefix, range_kvs, waiter_key, OnDrop};
 use super::pb::etcdserverpb as pb;
 use super::pb::mvccpb;
 use super::pb::v3electionpb as electionpb;
 use super::Backend;
+use crate::agent::kv::{absent, created_at, delete_op, prefix_end, put_op};
 
 const NOT_LEADER: &str = "election: not leader";
 const NO_LEADER: &str = "election: no leader";
@@ -57,7 +56,7 @@ impl Backend {
         let resp = self
             .txn(pb::TxnRequest {
                 compare: vec![created_at(key, rev)],
-                success: vec![op_put(key, value, lease)],
+                success: vec![put_op(key, value.to_vec(), lease)],
                 failure: Vec::new(),
             })
             .await?;
@@ -76,14 +75,7 @@ impl Backend {
         let resp = self
             .txn(pb::TxnRequest {
                 compare: vec![created_at(key, rev)],
-                success: vec![pb::RequestOp {
-                    request: Some(pb::request_op::Request::RequestDeleteRange(
-                        pb::DeleteRangeRequest {
-                            key: key.to_vec(),
-                            ..Default::default()
-                        },
-                    )),
-                }],
+                success: vec![delete_op(key)],
                 failure: Vec::new(),
             })
             .await?;
@@ -99,8 +91,8 @@ impl Backend {
         let key = waiter_key(&pfx, lease);
         let resp = self
             .txn(pb::TxnRequest {
-                compare: vec![created_at(&key, 0)],
-                success: vec![op_put(&key, &r.value, lease)],
+                compare: vec![absent(&key)],
+                success: vec![put_op(&key, r.value.clone(), lease)],
                 failure: vec![op_range(pb::RangeRequest {
                     key: key.clone(),
                     ..Default::default()
@@ -223,7 +215,7 @@ impl Backend {
             let (mut header, leader) = match first.kvs.into_iter().next() {
                 Some(kv) => (first.header, kv),
                 // No candidate yet: the first put under the prefix is the leader.
-                None => match self.next_change(&pfx, true, at + 1).await {
+                None => match self.first_put_under(&pfx, at + 1).await {
                     Some((rev, kv)) => (self.header(rev), kv),
                     None => return,
                 },
@@ -257,24 +249,13 @@ impl Backend {
         }
     }
 
-    /// The first put under `pfx` (with `prefix`) at revision `from` or later, with its
-    /// revision; `None` if the feed ends.
-    async fn next_change(
-        &self,
-        pfx: &[u8],
-        prefix: bool,
-        from: i64,
-    ) -> Option<(i64, mvccpb::KeyValue)> {
-        let end = crate::agent::kv::prefix_end(pfx);
-        let matches = |k: &[u8]| {
-            if prefix {
-                k >= pfx && k < end.as_slice()
-            } else {
-                k == pfx
-            }
-        };
+    /// The first put of a key under `pfx` at revision `from` or later, with its revision;
+    /// `None` if the feed ends.
+    async fn first_put_under(&self, pfx: &[u8], from: i64) -> Option<(i64, mvccpb::KeyValue)> {
+        let end = prefix_end(pfx);
         self.first_event(from, |e| {
-            (e.kind == eden_storage::EventKind::Put && matches(&e.kv.key))
+            let under = e.kv.key.as_slice() >= pfx && e.kv.key < end;
+            (e.kind == eden_storage::EventKind::Put && under)
                 .then(|| super::kv::kv_to_pb(e.kv.clone()))
         })
         .await
@@ -282,7 +263,6 @@ impl Backend {
     }
 
     /// The next put (`Some(kv)`) or delete (`None`) of `key` at revision `from` or later.
-    #[allow(clippy::type_complexity)]
     async fn key_change(&self, key: &[u8], from: i64) -> Option<(i64, Option<mvccpb::KeyValue>)> {
         self.first_event(from, |e| {
             (e.kv.key == key).then(|| match e.kind {

@@ -24,10 +24,11 @@ use super::errors::ApiError;
 use super::pb::etcdserverpb as pb;
 use super::pb::v3lockpb as lockpb;
 use super::Backend;
+use crate::agent::kv::{absent, prefix_end, put_op};
 use eden_storage as st;
 
 /// The TTL of the lease a lock or campaign with lease 0 gets (etcd's session default).
-pub(super) const SESSION_TTL: i64 = 60;
+const SESSION_TTL: i64 = 60;
 
 pub struct LockService {
     backend: Arc<Backend>,
@@ -88,7 +89,7 @@ pub(super) fn waiter_key(prefix: &[u8], lease: i64) -> Vec<u8> {
 pub(super) fn by_create(prefix: &[u8], order: pb::range_request::SortOrder) -> pb::RangeRequest {
     pb::RangeRequest {
         key: prefix.to_vec(),
-        range_end: crate::agent::kv::prefix_end(prefix),
+        range_end: prefix_end(prefix),
         sort_order: order as i32,
         sort_target: pb::range_request::SortTarget::Create as i32,
         limit: 1,
@@ -99,28 +100,6 @@ pub(super) fn by_create(prefix: &[u8], order: pb::range_request::SortOrder) -> p
 pub(super) fn op_range(r: pb::RangeRequest) -> pb::RequestOp {
     pb::RequestOp {
         request: Some(pb::request_op::Request::RequestRange(r)),
-    }
-}
-
-pub(super) fn op_put(key: &[u8], value: &[u8], lease: i64) -> pb::RequestOp {
-    pb::RequestOp {
-        request: Some(pb::request_op::Request::RequestPut(pb::PutRequest {
-            key: key.to_vec(),
-            value: value.to_vec(),
-            lease,
-            ..Default::default()
-        })),
-    }
-}
-
-/// A compare that `key` was created at revision `rev` (0: does not exist).
-pub(super) fn created_at(key: &[u8], rev: i64) -> pb::Compare {
-    pb::Compare {
-        result: pb::compare::CompareResult::Equal as i32,
-        target: pb::compare::CompareTarget::Create as i32,
-        key: key.to_vec(),
-        target_union: Some(pb::compare::TargetUnion::CreateRevision(rev)),
-        range_end: Vec::new(),
     }
 }
 
@@ -254,8 +233,8 @@ impl Backend {
         let oldest = || op_range(by_create(&pfx, pb::range_request::SortOrder::Ascend));
         let resp = self
             .txn(pb::TxnRequest {
-                compare: vec![created_at(&key, 0)],
-                success: vec![op_put(&key, b"", lease), oldest()],
+                compare: vec![absent(&key)],
+                success: vec![put_op(&key, Vec::new(), lease), oldest()],
                 failure: vec![
                     op_range(pb::RangeRequest {
                         key: key.clone(),
