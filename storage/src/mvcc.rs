@@ -416,9 +416,7 @@ impl Keyspace {
                 // etcd serves a txn of ranges only without its applier: it goes through.
                 Command::Txn(t) if is_read_only(t) => {}
                 Command::Txn(t) => {
-                    check_txn(t, MAX_TXN_OPS)?;
-                    check_intervals(&t.success)?;
-                    check_intervals(&t.failure)?;
+                    validate_txn(t)?;
                     return Err(Error::CorruptCluster);
                 }
                 _ => return Err(Error::CorruptCluster),
@@ -553,9 +551,7 @@ impl Keyspace {
 
     /// Validates a txn and runs it against a view, without changing anything.
     fn plan_txn(&self, recs: &impl RecordRead, t: &TxnRequest) -> Result<Outcome, Error> {
-        check_txn(t, MAX_TXN_OPS)?;
-        check_intervals(&t.success)?;
-        check_intervals(&t.failure)?;
+        validate_txn(t)?;
         // etcd's capped applier looks at the txn's own puts only, not at nested txns'.
         let puts = |ops: &[RequestOp]| ops.iter().any(|op| matches!(op, RequestOp::Put(_)));
         if self.capped() && (puts(&t.success) || puts(&t.failure)) {
@@ -895,6 +891,14 @@ fn compare_kv(c: &Compare, kv: &KeyValue) -> bool {
         CompareResult::Greater => ord.is_gt(),
         CompareResult::Less => ord.is_lt(),
     }
+}
+
+/// The checks etcd makes of a txn before it is proposed: its size, and duplicate keys.
+fn validate_txn(t: &TxnRequest) -> Result<(), Error> {
+    check_txn(t, MAX_TXN_OPS)?;
+    check_intervals(&t.success)?;
+    check_intervals(&t.failure)?;
+    Ok(())
 }
 
 /// etcd's `isTxnReadonly`: every op of both branches is a range (a nested txn is not).
