@@ -87,8 +87,6 @@ const HASH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// A member's answer to [`HASHKV_PATH`].
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct HashAnswer {
-    /// The member's current revision.
-    revision: i64,
     hash: u32,
     compact_revision: i64,
 }
@@ -109,22 +107,27 @@ impl MaintenanceService {
 impl Backend {
     /// Serves [`HASHKV_PATH`]: the hash of this replica's history at the asked revision. A
     /// member that has not applied that revision yet answers with an error.
-    /// The hash is computed on a blocking thread: it reads the whole retained history.
     pub(super) async fn hashkv_peer(&self, body: &[u8]) -> Result<Vec<u8>, String> {
         let rev: i64 = serde_json::from_slice(body)
             .map_err(|e| format!("{HASHKV_PATH}: the body must be a revision: {e}"))?;
-        let store = self.node.store().clone();
-        let revision = store.revision();
-        let (hash, compact_revision) = tokio::task::spawn_blocking(move || store.hash_kv(rev))
+        let (hash, compact_revision) = self
+            .hash_off_runtime(rev)
             .await
-            .map_err(|e| format!("hashing the store failed: {e}"))?
             .map_err(|e| e.to_string())?;
         serde_json::to_vec(&HashAnswer {
-            revision,
             hash,
             compact_revision,
         })
         .map_err(|e| e.to_string())
+    }
+
+    /// `Store::hash_kv` on a blocking thread: it reads the whole retained history.
+    async fn hash_off_runtime(&self, rev: i64) -> Result<(u32, i64), ApiError> {
+        let store = self.node.store().clone();
+        tokio::task::spawn_blocking(move || store.hash_kv(rev))
+            .await
+            .map_err(|e| ApiError::Internal(format!("hashing the store failed: {e}")))?
+            .map_err(ApiError::from)
     }
 
     /// etcd's corruption check, run by the leader: hash its own history at its current
@@ -136,11 +139,8 @@ impl Backend {
         if !self.node.is_leader() {
             return Ok(Vec::new());
         }
-        let store = self.node.store().clone();
-        let rev = store.revision();
-        let (hash, compacted) = tokio::task::spawn_blocking(move || store.hash_kv(rev))
-            .await
-            .map_err(|e| ApiError::Internal(format!("hashing the store failed: {e}")))??;
+        let rev = self.node.store().revision();
+        let (hash, compacted) = self.hash_off_runtime(rev).await?;
         let m = self.node.metrics();
         let body = serde_json::to_vec(&rev).map_err(|e| ApiError::Internal(e.to_string()))?;
         let mut differ = Vec::new();
