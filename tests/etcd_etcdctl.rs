@@ -309,12 +309,21 @@ async fn etcdctl_alarm_list_defrag_and_disarm_after_the_quota_is_reached() {
         stdout(&c.etcdctl(&e2, &["alarm", "list"])),
         format!("memberID:{member} alarm:NOSPACE \n")
     );
-    // Every node refuses writes while the alarm is up; reads go on.
+    // Every node refuses writes while the alarm is up; reads go on. A big write refused on
+    // the full node does not propose the alarm again.
+    let log_before = c.nodes[1].node.metrics().last_log_index.unwrap();
     for i in 0..3 {
         let out = c.etcdctl(&c.endpoint(i), &["put", "small", "v"]);
         assert!(!out.status.success(), "node {i} took a put under the alarm");
         stdout(&c.etcdctl(&c.endpoint(i), &["get", "big/00", "--keys-only"]));
+        let out = c.etcdctl(&e2, &["put", "big/again", &big]);
+        assert!(!out.status.success(), "the full node took a big put");
     }
+    let log_after = c.nodes[1].node.metrics().last_log_index.unwrap();
+    assert!(
+        log_after - log_before <= 3,
+        "refused writes grew the log from {log_before} to {log_after}"
+    );
     stdout(&c.etcdctl(&e2, &["del", "big/", "--prefix"]));
     let rev = json(&c.etcdctl(&e2, &["get", "x", "-w", "json"]))["header"]["revision"]
         .as_i64()

@@ -196,9 +196,18 @@ impl Backend {
         if quota < 0 {
             return Ok(());
         }
-        let size = self.node.store().size_bytes() as i64;
+        let store = self.node.store();
+        let size = store.size_bytes() as i64;
         if size.saturating_add(cost.bytes()) < quota {
             return Ok(());
+        }
+        let mine = st::AlarmMember {
+            member: self.node.id(),
+            alarm: st::AlarmType::NoSpace,
+        };
+        // Raised already: refuse without proposing it again for every refused write.
+        if store.alarms().contains(&mine) {
+            return Err(st::Error::NoSpace.into());
         }
         tracing::warn!(
             size,
@@ -208,8 +217,8 @@ impl Backend {
         );
         let raise = st::Command::Alarm {
             activate: true,
-            member: self.node.id(),
-            alarm: st::AlarmType::NoSpace,
+            member: mine.member,
+            alarm: mine.alarm,
         };
         if let Err(e) = self.node.write(raise).await {
             tracing::warn!("raising the NOSPACE alarm: {e}");
