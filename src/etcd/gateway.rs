@@ -507,11 +507,23 @@ async fn observe(State(s): State<Services>, body: Bytes) -> Response {
         Ok(r) => r,
         Err((code, msg)) => return error_response(code, &msg),
     };
-    match Election::observe(&*s.election, tonic::Request::new(req)).await {
+    streamed(
+        "v3electionpb.LeaderResponse",
+        Election::observe(&*s.election, tonic::Request::new(req)).await,
+    )
+}
+
+/// A server-streaming call's answer: one line per message, or the call's error.
+fn streamed<M, S>(name: &'static str, r: Result<tonic::Response<S>, tonic::Status>) -> Response
+where
+    M: prost::Message,
+    S: Stream<Item = Result<M, tonic::Status>> + Send + 'static,
+{
+    match r {
         Ok(stream) => stream_response(
             stream
                 .into_inner()
-                .map(|r| r.map(|m| encode("v3electionpb.LeaderResponse", &m))),
+                .map(move |r| r.map(|m| encode(name, &m))),
         ),
         Err(status) => error_response(status.code(), status.message()),
     }
@@ -550,14 +562,10 @@ async fn snapshot(State(s): State<Services>, body: Bytes) -> Response {
         Ok(r) => r,
         Err((code, msg)) => return error_response(code, &msg),
     };
-    match Maintenance::snapshot(&*s.maintenance, tonic::Request::new(req)).await {
-        Ok(stream) => stream_response(
-            stream
-                .into_inner()
-                .map(|r| r.map(|m| encode("etcdserverpb.SnapshotResponse", &m))),
-        ),
-        Err(status) => error_response(status.code(), status.message()),
-    }
+    streamed(
+        "etcdserverpb.SnapshotResponse",
+        Maintenance::snapshot(&*s.maintenance, tonic::Request::new(req)).await,
+    )
 }
 
 /// `GET /version`: the etcd server and cluster versions eden speaks.
