@@ -407,14 +407,14 @@ impl pb::maintenance_server::Maintenance for MaintenanceService {
         .await
         .map_err(|e| ApiError::Internal(format!("snapshot export task failed: {e}")))?
         .map_err(ApiError::from)?;
-        let header = self.backend.header_now();
         let total = bytes.len();
         let chunks: Vec<Result<pb::SnapshotResponse, Status>> = bytes
             .chunks(SNAPSHOT_CHUNK)
             .scan(total, |remaining, chunk| {
                 *remaining -= chunk.len();
+                // etcd 3.4 sends its snapshot chunks without a header.
                 Some(Ok(pb::SnapshotResponse {
-                    header,
+                    header: None,
                     remaining_bytes: *remaining as u64,
                     blob: chunk.to_vec(),
                 }))
