@@ -1,7 +1,8 @@
 //! Differential tests: the same scripted operations against a fresh real etcd 3.4
 //! (`/usr/bin/etcd`) and a fresh eden node, through the same gRPC client, comparing the
 //! responses with the header's cluster id, member id and raft term masked (revisions are
-//! compared). Errors are compared by gRPC code and exact message.
+//! compared). Errors are compared by gRPC code and exact message. `EDEN_SHOW_STEPS=1` prints
+//! eden's normalized steps of the scripts run through `differential`.
 
 mod etcd_common;
 
@@ -46,6 +47,13 @@ struct Recorder {
 }
 
 impl Recorder {
+    fn new() -> Recorder {
+        Recorder {
+            steps: Vec::new(),
+            extra_mask: Vec::new(),
+        }
+    }
+
     fn rec<T: Debug>(&mut self, name: &str, r: Result<tonic::Response<T>, tonic::Status>) {
         let text = match r {
             Ok(resp) => format!("{:?}", resp.into_inner()),
@@ -55,6 +63,14 @@ impl Recorder {
         fields.extend(self.extra_mask.iter());
         self.steps.push((name.to_string(), mask(&text, &fields)));
     }
+}
+
+async fn connect(endpoint: String) -> Channel {
+    Channel::from_shared(endpoint)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
 }
 
 fn put(key: &str, value: &str) -> pb::PutRequest {
@@ -96,16 +112,9 @@ fn cmp_value(key: &str, value: &str, result: pb::compare::CompareResult) -> pb::
 }
 
 async fn kv_script(endpoint: String) -> Vec<(String, String)> {
-    let ch = Channel::from_shared(endpoint)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let ch = connect(endpoint).await;
     let mut kv = KvClient::new(ch.clone());
-    let mut r = Recorder {
-        steps: Vec::new(),
-        extra_mask: vec![],
-    };
+    let mut r = Recorder::new();
     r.rec("put a", kv.put(put("a", "1")).await);
     r.rec(
         "put b prev_kv",
@@ -370,17 +379,10 @@ async fn kv_script(endpoint: String) -> Vec<(String, String)> {
 }
 
 async fn lease_script(endpoint: String) -> Vec<(String, String)> {
-    let ch = Channel::from_shared(endpoint)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let ch = connect(endpoint).await;
     let mut kv = KvClient::new(ch.clone());
     let mut lease = LeaseClient::new(ch);
-    let mut r = Recorder {
-        steps: Vec::new(),
-        extra_mask: vec![],
-    };
+    let mut r = Recorder::new();
     r.rec(
         "grant 1000",
         lease
@@ -556,17 +558,10 @@ fn create(key: &str, end: &str, start: i64, id: i64) -> pb::watch_request::Reque
 
 async fn watch_script(endpoint: String) -> Vec<(String, String)> {
     use pb::watch_request::RequestUnion as U;
-    let ch = Channel::from_shared(endpoint)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let ch = connect(endpoint).await;
     let mut kv = KvClient::new(ch.clone());
     let mut wc = WatchClient::new(ch);
-    let mut r = Recorder {
-        steps: Vec::new(),
-        extra_mask: vec![],
-    };
+    let mut r = Recorder::new();
     let log = |r: &mut Recorder, name: &str, msgs: Vec<pb::WatchResponse>| {
         r.rec(name, Ok(tonic::Response::new(msgs)));
     };
@@ -669,18 +664,11 @@ const QUOTA: &str = "4194304";
 /// (bbolt pages against eden's data file), so from the fill on revisions are masked and the
 /// fill and delete counts are recorded as "some".
 async fn quota_script(endpoint: String) -> Vec<(String, String)> {
-    let ch = Channel::from_shared(endpoint)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let ch = connect(endpoint).await;
     let mut kv = KvClient::new(ch.clone());
     let mut lease = LeaseClient::new(ch.clone());
     let mut m = MaintenanceClient::new(ch);
-    let mut r = Recorder {
-        steps: Vec::new(),
-        extra_mask: vec![],
-    };
+    let mut r = Recorder::new();
     r.rec("put before the fill", kv.put(put("small", "v")).await);
     let big = "x".repeat(256 * 1024);
     let mut stored = 0;
@@ -856,11 +844,7 @@ async fn quota_script(endpoint: String) -> Vec<(String, String)> {
 async fn lock_election_script(endpoint: String) -> Vec<(String, String)> {
     use eden::etcd::pb::v3electionpb as el;
     use eden::etcd::pb::v3lockpb as lk;
-    let ch = Channel::from_shared(endpoint)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let ch = connect(endpoint).await;
     let mut lease = LeaseClient::new(ch.clone());
     let kv = KvClient::new(ch.clone());
     // Waits until a contender's key is in, so the order of events does not depend on timing.
@@ -879,10 +863,7 @@ async fn lock_election_script(endpoint: String) -> Vec<(String, String)> {
     };
     let mut lock = lk::lock_client::LockClient::new(ch.clone());
     let mut elect = el::election_client::ElectionClient::new(ch.clone());
-    let mut r = Recorder {
-        steps: Vec::new(),
-        extra_mask: vec![],
-    };
+    let mut r = Recorder::new();
     for id in [1001, 1002] {
         lease
             .lease_grant(pb::LeaseGrantRequest { ttl: 60, id })
