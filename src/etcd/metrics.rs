@@ -22,9 +22,10 @@ use std::sync::Arc;
 use super::Backend;
 
 /// Counts leader changes this node sees (a different leader than the last one known),
-/// while it serves.
+/// while it serves. It watches Raft's server metrics, which change with the role, vote and
+/// leader only, not with every applied entry.
 pub async fn count_leader_changes(backend: Arc<Backend>) {
-    let mut rx = backend.node.raft().metrics();
+    let mut rx = backend.node.raft().server_metrics();
     let mut last = None;
     loop {
         let leader = rx.borrow_and_update().current_leader;
