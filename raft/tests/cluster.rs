@@ -437,6 +437,64 @@ async fn peers_without_a_certificate_from_the_cluster_ca_are_refused() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raft_routes_use_the_framed_protocol_and_fall_back_to_http2() {
+    let ca = TestCa::new("cluster-ca");
+    let root = tempfile::tempdir().unwrap();
+    let nodes = cluster(&ca, root.path(), 1, no_tuning).await;
+    let addr = nodes[0].addr.clone();
+    let timeout = Duration::from_secs(5);
+    let unit = bincode::serde::encode_to_vec((), bincode::config::standard()).unwrap();
+    let read_index = eden_raft::transport::server_paths::FORWARD_READ_INDEX;
+
+    let pool = eden_raft::PeerPool::new(ca.node_tls("node7").client);
+    assert!(!pool.speaks_framed(&addr));
+    pool.call(&addr, read_index, unit.clone(), timeout)
+        .await
+        .expect("a cluster peer is served");
+    assert!(pool.speaks_framed(&addr), "the Raft route went over HTTP/2");
+
+    // A peer that offers only HTTP/2 (an eden from before the framed protocol) gets the same
+    // call over HTTP/2.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let old_addr = listener.local_addr().unwrap().to_string();
+    let mut server = (*ca.node_tls("old").server).clone();
+    server.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(server));
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(|req: hyper::Request<_>| async move {
+                    let body = format!("http2 {}", req.uri().path());
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                        http_body_util::Full::new(bytes::Bytes::from(body)),
+                    ))
+                });
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                        .await;
+            });
+        }
+    });
+    for _ in 0..2 {
+        let answer = pool
+            .call(&old_addr, read_index, unit.clone(), timeout)
+            .await
+            .expect("the HTTP/2-only peer is served");
+        assert_eq!(&answer[..], format!("http2 {read_index}").as_bytes());
+        assert!(!pool.speaks_framed(&old_addr));
+    }
+    for n in nodes {
+        n.stop().await;
+    }
+}
+
 /// Writes `key` through `node`, retrying for up to 30 s while the cluster elects a leader.
 async fn write_retrying(node: &std::sync::Arc<eden_raft::RaftNode>, key: &str) {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);

@@ -10,7 +10,7 @@
 //! - a connection that broke after the request was sent -> `Network`;
 //! - the remote Raft's own error -> `RemoteError`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -34,6 +34,7 @@ use serde::Serialize;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
+use super::framed::{self, FramedConn};
 use super::MAX_BODY;
 use crate::codec::{decode, encode};
 use crate::types::{NodeId, NodeInfo, TypeConfig};
@@ -52,10 +53,15 @@ pub enum CallError {
     Network { addr: String, reason: String },
 }
 
-/// One pooled HTTP/2 connection per peer address.
+/// One pooled HTTP/2 connection per peer address, and one framed connection for the Raft routes.
 pub struct PeerPool {
     connector: TlsConnector,
     conns: Mutex<HashMap<String, SendRequest<Full<Bytes>>>>,
+    /// Dials with ALPN [`framed::ALPN`] only.
+    framed_connector: TlsConnector,
+    framed: Mutex<HashMap<String, Arc<FramedConn>>>,
+    /// Peers that refused the framed protocol (an older eden): their Raft routes go over HTTP/2.
+    http_only: Mutex<HashSet<String>>,
     /// Told the peer address whenever a Raft RPC finds a peer unreachable or times out: the
     /// failure detector takes it as evidence (see [`PeerPool::on_raft_failure`]).
     raft_failure: Mutex<Option<RaftFailureHook>>,
@@ -70,9 +76,14 @@ impl PeerPool {
     pub fn new(tls: Arc<rustls::ClientConfig>) -> PeerPool {
         let mut config = (*tls).clone();
         config.alpn_protocols = vec![b"h2".to_vec()];
+        let mut framed_config = (*tls).clone();
+        framed_config.alpn_protocols = vec![framed::ALPN.to_vec()];
         PeerPool {
             connector: TlsConnector::from(Arc::new(config)),
             conns: Mutex::new(HashMap::new()),
+            framed_connector: TlsConnector::from(Arc::new(framed_config)),
+            framed: Mutex::new(HashMap::new()),
+            http_only: Mutex::new(HashSet::new()),
             raft_failure: Mutex::new(None),
         }
     }
@@ -95,15 +106,7 @@ impl PeerPool {
     }
 
     fn cached(&self, addr: &str) -> Option<SendRequest<Full<Bytes>>> {
-        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-        match conns.get(addr) {
-            Some(c) if !c.is_closed() => Some(c.clone()),
-            Some(_) => {
-                conns.remove(addr);
-                None
-            }
-            None => None,
-        }
+        live(&self.conns, addr, |c| c.is_closed())
     }
 
     fn forget(&self, addr: &str) {
@@ -118,18 +121,11 @@ impl PeerPool {
             addr: addr.to_string(),
             reason,
         };
-        let host = host_of(addr);
-        let name = ServerName::try_from(host.to_string())
-            .map_err(|e| unreachable(format!("{host:?} is not a valid TLS server name: {e}")))?;
-        let tcp = TcpStream::connect(addr)
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
-        let _ = tcp.set_nodelay(true);
-        let tls = self
-            .connector
-            .connect(name, tcp)
-            .await
-            .map_err(|e| unreachable(format!("TLS handshake: {e}")))?;
+        let tls = match connect(&self.connector, addr).await {
+            Ok(t) => t,
+            Err(Dial::Failed(reason)) => return Err(unreachable(reason)),
+            Err(Dial::Handshake(e)) => return Err(unreachable(format!("TLS handshake: {e}"))),
+        };
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(hyper_util::rt::TokioTimer::new())
             .adaptive_window(true)
@@ -153,7 +149,8 @@ impl PeerPool {
     }
 
     /// POSTs `body` to `path` on the peer at `addr` and returns the response body. The whole
-    /// call, dialing included, is bounded by `timeout`.
+    /// call, dialing included, is bounded by `timeout`. Raft routes (`/raft/...`) go over the
+    /// framed protocol, every other route over HTTP/2.
     pub async fn call(
         &self,
         addr: &str,
@@ -161,6 +158,20 @@ impl PeerPool {
         body: Vec<u8>,
         timeout: Duration,
     ) -> Result<Bytes, CallError> {
+        if path.starts_with("/raft/") && !lock(&self.http_only).contains(addr) {
+            match self.call_framed(addr, path, &body, timeout).await {
+                Err(FramedError::NotSpoken) => {
+                    tracing::info!(
+                        peer = addr,
+                        "peer does not speak {}; using HTTP/2",
+                        "eden-raft/1"
+                    );
+                    lock(&self.http_only).insert(addr.to_string());
+                }
+                Err(FramedError::Call(e)) => return Err(e),
+                Ok(bytes) => return Ok(bytes),
+            }
+        }
         match tokio::time::timeout(timeout, self.call_inner(addr, path, body)).await {
             Ok(r) => r,
             Err(_) => Err(CallError::Timeout {
@@ -168,6 +179,112 @@ impl PeerPool {
                 timeout,
             }),
         }
+    }
+
+    /// Whether calls to the Raft routes of `addr` currently go over an open framed connection
+    /// (rather than HTTP/2, or no connection yet).
+    pub fn speaks_framed(&self, addr: &str) -> bool {
+        lock(&self.framed).get(addr).is_some_and(|c| !c.is_closed())
+    }
+
+    fn cached_framed(&self, addr: &str) -> Option<Arc<FramedConn>> {
+        live(&self.framed, addr, |c| c.is_closed())
+    }
+
+    /// Drops `conn` from the pool, unless another call already replaced it.
+    fn forget_framed(&self, addr: &str, conn: &Arc<FramedConn>) {
+        let mut conns = lock(&self.framed);
+        if conns.get(addr).is_some_and(|c| Arc::ptr_eq(c, conn)) {
+            conns.remove(addr);
+        }
+    }
+
+    async fn dial_framed(&self, addr: &str) -> Result<Arc<FramedConn>, FramedError> {
+        let unreachable = |reason: String| {
+            FramedError::Call(CallError::Unreachable {
+                addr: addr.to_string(),
+                reason,
+            })
+        };
+        let tls = match connect(&self.framed_connector, addr).await {
+            Ok(t) => t,
+            Err(Dial::Failed(reason)) => return Err(unreachable(reason)),
+            Err(Dial::Handshake(e)) => {
+                let refused = e
+                    .get_ref()
+                    .and_then(|i| i.downcast_ref::<rustls::Error>())
+                    .is_some_and(|e| {
+                        *e == rustls::Error::AlertReceived(
+                            rustls::AlertDescription::NoApplicationProtocol,
+                        )
+                    });
+                return Err(if refused {
+                    FramedError::NotSpoken
+                } else {
+                    unreachable(format!("TLS handshake: {e}"))
+                });
+            }
+        };
+        if tls.get_ref().1.alpn_protocol() != Some(framed::ALPN) {
+            return Err(FramedError::NotSpoken);
+        }
+        let conn = Arc::new(FramedConn::start(tls, addr.to_string()));
+        lock(&self.framed).insert(addr.to_string(), conn.clone());
+        Ok(conn)
+    }
+
+    async fn call_framed(
+        &self,
+        addr: &str,
+        path: &str,
+        body: &[u8],
+        timeout: Duration,
+    ) -> Result<Bytes, FramedError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let timed_out = || {
+            FramedError::Call(CallError::Timeout {
+                addr: addr.to_string(),
+                timeout,
+            })
+        };
+        let conn = match self.cached_framed(addr) {
+            Some(c) => c,
+            None => tokio::time::timeout_at(deadline, self.dial_framed(addr))
+                .await
+                .map_err(|_| timed_out())??,
+        };
+        let read_before = conn.frames_read();
+        let (status, bytes) = match tokio::time::timeout_at(deadline, conn.call(path, body)).await {
+            Err(_) => {
+                // Nothing at all came back while waiting: the connection may be dead without
+                // knowing it (a cut link). The next call dials again.
+                if conn.frames_read() == read_before {
+                    self.forget_framed(addr, &conn);
+                }
+                return Err(timed_out());
+            }
+            Ok(Err(reason)) => {
+                self.forget_framed(addr, &conn);
+                return Err(FramedError::Call(CallError::Network {
+                    addr: addr.to_string(),
+                    reason,
+                }));
+            }
+            Ok(Ok(answer)) => answer,
+        };
+        if status != 200 {
+            let status = StatusCode::from_u16(status)
+                .map(|s| s.to_string())
+                .unwrap_or_else(|_| status.to_string());
+            return Err(FramedError::Call(CallError::Network {
+                addr: addr.to_string(),
+                reason: format!(
+                    "{path} answered {status}: {}",
+                    String::from_utf8_lossy(&bytes)
+                ),
+            }));
+        }
+        Ok(bytes)
     }
 
     async fn call_inner(&self, addr: &str, path: &str, body: Vec<u8>) -> Result<Bytes, CallError> {
@@ -232,6 +349,56 @@ impl PeerPool {
             reason: format!("{path} response: {e}"),
         })
     }
+}
+
+/// The pooled connection to `addr`, unless it has closed (then it is dropped from the pool).
+fn live<C: Clone>(
+    pool: &Mutex<HashMap<String, C>>,
+    addr: &str,
+    is_closed: impl Fn(&C) -> bool,
+) -> Option<C> {
+    let mut conns = lock(pool);
+    match conns.get(addr) {
+        Some(c) if !is_closed(c) => Some(c.clone()),
+        Some(_) => {
+            conns.remove(addr);
+            None
+        }
+        None => None,
+    }
+}
+
+enum Dial {
+    /// No TLS session started: a bad name or no TCP connection.
+    Failed(String),
+    Handshake(std::io::Error),
+}
+
+/// Connects to `addr` over TCP (no Nagle delay) and runs the TLS handshake; the host part of
+/// `addr` is the server name.
+async fn connect(
+    connector: &TlsConnector,
+    addr: &str,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, Dial> {
+    let host = host_of(addr);
+    let name = ServerName::try_from(host.to_string())
+        .map_err(|e| Dial::Failed(format!("{host:?} is not a valid TLS server name: {e}")))?;
+    let tcp = TcpStream::connect(addr)
+        .await
+        .map_err(|e| Dial::Failed(e.to_string()))?;
+    let _ = tcp.set_nodelay(true);
+    connector.connect(name, tcp).await.map_err(Dial::Handshake)
+}
+
+/// How a framed call failed.
+enum FramedError {
+    /// The peer does not offer the framed protocol; use HTTP/2.
+    NotSpoken,
+    Call(CallError),
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The host part of `host:port` (`[v6]:port` too).

@@ -1,10 +1,15 @@
-//! The peer transport: HTTP/2 over TLS between nodes, mutual TLS with the cluster CA.
+//! The peer transport: TLS between nodes (mutual, with the cluster CA), carrying HTTP/2 and, for
+//! the Raft routes, a lighter framed protocol.
 //!
 //! - [`client`]: [`NetworkFactory`] (openraft's `RaftNetworkFactory`) and [`PeerPool`], one
 //!   pooled HTTP/2 connection per peer address, also used to forward client requests to the
 //!   leader.
 //! - [`server`]: [`PeerServer`], which serves the Raft routes to peers that presented a
 //!   certificate the cluster CA signed, and hands every other path to a fallback (join, gossip).
+//!
+//! - [`framed`]: the protocol the Raft routes use between eden nodes (chosen by ALPN on the same
+//!   port): one write per call instead of HTTP/2's streams. The server also serves the Raft
+//!   routes over HTTP/2, for peers that do not offer it.
 //!
 //! Every body is bincode 2 (serde): the request type in, `Result<response, error>` out, with
 //! status 200. A non-200 status means the request did not reach Raft (bad route, missing client
@@ -15,6 +20,7 @@
 //! part is the TLS server name, so node certificates carry it as a SAN (IP or DNS).
 
 pub mod client;
+pub mod framed;
 pub mod server;
 
 /// The route paths, for logs and tests.

@@ -56,10 +56,6 @@ fn plain(status: StatusCode, msg: impl Into<String>) -> Response<Full<Bytes>> {
     resp
 }
 
-fn ok_body(bytes: Vec<u8>) -> Response<Full<Bytes>> {
-    Response::new(Full::new(Bytes::from(bytes)))
-}
-
 impl PeerServer {
     /// Serves peers on `listener` until `shutdown` resolves. `tls` should verify client
     /// certificates against the cluster CA (optionally: then only Raft routes demand one). ALPN
@@ -72,7 +68,11 @@ impl PeerServer {
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), crate::Error> {
         let mut config = (*tls).clone();
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        config.alpn_protocols = vec![
+            b"h2".to_vec(),
+            b"http/1.1".to_vec(),
+            super::framed::ALPN.to_vec(),
+        ];
         let acceptor = TlsAcceptor::from(Arc::new(config));
         let mut shutdown = std::pin::pin!(shutdown);
         let mut conns = tokio::task::JoinSet::new();
@@ -107,6 +107,22 @@ impl PeerServer {
                     .peer_certificates()
                     .and_then(|c| c.first())
                     .map(|c| PeerCertificate(c.clone().into_owned()));
+                if tls.get_ref().1.alpn_protocol() == Some(super::framed::ALPN) {
+                    let verified_peer = cert.is_some();
+                    super::framed::serve(tls, remote, move |path: String, body: Bytes| {
+                        let node = node.clone();
+                        async move {
+                            let (status, body) = if verified_peer {
+                                raft_route(&path, &body, node).await
+                            } else {
+                                refuse_anonymous(&path)
+                            };
+                            (status.as_u16(), body)
+                        }
+                    })
+                    .await;
+                    return;
+                }
                 let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
                     let node = node.clone();
                     let fallback = fallback.clone();
@@ -155,10 +171,8 @@ async fn route(
         };
     }
     if !verified_peer {
-        return plain(
-            StatusCode::FORBIDDEN,
-            format!("{path} needs a client certificate signed by the cluster CA"),
-        );
+        let (status, body) = refuse_anonymous(&path);
+        return answer(status, body);
     }
     if req.method() != Method::POST {
         return plain(StatusCode::METHOD_NOT_ALLOWED, format!("{path} takes POST"));
@@ -167,52 +181,76 @@ async fn route(
         Ok(b) => b.to_bytes(),
         Err(e) => return plain(StatusCode::BAD_REQUEST, format!("reading {path} body: {e}")),
     };
-    match path.as_str() {
+    let (status, body) = raft_route(&path, &body, node).await;
+    answer(status, body)
+}
+
+fn answer(status: StatusCode, body: Bytes) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(body));
+    *resp.status_mut() = status;
+    resp
+}
+
+fn refuse_anonymous(path: &str) -> (StatusCode, Bytes) {
+    (
+        StatusCode::FORBIDDEN,
+        Bytes::from(format!(
+            "{path} needs a client certificate signed by the cluster CA"
+        )),
+    )
+}
+
+/// Answers one Raft route (over HTTP/2 or the framed protocol) for a verified peer.
+async fn raft_route(path: &str, body: &[u8], node: Arc<RaftNode>) -> (StatusCode, Bytes) {
+    match path {
         super::APPEND => {
-            handle(&path, &body, |r: AppendEntriesRequest<TypeConfig>| async move {
+            handle(path, body, |r: AppendEntriesRequest<TypeConfig>| async move {
                 node.raft().append_entries(r).await
             })
             .await
         }
         super::VOTE => {
-            handle(&path, &body, |r: VoteRequest<NodeId>| async move {
+            handle(path, body, |r: VoteRequest<NodeId>| async move {
                 node.raft().vote(r).await
             })
             .await
         }
         super::SNAPSHOT => {
-            handle(&path, &body, |r: InstallSnapshotRequest<TypeConfig>| async move {
+            handle(path, body, |r: InstallSnapshotRequest<TypeConfig>| async move {
                 node.snapshot_chunk_arrived();
                 node.raft().install_snapshot(r).await
             })
             .await
         }
         super::FORWARD_WRITE => {
-            handle(&path, &body, |cmd: eden_storage::Command| async move {
+            handle(path, body, |cmd: eden_storage::Command| async move {
                 node.write_as_leader(cmd).await
             })
             .await
         }
         super::FORWARD_WRITES => {
-            handle(&path, &body, |cmds: Vec<eden_storage::Command>| async move {
+            handle(path, body, |cmds: Vec<eden_storage::Command>| async move {
                 Ok::<_, crate::error::WireError>(node.write_many_as_leader(cmds).await)
             })
             .await
         }
         super::FORWARD_READ_INDEX => {
-            handle(&path, &body, |(): ()| async move { node.read_index_as_leader().await }).await
+            handle(path, body, |(): ()| async move { node.read_index_as_leader().await }).await
         }
         super::FORWARD_MEMBERSHIP => {
-            handle(&path, &body, |c: MembershipChange| async move {
+            handle(path, body, |c: MembershipChange| async move {
                 node.change_as_leader(c).await
             })
             .await
         }
-        _ => plain(StatusCode::NOT_FOUND, format!("no Raft route {path}")),
+        _ => (
+            StatusCode::NOT_FOUND,
+            Bytes::from(format!("no Raft route {path}")),
+        ),
     }
 }
 
-async fn handle<Req, T, E, F, Fut>(path: &str, body: &[u8], f: F) -> Response<Full<Bytes>>
+async fn handle<Req, T, E, F, Fut>(path: &str, body: &[u8], f: F) -> (StatusCode, Bytes)
 where
     Req: DeserializeOwned,
     T: Serialize,
@@ -222,14 +260,19 @@ where
 {
     let req: Req = match decode(body) {
         Ok(r) => r,
-        Err(e) => return plain(StatusCode::BAD_REQUEST, format!("{path} body: {e}")),
+        Err(e) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                Bytes::from(format!("{path} body: {e}")),
+            )
+        }
     };
     let result = f(req).await;
     match encode(&result) {
-        Ok(bytes) => ok_body(bytes),
-        Err(e) => plain(
+        Ok(bytes) => (StatusCode::OK, Bytes::from(bytes)),
+        Err(e) => (
             StatusCode::INTERNAL_SERVER_ERROR,
-            format!("{path} response: {e}"),
+            Bytes::from(format!("{path} response: {e}")),
         ),
     }
 }
