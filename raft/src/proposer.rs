@@ -4,7 +4,7 @@
 //! command would cap writes at one per fsync. Instead every write goes into a queue, and one task
 //! takes **whatever is waiting** (up to [`MAX_BATCH`]) and proposes it as a single [`Batch`].
 //!
-//! At most [`MAX_IN_FLIGHT`] batches are uncommitted at a time. While they are in flight, new
+//! At most [`MAX_IN_FLIGHT`] batch is uncommitted at a time. While it is in flight, new
 //! commands accumulate in the queue and make the next batch larger: under load the batch size
 //! grows to match, while a lone client still gets a batch of one with no added delay. There is no
 //! timer: batching never waits for more commands to arrive.
@@ -24,8 +24,11 @@ use crate::types::{Batch, NodeId, Raft};
 
 /// Most commands in one entry.
 pub const MAX_BATCH: usize = 1024;
-/// Most uncommitted batches at once.
-pub const MAX_IN_FLIGHT: usize = 2;
+/// Most uncommitted batches at once. One: openraft 0.9's core waits for each of the leader's
+/// fsyncs, so a second batch in flight holds up the first one's commit and only makes both
+/// smaller. With 64 clients on three loopback nodes, one in flight took 55–56 µs of CPU per put
+/// against 59–66 µs with two, at the same or higher throughput (4 paired rounds).
+pub const MAX_IN_FLIGHT: usize = 1;
 
 pub(crate) struct Proposal {
     pub cmd: Command,
