@@ -387,6 +387,7 @@ async fn connect(
         .await
         .map_err(|e| Dial::Failed(e.to_string()))?;
     let _ = tcp.set_nodelay(true);
+    super::keep_alive(&tcp);
     connector.connect(name, tcp).await.map_err(Dial::Handshake)
 }
 

@@ -90,6 +90,7 @@ impl PeerServer {
                 },
             };
             let _ = tcp.set_nodelay(true);
+            super::keep_alive(&tcp);
             let acceptor = acceptor.clone();
             let node = node.clone();
             let fallback = fallback.clone();
