@@ -653,6 +653,16 @@ async fn watch_script(endpoint: String) -> Vec<(String, String)> {
     log(&mut r, "create from a compacted revision", m);
     let m = w.send(create("w/", "w0", 5, 41)).await;
     log(&mut r, "create at the compacted revision", m);
+    // The client closes its side of the stream: the watches go on.
+    let WatchDriver { tx, rx } = w;
+    drop(tx);
+    let mut w = WatchDriver {
+        tx: mpsc::channel(1).0,
+        rx,
+    };
+    kv.put(put("w/d", "7")).await.unwrap();
+    let m = w.collect().await;
+    log(&mut r, "events after the client closed its side", m);
     r.steps
 }
 

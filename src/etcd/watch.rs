@@ -139,16 +139,20 @@ impl WatchSession {
     where
         S: Stream<Item = Result<pb::WatchRequest, Status>> + Unpin,
     {
+        // A client that closes its side still gets its watches' events, as from etcd, until it
+        // goes away.
+        let mut reading = true;
         loop {
             tokio::select! {
-                req = requests.next() => match req {
+                req = requests.next(), if reading => match req {
                     Some(Ok(req)) => {
                         if self.handle(req).await.is_err() {
                             return;
                         }
                     }
-                    // The client closed its side or the stream broke.
-                    _ => return,
+                    None => reading = false,
+                    // The stream broke.
+                    Some(Err(_)) => return,
                 },
                 got = feed.recv() => match got {
                     // A new revision, or we fell behind the feed: either way the store has
