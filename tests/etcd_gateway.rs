@@ -453,3 +453,147 @@ async fn metrics_have_etcds_names_and_types() {
     assert!(sample(&text, "process_resident_memory_bytes ") > 1e6);
     eden.stop().await;
 }
+
+/// The same gRPC calls move the per-method counters of eden and etcd 3.4 alike, and the write
+/// counters say what they should.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn grpc_and_write_metrics_count_like_etcds() {
+    use eden::etcd::pb::etcdserverpb as pb;
+    let etcd = RealEtcd::start().await;
+    let eden = EdenCluster::start(1, false).await;
+    let series = [
+        ("started", "Put", "unary", ""),
+        ("started", "Range", "unary", ""),
+        ("started", "LeaseRevoke", "unary", ""),
+        ("started", "Watch", "bidi_stream", ""),
+        ("handled", "Put", "unary", "OK"),
+        ("handled", "Put", "unary", "NotFound"),
+        ("handled", "Range", "unary", "OK"),
+        ("handled", "Range", "unary", "OutOfRange"),
+        ("handled", "LeaseRevoke", "unary", "NotFound"),
+    ];
+    let line = |(kind, method, grpc_type, code): (&str, &str, &str, &str)| {
+        let service = match method {
+            "Watch" => "etcdserverpb.Watch",
+            "LeaseRevoke" => "etcdserverpb.Lease",
+            _ => "etcdserverpb.KV",
+        };
+        let code = if code.is_empty() {
+            String::new()
+        } else {
+            format!("grpc_code=\"{code}\",")
+        };
+        format!(
+            "grpc_server_{kind}_total{{{code}grpc_method=\"{method}\",grpc_service=\"{service}\",grpc_type=\"{grpc_type}\"}} "
+        )
+    };
+    // A series not shown yet counts as 0 (etcd shows every code, eden the ones seen).
+    let value = |text: &str, prefix: &str| {
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .map_or(0.0, |l| l.rsplit(' ').next().unwrap().parse().unwrap())
+    };
+    let mut deltas = Vec::new();
+    for ep in [etcd.endpoint.clone(), eden.endpoint(0)] {
+        let (before, _) = metrics(&ep).await;
+        let channel = tonic::transport::Channel::from_shared(ep.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut kv = pb::kv_client::KvClient::new(channel.clone());
+        for i in 0..3 {
+            kv.put(pb::PutRequest {
+                key: format!("m{i}").into_bytes(),
+                value: b"v".to_vec(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        }
+        // Refused by the store: an applied write, not a failed one.
+        let no_lease = kv
+            .put(pb::PutRequest {
+                key: b"m9".to_vec(),
+                lease: 999,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(no_lease.code(), tonic::Code::NotFound, "{no_lease}");
+        kv.range(pb::RangeRequest {
+            key: b"m0".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let future = kv
+            .range(pb::RangeRequest {
+                key: b"m0".to_vec(),
+                revision: 1_000_000,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(future.code(), tonic::Code::OutOfRange, "{future}");
+        let unknown = pb::lease_client::LeaseClient::new(channel.clone())
+            .lease_revoke(pb::LeaseRevokeRequest { id: 12345 })
+            .await
+            .unwrap_err();
+        assert_eq!(unknown.code(), tonic::Code::NotFound, "{unknown}");
+        // A watch stream the client drops (both sides).
+        {
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            tx.send(pb::WatchRequest {
+                request_union: Some(pb::watch_request::RequestUnion::CreateRequest(
+                    pb::WatchCreateRequest {
+                        key: b"m0".to_vec(),
+                        ..Default::default()
+                    },
+                )),
+            })
+            .await
+            .unwrap();
+            let mut stream = pb::watch_client::WatchClient::new(channel.clone())
+                .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(stream.message().await.unwrap().unwrap().created);
+        }
+        let (after, _) = metrics(&ep).await;
+        deltas.push(
+            series
+                .iter()
+                .map(|s| value(&after, &line(*s)) - value(&before, &line(*s)))
+                .collect::<Vec<_>>(),
+        );
+        if ep == eden.endpoint(0) {
+            assert!(
+                value(&after, "etcd_server_proposals_committed_total ")
+                    - value(&before, "etcd_server_proposals_committed_total ")
+                    >= 3.0,
+                "{after}"
+            );
+            assert_eq!(value(&after, "etcd_server_proposals_pending "), 0.0);
+            assert_eq!(value(&after, "etcd_server_proposals_failed_total "), 0.0);
+            // The dropped watch stream ends as Canceled.
+            let canceled = line(("handled", "Watch", "bidi_stream", "Canceled"));
+            let mut seen = value(&after, &canceled);
+            for _ in 0..50 {
+                if seen == 1.0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                seen = value(&metrics(&ep).await.0, &canceled);
+            }
+            assert_eq!(seen, 1.0, "{canceled}");
+        }
+    }
+    assert_eq!(deltas[1], vec![4.0, 2.0, 1.0, 1.0, 3.0, 1.0, 1.0, 1.0, 1.0]);
+    assert_eq!(
+        deltas[0], deltas[1],
+        "etcd's counts, then eden's: {series:?}"
+    );
+    eden.stop().await;
+}

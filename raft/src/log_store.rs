@@ -54,6 +54,7 @@ use std::io::{BufReader, Read};
 use std::ops::{Bound, RangeBounds};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
@@ -306,6 +307,8 @@ pub struct LogReader {
 
 /// The Raft log storage. Owned by openraft once the node starts.
 pub struct LogStore {
+    /// The last committed index saved (see [`LogStore::committed_index`]).
+    committed_index: Arc<AtomicU64>,
     reader: LogReader,
     flusher: mpsc::Sender<LogFlushed<TypeConfig>>,
     flusher_done: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
@@ -344,6 +347,13 @@ impl LogStore {
         }
         migrate_from_sled(dir)?;
         let inner = replay(dir, segment_bytes)?;
+        let committed = match &inner.committed {
+            Some(c) => decode::<Option<LogId>>(c)
+                .map_err(|e| ctx("cannot read the committed index", &e))?
+                .map_or(0, |id| id.index),
+            None => 0,
+        };
+        let committed_index = Arc::new(AtomicU64::new(committed));
         let inner = Arc::new(Mutex::new(inner));
         let (tx, rx) = mpsc::channel::<LogFlushed<TypeConfig>>();
         let flush_inner = inner.clone();
@@ -355,10 +365,17 @@ impl LogStore {
                 drop(lock_file);
             })?;
         Ok(LogStore {
+            committed_index,
             reader: LogReader { inner },
             flusher: tx,
             flusher_done: Arc::new(Mutex::new(Some(handle))),
         })
+    }
+
+    /// The committed log index as last saved by Raft, readable from anywhere (for
+    /// `etcd_server_proposals_committed_total`).
+    pub(crate) fn committed_index(&self) -> Arc<AtomicU64> {
+        self.committed_index.clone()
     }
 
     /// A handle that joins the flusher thread, which ends once this store is dropped and then
@@ -855,6 +872,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut inner = self.inner();
         inner.write(&rec).map_err(write_err)?;
         inner.committed = Some(bytes);
+        self.committed_index
+            .store(committed.map_or(0, |id| id.index), Ordering::Relaxed);
         Ok(())
     }
 

@@ -23,6 +23,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -180,6 +181,30 @@ pub struct RaftNode {
     /// Whether this node may call elections (see [`RaftNode::hold_elections`] and
     /// [`RaftNode::snapshot_chunk_arrived`]).
     campaign: Arc<Mutex<Campaign>>,
+    /// See [`RaftNode::proposals`].
+    committed_index: Arc<AtomicU64>,
+    pending_writes: AtomicU64,
+    failed_writes: AtomicU64,
+}
+
+struct Decrement<'a>(&'a AtomicU64);
+
+impl Drop for Decrement<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Write counters of one node, in etcd's terms (see [`RaftNode::proposals`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProposalCounts {
+    /// The committed log index this node knows.
+    pub committed: u64,
+    /// Writes this node's callers are waiting for now.
+    pub pending: u64,
+    /// Writes through this node whose entry did not commit (leader lost, stopped, timed out),
+    /// since it started. A write the store refused (an applied entry) is not counted.
+    pub failed: u64,
 }
 
 /// What the host knows of this node's place in the membership, as far as elections go (see
@@ -287,6 +312,7 @@ impl RaftNode {
         std::fs::create_dir_all(&config.data_dir)?;
         let log = LogStore::open(&config.data_dir.join("raft-log"))?;
         let flusher = log.flusher_handle();
+        let committed_index = log.committed_index();
         let store = Store::open(&config.data_dir.join("state")).map_err(|e| {
             Error::Io(format!(
                 "cannot open the store in {}: {e}",
@@ -344,6 +370,9 @@ impl RaftNode {
             reads: Mutex::new(ReadRounds::default()),
             forwards: Mutex::new(ForwardRounds::default()),
             campaign: Arc::new(Mutex::new(Campaign::default())),
+            committed_index,
+            pending_writes: AtomicU64::new(0),
+            failed_writes: AtomicU64::new(0),
         }))
     }
 
@@ -525,7 +554,13 @@ impl RaftNode {
             }
             let (leader, info) = self.wait_leader(remaining).await?;
             let outcome = if leader == self.id {
-                local(req.clone()).await
+                // A leader cut off from its quorum keeps its role (openraft 0.9 has no
+                // check-quorum), so its proposal would wait for ever: answer as etcd does when
+                // a request does not commit in time. The entry may still commit later.
+                match tokio::time::timeout(remaining, local(req.clone())).await {
+                    Ok(outcome) => outcome,
+                    Err(_) => return Err(Error::Unavailable("request timed out".into())),
+                }
             } else {
                 match self
                     .pool
@@ -552,6 +587,26 @@ impl RaftNode {
     /// Commits `cmd` through Raft and returns its result. Store refusals come back as
     /// [`Error::Store`] with etcd's message.
     pub async fn write(self: &Arc<Self>, cmd: Command) -> Result<Applied, Error> {
+        self.pending_writes.fetch_add(1, Ordering::Relaxed);
+        // Also when the caller gives up (its future is dropped).
+        let _pending = Decrement(&self.pending_writes);
+        let result = self.write_anywhere(cmd).await;
+        if matches!(result, Err(ref e) if !matches!(e, Error::Store(_))) {
+            self.failed_writes.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
+    /// The committed index, the writes waiting and the writes that failed to commit.
+    pub fn proposals(&self) -> ProposalCounts {
+        ProposalCounts {
+            committed: self.committed_index.load(Ordering::Relaxed),
+            pending: self.pending_writes.load(Ordering::Relaxed),
+            failed: self.failed_writes.load(Ordering::Relaxed),
+        }
+    }
+
+    async fn write_anywhere(self: &Arc<Self>, cmd: Command) -> Result<Applied, Error> {
         if self.is_leader() {
             return self
                 .on_leader(

@@ -47,11 +47,7 @@ async fn three_nodes_survive_leader_loss_and_the_old_leader_catches_up() {
     let follower = nodes.iter().find(|n| !n.node.is_leader()).unwrap();
     let refused = follower
         .node
-        .write(Command::Put(PutRequest {
-            key: b"missing".to_vec(),
-            ignore_value: true,
-            ..Default::default()
-        }))
+        .write(put_keeping_a_missing_value())
         .await
         .unwrap_err();
     assert_eq!(refused.to_string(), "etcdserver: key not found");
@@ -495,6 +491,15 @@ async fn raft_routes_use_the_framed_protocol_and_fall_back_to_http2() {
     }
 }
 
+/// A put that keeps the value of a key that does not exist: the store refuses it.
+fn put_keeping_a_missing_value() -> Command {
+    Command::Put(PutRequest {
+        key: b"missing".to_vec(),
+        ignore_value: true,
+        ..Default::default()
+    })
+}
+
 /// Writes `key` through `node`, retrying for up to 30 s while the cluster elects a leader.
 async fn write_retrying(node: &std::sync::Arc<eden_raft::RaftNode>, key: &str) {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -705,4 +710,62 @@ async fn a_readmitted_learner_calls_no_election_before_the_leaders_entries_arriv
     for n in [n2, n3] {
         n.stop().await;
     }
+}
+
+fn two_second_requests(c: &mut eden_raft::NodeConfig) {
+    c.request_timeout = Duration::from_secs(2);
+}
+
+/// `RaftNode::proposals`: the committed index follows writes, a store refusal is not a failed
+/// write, and a write a leader cut off from its quorum cannot commit is answered "request timed
+/// out" after the request timeout (as etcd answers), counted as pending meanwhile and as failed
+/// after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_counters_and_a_write_that_cannot_commit() {
+    let ca = TestCa::new("cluster-ca");
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = cluster(&ca, root.path(), 3, two_second_requests).await;
+    let l = leader_index(&nodes);
+    let leader = nodes[l].node.clone();
+    let applied = leader.write(put("a", "1")).await.unwrap();
+    let counts = leader.proposals();
+    assert!(counts.committed >= 1, "{counts:?}");
+    assert_eq!((counts.pending, counts.failed), (0, 0));
+    let refused = leader
+        .write(put_keeping_a_missing_value())
+        .await
+        .unwrap_err();
+    assert!(matches!(refused, Error::Store(_)), "{refused}");
+    assert_eq!(leader.proposals().failed, 0, "a refusal is not a failure");
+    assert!(applied.revision > 0);
+
+    // Stop both followers: the leader keeps its role but cannot commit.
+    let leader_node = nodes.remove(l);
+    for n in nodes {
+        n.stop().await;
+    }
+    let started = std::time::Instant::now();
+    let write = {
+        let leader = leader.clone();
+        tokio::spawn(async move { leader.write(put("b", "2")).await })
+    };
+    wait_for(
+        || leader.proposals().pending == 1,
+        "the write to be pending",
+    )
+    .await;
+    let err = tokio::time::timeout(Duration::from_secs(15), write)
+        .await
+        .expect("the write is answered")
+        .unwrap()
+        .unwrap_err();
+    let waited = started.elapsed();
+    assert_eq!(err.to_string(), "unavailable: request timed out");
+    assert!(
+        waited >= Duration::from_millis(1500) && waited < Duration::from_secs(10),
+        "{waited:?}"
+    );
+    let counts = leader.proposals();
+    assert_eq!((counts.pending, counts.failed), (0, 1), "{counts:?}");
+    leader_node.stop().await;
 }

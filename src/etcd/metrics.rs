@@ -8,16 +8,22 @@
 //!   `etcd_server_leader_changes_seen_total` (counted by [`count_leader_changes`]);
 //! - identity: `etcd_server_id{server_id}`, `etcd_server_version{server_version}`;
 //! - progress: `etcd_server_proposals_applied_total` (the applied log index),
+//!   `etcd_server_proposals_committed_total` (the committed index),
 //!   `etcd_debugging_mvcc_current_revision`, `etcd_debugging_mvcc_compact_revision`;
+//! - writes through this member: `etcd_server_proposals_pending` and
+//!   `etcd_server_proposals_failed_total` (from `RaftNode::proposals`);
+//! - gRPC calls per method: `grpc_server_started_total` and `grpc_server_handled_total` by
+//!   status code (counted by the [`count_grpc`] middleware);
 //! - space: `etcd_mvcc_db_total_size_in_bytes`, `etcd_mvcc_db_total_size_in_use_in_bytes`
 //!   (both the data file's size), `etcd_server_quota_backend_bytes`;
 //! - disk: `etcd_disk_wal_fsync_duration_seconds`, the Raft log's fsync latencies;
 //! - the process: `process_resident_memory_bytes`, `process_cpu_seconds_total`,
 //!   `process_open_fds`, from `/proc/self`.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use super::Backend;
 
@@ -128,6 +134,23 @@ pub fn render(backend: &Backend) -> String {
         "The Raft log index this member has applied.",
         m.applied_index.unwrap_or(0) as f64,
     );
+    let proposals = backend.node.proposals();
+    t.gauge(
+        "etcd_server_proposals_committed_total",
+        "The Raft log index this member knows to be committed.",
+        proposals.committed as f64,
+    );
+    t.gauge(
+        "etcd_server_proposals_pending",
+        "Writes through this member waiting to be applied.",
+        proposals.pending as f64,
+    );
+    t.metric(
+        "etcd_server_proposals_failed_total",
+        "counter",
+        "Writes through this member whose entry did not commit (leader lost, stopped, timed out).",
+        &[(String::new(), proposals.failed as f64)],
+    );
     t.gauge(
         "etcd_debugging_mvcc_current_revision",
         "The store's current revision.",
@@ -192,5 +215,236 @@ pub fn render(backend: &Backend) -> String {
     if let Some(v) = fds {
         t.gauge("process_open_fds", "Open file descriptors.", v);
     }
+    backend.grpc.render(&mut t);
     t.0
+}
+
+/// gRPC requests per method, counted as etcd counts them (`grpc_server_started_total`,
+/// `grpc_server_handled_total`) by [`count_grpc`].
+#[derive(Default)]
+pub struct GrpcCounts {
+    /// Per method, by its index in [`METHODS`].
+    methods: Mutex<BTreeMap<usize, MethodCounts>>,
+}
+
+#[derive(Default)]
+struct MethodCounts {
+    started: u64,
+    /// Per status code name.
+    handled: BTreeMap<&'static str, u64>,
+}
+
+/// Every gRPC method served: service, method and the grpc_type label.
+const METHODS: &[(&str, &str, &str)] = &[
+    (KV, "Range", UNARY),
+    (KV, "Put", UNARY),
+    (KV, "DeleteRange", UNARY),
+    (KV, "Txn", UNARY),
+    (KV, "Compact", UNARY),
+    ("etcdserverpb.Watch", "Watch", BIDI),
+    (LEASE, "LeaseGrant", UNARY),
+    (LEASE, "LeaseRevoke", UNARY),
+    (LEASE, "LeaseKeepAlive", BIDI),
+    (LEASE, "LeaseTimeToLive", UNARY),
+    (LEASE, "LeaseLeases", UNARY),
+    (CLUSTER, "MemberAdd", UNARY),
+    (CLUSTER, "MemberRemove", UNARY),
+    (CLUSTER, "MemberUpdate", UNARY),
+    (CLUSTER, "MemberList", UNARY),
+    (CLUSTER, "MemberPromote", UNARY),
+    (MAINTENANCE, "Alarm", UNARY),
+    (MAINTENANCE, "Status", UNARY),
+    (MAINTENANCE, "Defragment", UNARY),
+    (MAINTENANCE, "Hash", UNARY),
+    (MAINTENANCE, "HashKV", UNARY),
+    (MAINTENANCE, "Snapshot", SERVER_STREAM),
+    (MAINTENANCE, "MoveLeader", UNARY),
+    ("v3lockpb.Lock", "Lock", UNARY),
+    ("v3lockpb.Lock", "Unlock", UNARY),
+    (ELECTION, "Campaign", UNARY),
+    (ELECTION, "Proclaim", UNARY),
+    (ELECTION, "Leader", UNARY),
+    (ELECTION, "Observe", SERVER_STREAM),
+    (ELECTION, "Resign", UNARY),
+];
+const KV: &str = "etcdserverpb.KV";
+const LEASE: &str = "etcdserverpb.Lease";
+const CLUSTER: &str = "etcdserverpb.Cluster";
+const MAINTENANCE: &str = "etcdserverpb.Maintenance";
+const ELECTION: &str = "v3electionpb.Election";
+const UNARY: &str = "unary";
+const BIDI: &str = "bidi_stream";
+const SERVER_STREAM: &str = "server_stream";
+
+/// gRPC's status code names, by number.
+const CODES: [&str; 17] = [
+    "OK",
+    "Canceled",
+    "Unknown",
+    "InvalidArgument",
+    "DeadlineExceeded",
+    "NotFound",
+    "AlreadyExists",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "FailedPrecondition",
+    "Aborted",
+    "OutOfRange",
+    "Unimplemented",
+    "Internal",
+    "Unavailable",
+    "DataLoss",
+    "Unauthenticated",
+];
+
+fn code_in(headers: &http::HeaderMap) -> Option<&'static str> {
+    let n: usize = headers.get("grpc-status")?.to_str().ok()?.parse().ok()?;
+    Some(CODES.get(n).copied().unwrap_or("Unknown"))
+}
+
+impl GrpcCounts {
+    fn started(&self, method: usize) {
+        lock(&self.methods).entry(method).or_default().started += 1;
+    }
+
+    fn handled(&self, method: usize, code: &'static str) {
+        *lock(&self.methods)
+            .entry(method)
+            .or_default()
+            .handled
+            .entry(code)
+            .or_default() += 1;
+    }
+
+    fn render(&self, t: &mut Text) {
+        let methods = lock(&self.methods);
+        let labels = |i: usize| {
+            let (service, method, kind) = METHODS[i];
+            format!("grpc_method=\"{method}\",grpc_service=\"{service}\",grpc_type=\"{kind}\"")
+        };
+        let started = (0..METHODS.len())
+            .map(|i| {
+                let n = methods.get(&i).map_or(0, |m| m.started);
+                (format!("{{{}}}", labels(i)), n as f64)
+            })
+            .collect::<Vec<_>>();
+        t.metric(
+            "grpc_server_started_total",
+            "counter",
+            "gRPC calls begun on this member, per method.",
+            &started,
+        );
+        let mut handled = Vec::new();
+        for i in 0..METHODS.len() {
+            let codes = methods.get(&i).map(|m| &m.handled);
+            let ok = codes.and_then(|c| c.get("OK")).copied().unwrap_or(0);
+            handled.push((format!("{{grpc_code=\"OK\",{}}}", labels(i)), ok as f64));
+            for (code, n) in codes.into_iter().flatten() {
+                if *code != "OK" {
+                    handled.push((format!("{{grpc_code=\"{code}\",{}}}", labels(i)), *n as f64));
+                }
+            }
+        }
+        t.metric(
+            "grpc_server_handled_total",
+            "counter",
+            "gRPC calls finished on this member, per method and status code.",
+            &handled,
+        );
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The [`METHODS`] index of a gRPC path (`/service/method`).
+fn method_index(path: &str) -> Option<usize> {
+    let (service, method) = path.strip_prefix('/')?.split_once('/')?;
+    METHODS.iter().position(|m| m.0 == service && m.1 == method)
+}
+
+/// Middleware: counts each gRPC call to a served method when it starts, and again with its
+/// status code when it ends: the code of the trailers, or of a trailers-only answer, or
+/// `Canceled` when the client went away first (the answer's body was dropped unfinished).
+pub async fn count_grpc(
+    counts: Arc<GrpcCounts>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let Some(method) = method_index(req.uri().path()) else {
+        return next.run(req).await;
+    };
+    counts.started(method);
+    let resp = next.run(req).await;
+    let early = code_in(resp.headers());
+    let (parts, body) = resp.into_parts();
+    let body = Counted {
+        body,
+        counts,
+        method,
+        early,
+        counted: false,
+    };
+    axum::response::Response::from_parts(parts, axum::body::Body::new(body))
+}
+
+/// An answer's body that counts the call as handled when it ends.
+struct Counted {
+    body: axum::body::Body,
+    counts: Arc<GrpcCounts>,
+    method: usize,
+    /// The code of a trailers-only answer (in its headers).
+    early: Option<&'static str>,
+    counted: bool,
+}
+
+impl Counted {
+    fn count(&mut self, code: &'static str) {
+        if !self.counted {
+            self.counted = true;
+            self.counts.handled(self.method, code);
+        }
+    }
+}
+
+impl http_body::Body for Counted {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.body).poll_frame(cx);
+        match &polled {
+            std::task::Poll::Ready(Some(Ok(frame))) => {
+                if let Some(code) = frame.trailers_ref().and_then(code_in) {
+                    self.count(code);
+                }
+            }
+            std::task::Poll::Ready(Some(Err(_))) => self.count("Unknown"),
+            std::task::Poll::Ready(None) => {
+                let code = self.early.unwrap_or("Unknown");
+                self.count(code);
+            }
+            std::task::Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        let code = self.early.unwrap_or("Canceled");
+        self.count(code);
+    }
 }

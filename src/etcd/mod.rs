@@ -98,6 +98,8 @@ pub struct Backend {
     quota_bytes: std::sync::atomic::AtomicI64,
     /// Leader changes seen while serving (`metrics::count_leader_changes`).
     leader_changes: std::sync::atomic::AtomicU64,
+    /// gRPC calls per method and status (`metrics::count_grpc`).
+    grpc: Arc<metrics::GrpcCounts>,
 }
 
 impl Backend {
@@ -113,6 +115,7 @@ impl Backend {
             client_tls: AtomicBool::new(true),
             quota_bytes: std::sync::atomic::AtomicI64::new(maintenance::DEFAULT_QUOTA_BYTES),
             leader_changes: std::sync::atomic::AtomicU64::new(0),
+            grpc: Arc::default(),
         })
     }
 
@@ -270,6 +273,7 @@ pub fn router(backend: Arc<Backend>) -> axum::Router {
             maintenance::MaintenanceService::new(backend.clone()),
         ));
     let gate = backend.clone();
+    let grpc = backend.grpc.clone();
     routes
         .into_axum_router()
         .merge(gateway::router(backend))
@@ -297,6 +301,12 @@ pub fn router(backend: Arc<Backend>) -> axum::Router {
                             .into_response()
                     }
                 }
+            },
+        ))
+        // Outermost, so calls refused while not serving are counted too.
+        .layer(axum::middleware::from_fn(
+            move |req: axum::extract::Request, next: axum::middleware::Next| {
+                metrics::count_grpc(grpc.clone(), req, next)
             },
         ))
 }
