@@ -622,3 +622,83 @@ async fn a_node_refuses_writes_past_its_quota_backend_bytes() {
     let text = status(false);
     assert!(text.contains("alarm NOSPACE on n1"), "{text}");
 }
+
+/// `--experimental-initial-corrupt-check`: a member whose store agrees with the others starts;
+/// one whose store was changed behind Raft's back does not, and says which member differs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_initial_corrupt_check_keeps_a_diverged_member_from_serving() {
+    use eden_storage::{Command, PutRequest};
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = three_nodes(root.path(), &[]).await;
+    for i in 0..5 {
+        put_retrying(&nodes[0].endpoint(), &format!("k{i}"), "v").await;
+    }
+    for n in &nodes {
+        wait_local_value(n, "k4", "v").await;
+    }
+    const FLAG: &str = "--experimental-initial-corrupt-check";
+
+    // A healthy member passes and serves.
+    nodes[2].terminate();
+    nodes[2].restart(&[FLAG]);
+    nodes[2].ready().await;
+    let log = nodes[2].log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("initial corruption check: this member's store agrees"))
+        .unwrap_or_else(|| panic!("no check in:\n{log}"));
+    // The log may color field names: drop the escape sequences first.
+    let mut plain = String::new();
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            chars.by_ref().find(|c| *c == 'm');
+        } else {
+            plain.push(c);
+        }
+    }
+    assert!(plain.contains("members=2"), "both others compared: {plain}");
+
+    // Change its store offline, as a storage bug would, and let the others pass the revision
+    // the bad write took.
+    nodes[2].terminate();
+    let store = eden_storage::Store::open(&nodes[2].dir.join("raft").join("state")).unwrap();
+    store
+        .apply(
+            &[Command::Put(PutRequest {
+                key: b"k1".to_vec(),
+                value: b"not what the others have".to_vec(),
+                ..Default::default()
+            })],
+            &[],
+        )
+        .unwrap();
+    drop(store);
+    for i in 0..3 {
+        put_retrying(&nodes[0].endpoint(), &format!("after{i}"), "v").await;
+    }
+    nodes[2].restart(&[FLAG]);
+    let mut child = nodes[2].child.take().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the diverged member still runs after 60 s:\n{}",
+            nodes[2].log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let log = nodes[2].log_text();
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains(
+            "the initial corruption check found this member's data different from member n"
+        ) && log.contains("--join"),
+        "{log}"
+    );
+    // The others never stopped serving.
+    put_retrying(&nodes[0].endpoint(), "still", "served").await;
+}

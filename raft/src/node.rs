@@ -181,6 +181,8 @@ pub struct RaftNode {
     /// Whether this node may call elections (see [`RaftNode::hold_elections`] and
     /// [`RaftNode::snapshot_chunk_arrived`]).
     campaign: Arc<Mutex<Campaign>>,
+    /// The store's revision when it was opened, before Raft applied anything.
+    revision_at_start: i64,
     /// See [`RaftNode::proposals`].
     committed_index: Arc<AtomicU64>,
     pending_writes: AtomicU64,
@@ -325,6 +327,7 @@ impl RaftNode {
                 "converted the store from the sled layout of earlier builds"
             );
         }
+        let revision_at_start = store.revision();
         let cut = store.recovery();
         if cut.cut_nonzero {
             tracing::warn!(
@@ -370,6 +373,7 @@ impl RaftNode {
             reads: Mutex::new(ReadRounds::default()),
             forwards: Mutex::new(ForwardRounds::default()),
             campaign: Arc::new(Mutex::new(Campaign::default())),
+            revision_at_start,
             committed_index,
             pending_writes: AtomicU64::new(0),
             failed_writes: AtomicU64::new(0),
@@ -595,6 +599,12 @@ impl RaftNode {
             self.failed_writes.fetch_add(1, Ordering::Relaxed);
         }
         result
+    }
+
+    /// The store's revision as it was on disk when this node started, before Raft applied
+    /// anything (what etcd's initial corruption check hashes).
+    pub fn revision_at_start(&self) -> i64 {
+        self.revision_at_start
     }
 
     /// The committed index, the writes waiting and the writes that failed to commit.

@@ -90,6 +90,12 @@ pub struct ServeArgs {
     /// (30m, 1h); 0 turns it off.
     #[arg(long, value_name = "DURATION", default_value = "1h")]
     pub experimental_corrupt_check_time: String,
+    /// Before serving, compare this member's store with the other members' (etcd's flag): its
+    /// history's hash at its revision against each member's at the same revision. If one
+    /// differs, the node does not start and says which member and what to do. Members that
+    /// are down, behind or compacted past that revision are skipped.
+    #[arg(long)]
+    pub experimental_initial_corrupt_check: bool,
 }
 
 fn parse_labels(s: &str) -> Result<BTreeMap<String, String>> {
@@ -139,6 +145,7 @@ pub fn run(args: ServeArgs) -> Result<i32> {
         )?,
         quota_backend_bytes: args.quota_backend_bytes,
         corrupt_check: parse_check_time(&args.experimental_corrupt_check_time)?,
+        initial_corrupt_check: args.experimental_initial_corrupt_check,
     };
     init_logging();
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -69,6 +69,9 @@ pub struct ServeOptions {
     pub quota_backend_bytes: i64,
     /// How often the leader compares the members' stores; `None`: never.
     pub corrupt_check: Option<Duration>,
+    /// Compare this member's store with the others' before serving (refuse to start if one
+    /// differs).
+    pub initial_corrupt_check: bool,
 }
 
 /// What to do with the data dir.
@@ -154,6 +157,7 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()>) -> Re
     let checks = Checks {
         compaction: opts.compaction,
         corrupt_check: opts.corrupt_check,
+        initial_corrupt_check: opts.initial_corrupt_check,
     };
     serve_until(dir, file, started, client, checks, shutdown).await
 }
@@ -636,6 +640,7 @@ async fn join(
 struct Checks {
     compaction: super::compactor::Policy,
     corrupt_check: Option<Duration>,
+    initial_corrupt_check: bool,
 }
 
 async fn serve_until(
@@ -654,6 +659,18 @@ async fn serve_until(
         "serving"
     );
     let backend = started.etcd.clone();
+    if checks.initial_corrupt_check {
+        match backend.check_initial_hashkv().await {
+            Ok(compared) => tracing::info!(
+                members = compared,
+                "initial corruption check: this member's store agrees with the members compared"
+            ),
+            Err(e) => {
+                started.stop().await;
+                return Err(Error::InvalidData(e));
+            }
+        }
+    }
     let tls = if file.client_plaintext {
         None
     } else {

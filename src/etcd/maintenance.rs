@@ -130,6 +130,32 @@ impl Backend {
             .map_err(ApiError::from)
     }
 
+    /// Every other member's hash of its history at `rev`, for those that answer. A member
+    /// that is down, has not applied `rev` yet or compacted past it gives none.
+    async fn member_hashes(&self, rev: i64) -> Result<Vec<(u64, String, HashAnswer)>, ApiError> {
+        let m = self.node.metrics();
+        let body = serde_json::to_vec(&rev).map_err(|e| ApiError::Internal(e.to_string()))?;
+        let mut answers = Vec::new();
+        for (id, info) in m.voters.iter().chain(m.learners.iter()) {
+            if *id == self.node.id() {
+                continue;
+            }
+            let answer = self
+                .node
+                .peer_pool()
+                .call(&info.peer_addr, HASHKV_PATH, body.clone(), HASH_TIMEOUT)
+                .await;
+            match answer.map(|b| serde_json::from_slice::<HashAnswer>(&b)) {
+                Ok(Ok(a)) => answers.push((*id, info.name.clone(), a)),
+                Ok(Err(e)) => {
+                    tracing::warn!(member = id, "corruption check: unreadable answer: {e}")
+                }
+                Err(e) => tracing::debug!(member = id, "corruption check: no hash at {rev}: {e}"),
+            }
+        }
+        Ok(answers)
+    }
+
     /// etcd's corruption check, run by the leader: hash its own history at its current
     /// revision, ask every other member for its hash at the same revision, and raise a CORRUPT
     /// alarm for each member whose history differs while its compacted revision is the same
@@ -141,29 +167,8 @@ impl Backend {
         }
         let rev = self.node.store().revision();
         let (hash, compacted) = self.hash_off_runtime(rev).await?;
-        let m = self.node.metrics();
-        let body = serde_json::to_vec(&rev).map_err(|e| ApiError::Internal(e.to_string()))?;
         let mut differ = Vec::new();
-        for (id, info) in m.voters.iter().chain(m.learners.iter()) {
-            if *id == self.node.id() {
-                continue;
-            }
-            let answer = self
-                .node
-                .peer_pool()
-                .call(&info.peer_addr, HASHKV_PATH, body.clone(), HASH_TIMEOUT)
-                .await;
-            let answer: HashAnswer = match answer.map(|b| serde_json::from_slice(&b)) {
-                Ok(Ok(a)) => a,
-                Ok(Err(e)) => {
-                    tracing::warn!(member = id, "corruption check: unreadable answer: {e}");
-                    continue;
-                }
-                Err(e) => {
-                    tracing::debug!(member = id, "corruption check: no hash at {rev}: {e}");
-                    continue;
-                }
-            };
+        for (id, _, answer) in self.member_hashes(rev).await? {
             if answer.compact_revision == compacted && answer.hash != hash {
                 tracing::error!(
                     member = id,
@@ -174,7 +179,7 @@ impl Backend {
                      a CORRUPT alarm (every change is refused until the member is rebuilt and \
                      the alarm disarmed)"
                 );
-                differ.push(*id);
+                differ.push(id);
             }
         }
         for id in &differ {
@@ -187,6 +192,43 @@ impl Backend {
                 .await?;
         }
         Ok(differ)
+    }
+
+    /// etcd's `--experimental-initial-corrupt-check`, run by a member before it serves: its
+    /// own history's hash at the revision its store had on disk (before Raft applied anything
+    /// this run; the others have it if they went on without this member) against every other
+    /// member's at the same revision. Returns how many members could be compared; an error
+    /// names the first member whose history differs while the compacted revision is the same,
+    /// and the member must not serve.
+    pub async fn check_initial_hashkv(&self) -> Result<usize, String> {
+        let rev = self.node.revision_at_start();
+        if rev <= 1 {
+            // An empty store (a new member): nothing to compare yet.
+            return Ok(0);
+        }
+        let (hash, compacted) = self
+            .hash_off_runtime(rev)
+            .await
+            .map_err(|e| format!("cannot hash this member's store at revision {rev}: {e}"))?;
+        let answers = self.member_hashes(rev).await.map_err(|e| e.to_string())?;
+        let mut compared = 0;
+        for (id, name, answer) in answers {
+            if answer.compact_revision != compacted {
+                continue;
+            }
+            compared += 1;
+            if answer.hash != hash {
+                return Err(format!(
+                    "the initial corruption check found this member's data different from \
+                     member {name} ({id:x}) at revision {rev} (hash {hash} here, {} there): \
+                     this member's store may be damaged, so it does not serve. Move its data \
+                     dir away (keep it for diagnosis) and start it again with --join and a \
+                     token: it joins under a new raft id and copies the store",
+                    answer.hash
+                ));
+            }
+        }
+        Ok(compared)
     }
 
     /// etcd's quota check, before a write is proposed: if `cost` would take this node's data
