@@ -597,3 +597,87 @@ async fn grpc_and_write_metrics_count_like_etcds() {
     );
     eden.stop().await;
 }
+
+/// With peers, `/metrics` has etcd's per-peer families: heartbeat round trips to each
+/// follower, and failed Raft messages to one that stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn peer_metrics_report_round_trips_and_failures() {
+    let mut eden = EdenCluster::start(3, false).await;
+    let mut leader = None;
+    for _ in 0..100 {
+        leader = eden.nodes.iter().position(|n| n.node.is_leader());
+        if leader.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let leader = leader.expect("a leader");
+    let ep = eden.endpoint(leader);
+    let followers: Vec<u64> = eden
+        .nodes
+        .iter()
+        .filter(|n| !n.node.is_leader())
+        .map(|n| n.id)
+        .collect();
+    assert_eq!(followers.len(), 2);
+    let count = |text: &str, id: u64| {
+        let prefix = format!("etcd_network_peer_round_trip_time_seconds_count{{To=\"{id:x}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .map_or(0.0, |v| v.parse::<f64>().unwrap())
+    };
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = metrics(&ep).await.0;
+        if followers.iter().all(|f| count(&text, *f) > 0.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for f in &followers {
+        assert!(
+            count(&text, *f) > 0.0,
+            "no heartbeat round trips to {f:x}:\n{text}"
+        );
+        let inf = format!(
+            "etcd_network_peer_round_trip_time_seconds_bucket{{To=\"{f:x}\",le=\"+Inf\"}} "
+        );
+        assert_eq!(sample(&text, &inf), count(&text, *f));
+    }
+    let (_, types) = metrics(&ep).await;
+    assert_eq!(
+        types
+            .get("etcd_network_peer_round_trip_time_seconds")
+            .map(String::as_str),
+        Some("histogram")
+    );
+    assert_eq!(
+        types
+            .get("etcd_network_peer_sent_failures_total")
+            .map(String::as_str),
+        Some("counter")
+    );
+    let gone = followers[0];
+    let failures = format!("etcd_network_peer_sent_failures_total{{To=\"{gone:x}\"}} ");
+    assert_eq!(sample(&text, &failures), 0.0);
+
+    // Stop one follower: the leader's messages to it start failing.
+    let i = eden.nodes.iter().position(|n| n.id == gone).unwrap();
+    eden.nodes.remove(i).stop().await;
+    let other = format!(
+        "etcd_network_peer_sent_failures_total{{To=\"{:x}\"}} ",
+        followers[1]
+    );
+    let mut seen = (0.0, 0.0);
+    for _ in 0..100 {
+        let text = metrics(&ep).await.0;
+        seen = (sample(&text, &failures), sample(&text, &other));
+        if seen.0 >= 3.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Counted against the stopped follower, not the one still running.
+    assert!(seen.0 >= 3.0 && seen.1 < seen.0, "{seen:?}");
+    eden.stop().await;
+}

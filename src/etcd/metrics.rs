@@ -17,6 +17,9 @@
 //! - space: `etcd_mvcc_db_total_size_in_bytes`, `etcd_mvcc_db_total_size_in_use_in_bytes`
 //!   (both the data file's size), `etcd_server_quota_backend_bytes`;
 //! - disk: `etcd_disk_wal_fsync_duration_seconds`, the Raft log's fsync latencies;
+//! - peers (once there is one): `etcd_network_peer_sent_failures_total{To}` (failed Raft RPCs)
+//!   and `etcd_network_peer_round_trip_time_seconds{To}` (heartbeat round trips), from
+//!   `PeerPool::peer_stats`;
 //! - the process: `process_resident_memory_bytes`, `process_cpu_seconds_total`,
 //!   `process_open_fds`, from `/proc/self`.
 
@@ -85,6 +88,42 @@ fn process_figures() -> (Option<f64>, Option<f64>, Option<f64>) {
         .ok()
         .map(|d| d.count() as f64);
     (rss, cpu, fds)
+}
+
+/// A histogram's sample lines: cumulative `_bucket`s for `bounds` (`within[i]` counts the
+/// samples in bucket `i` alone), `+Inf`, `_sum` and `_count`, each with `labels` (`a="b"`, or
+/// empty) first.
+fn histogram(
+    labels: &str,
+    bounds: &[f64],
+    within: &[u64],
+    count: u64,
+    sum: f64,
+) -> Vec<(String, f64)> {
+    let sep = if labels.is_empty() { "" } else { "," };
+    let mut lines = Vec::new();
+    let mut cumulative = 0;
+    for (bound, n) in bounds.iter().zip(within) {
+        cumulative += n;
+        lines.push((
+            format!("_bucket{{{labels}{sep}le=\"{bound}\"}}"),
+            cumulative as f64,
+        ));
+    }
+    // Buckets and count may be read one by one while samples go on: `+Inf` is never shown
+    // below the last bucket.
+    let count = count.max(cumulative);
+    lines.push((format!("_bucket{{{labels}{sep}le=\"+Inf\"}}"), count as f64));
+    let braces = |l: &str| {
+        if l.is_empty() {
+            String::new()
+        } else {
+            format!("{{{l}}}")
+        }
+    };
+    lines.push((format!("_sum{}", braces(labels)), sum));
+    lines.push((format!("_count{}", braces(labels)), count as f64));
+    lines
 }
 
 /// The whole `/metrics` page.
@@ -178,24 +217,48 @@ pub fn render(backend: &Backend) -> String {
         backend.quota_bytes.load(Ordering::Relaxed) as f64,
     );
     let h = eden_raft::log_store::fsync_histogram();
-    let mut lines = Vec::new();
-    let mut cumulative = 0;
-    for (bound, n) in eden_raft::log_store::FSYNC_BUCKETS.iter().zip(h.buckets) {
-        cumulative += n;
-        lines.push((format!("_bucket{{le=\"{bound}\"}}"), cumulative as f64));
-    }
-    // The buckets and the count are read one by one while fsyncs go on: `+Inf` is never
-    // shown below the last bucket.
-    let count = h.count.max(cumulative);
-    lines.push(("_bucket{le=\"+Inf\"}".to_string(), count as f64));
-    lines.push(("_sum".to_string(), h.sum_seconds));
-    lines.push(("_count".to_string(), count as f64));
     t.metric(
         "etcd_disk_wal_fsync_duration_seconds",
         "histogram",
         "Latencies of the Raft log's fsyncs in this process.",
-        &lines,
+        &histogram(
+            "",
+            &eden_raft::log_store::FSYNC_BUCKETS,
+            &h.buckets,
+            h.count,
+            h.sum_seconds,
+        ),
     );
+    let peers = backend.node.peer_pool().peer_stats();
+    // Like etcd's, these families appear once there is a peer to report.
+    if !peers.is_empty() {
+        let to = |id: u64| format!("To=\"{id:x}\"");
+        t.metric(
+            "etcd_network_peer_sent_failures_total",
+            "counter",
+            "Raft messages to each peer that failed (unreachable, timed out or broken off).",
+            &peers
+                .iter()
+                .map(|(id, p)| (format!("{{{}}}", to(*id)), p.sent_failures as f64))
+                .collect::<Vec<_>>(),
+        );
+        let mut lines = Vec::new();
+        for (id, p) in &peers {
+            lines.extend(histogram(
+                &to(*id),
+                &eden_raft::transport::RTT_BUCKETS,
+                &p.rtt_buckets[..eden_raft::transport::RTT_BUCKETS.len()],
+                p.rtt_count,
+                p.rtt_sum_seconds,
+            ));
+        }
+        t.metric(
+            "etcd_network_peer_round_trip_time_seconds",
+            "histogram",
+            "Round trips of Raft heartbeats to each peer.",
+            &lines,
+        );
+    }
     let (rss, cpu, fds) = process_figures();
     if let Some(v) = rss {
         t.gauge(

@@ -10,7 +10,7 @@
 //! - a connection that broke after the request was sent -> `Network`;
 //! - the remote Raft's own error -> `RemoteError`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -62,6 +62,8 @@ pub struct PeerPool {
     framed: Mutex<HashMap<String, Arc<FramedConn>>>,
     /// Peers that refused the framed protocol (an older eden): their Raft routes go over HTTP/2.
     http_only: Mutex<HashSet<String>>,
+    /// Per Raft peer: failed RPCs and heartbeat round trips (see [`PeerPool::peer_stats`]).
+    stats: Mutex<BTreeMap<NodeId, PeerStats>>,
     /// Told the peer address whenever a Raft RPC finds a peer unreachable or times out: the
     /// failure detector takes it as evidence (see [`PeerPool::on_raft_failure`]).
     raft_failure: Mutex<Option<RaftFailureHook>>,
@@ -84,8 +86,21 @@ impl PeerPool {
             framed_connector: TlsConnector::from(Arc::new(framed_config)),
             framed: Mutex::new(HashMap::new()),
             http_only: Mutex::new(HashSet::new()),
+            stats: Mutex::new(BTreeMap::new()),
             raft_failure: Mutex::new(None),
         }
+    }
+
+    /// Failed Raft RPCs and heartbeat round trips per peer this node sent to, by Raft id.
+    pub fn peer_stats(&self) -> Vec<(NodeId, PeerStats)> {
+        lock(&self.stats)
+            .iter()
+            .map(|(id, s)| (*id, s.clone()))
+            .collect()
+    }
+
+    fn record(&self, target: NodeId, f: impl FnOnce(&mut PeerStats)) {
+        f(lock(&self.stats).entry(target).or_default());
     }
 
     /// Calls `hook(peer_addr)` each time a Raft RPC (append, vote, snapshot) to that peer is
@@ -391,6 +406,38 @@ async fn connect(
     connector.connect(name, tcp).await.map_err(Dial::Handshake)
 }
 
+/// Upper bounds (seconds) of the heartbeat round-trip buckets: 0.1 ms doubling to 0.8192 s,
+/// as etcd buckets `etcd_network_peer_round_trip_time_seconds`.
+pub const RTT_BUCKETS: [f64; 14] = [
+    0.0001, 0.0002, 0.0004, 0.0008, 0.0016, 0.0032, 0.0064, 0.0128, 0.0256, 0.0512, 0.1024, 0.2048,
+    0.4096, 0.8192,
+];
+
+/// What one node saw of one peer's Raft RPCs.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PeerStats {
+    /// Raft RPCs to the peer that failed: unreachable, timed out or broken off.
+    pub sent_failures: u64,
+    /// Heartbeat round trips (appends without entries, so no fsync on the peer) per
+    /// [`RTT_BUCKETS`] bucket (not cumulative), then those above the last bound.
+    pub rtt_buckets: [u64; 15],
+    pub rtt_count: u64,
+    pub rtt_sum_seconds: f64,
+}
+
+impl PeerStats {
+    fn round_trip(&mut self, took: Duration) {
+        let secs = took.as_secs_f64();
+        let i = RTT_BUCKETS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(RTT_BUCKETS.len());
+        self.rtt_buckets[i] += 1;
+        self.rtt_count += 1;
+        self.rtt_sum_seconds += secs;
+    }
+}
+
 /// How a framed call failed.
 enum FramedError {
     /// The peer does not offer the framed protocol; use HTTP/2.
@@ -472,10 +519,12 @@ impl PeerNetwork {
                 remote,
             ))),
             Err(e @ CallError::Unreachable { .. }) => {
+                self.pool.record(self.target, |s| s.sent_failures += 1);
                 self.pool.raft_failed(&self.node.peer_addr);
                 Err(RPCError::Unreachable(Unreachable::new(&e)))
             }
             Err(CallError::Timeout { timeout, .. }) => {
+                self.pool.record(self.target, |s| s.sent_failures += 1);
                 self.pool.raft_failed(&self.node.peer_addr);
                 Err(RPCError::Timeout(Timeout {
                     action,
@@ -485,7 +534,10 @@ impl PeerNetwork {
                     timeout,
                 }))
             }
-            Err(e) => Err(RPCError::Network(NetworkError::new(&e))),
+            Err(e) => {
+                self.pool.record(self.target, |s| s.sent_failures += 1);
+                Err(RPCError::Network(NetworkError::new(&e)))
+            }
         }
     }
 }
@@ -496,8 +548,16 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, NodeInfo, RaftError<NodeId>>> {
-        self.send(super::APPEND, RPCTypes::AppendEntries, &rpc, &option)
-            .await
+        let heartbeat = rpc.entries.is_empty();
+        let started = std::time::Instant::now();
+        let answer = self
+            .send(super::APPEND, RPCTypes::AppendEntries, &rpc, &option)
+            .await;
+        if heartbeat && answer.is_ok() {
+            let took = started.elapsed();
+            self.pool.record(self.target, |s| s.round_trip(took));
+        }
+        answer
     }
 
     async fn install_snapshot(

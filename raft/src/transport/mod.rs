@@ -31,7 +31,7 @@ pub mod server_paths {
     };
 }
 
-pub use client::{NetworkFactory, PeerNetwork, PeerPool};
+pub use client::{NetworkFactory, PeerNetwork, PeerPool, PeerStats, RTT_BUCKETS};
 pub use server::{Fallback, PeerCertificate, PeerServer, RemoteAddr};
 
 /// Raft RPCs; only for peers with a verified client certificate.
