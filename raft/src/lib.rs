@@ -22,7 +22,7 @@ pub use error::Error;
 pub use log_store::LogStore;
 pub use node::{
     default_raft_config, ElectionHold, MembershipChange, NodeConfig, NodeMetrics, PeerProgress,
-    ProposalCounts, RaftNode, RaftRole,
+    ProposalCounts, RaftNode, RaftRole, StartHash,
 };
 pub use openraft;
 pub use state_machine::{EventFeed, RevisionEvents, StateMachine};

@@ -79,6 +79,9 @@ pub struct NodeConfig {
     pub request_timeout: Duration,
     /// Bound on a membership change (adding a learner waits for it to catch up).
     pub membership_timeout: Duration,
+    /// Hash the store as it is on disk, before Raft starts applying (see
+    /// [`RaftNode::hash_at_start`]); for an initial corruption check.
+    pub hash_at_start: bool,
 }
 
 impl NodeConfig {
@@ -96,6 +99,7 @@ impl NodeConfig {
             raft: default_raft_config(),
             request_timeout: Duration::from_secs(10),
             membership_timeout: Duration::from_secs(60),
+            hash_at_start: false,
         }
     }
 }
@@ -183,6 +187,7 @@ pub struct RaftNode {
     campaign: Arc<Mutex<Campaign>>,
     /// The store's revision when it was opened, before Raft applied anything.
     revision_at_start: i64,
+    hash_at_start: Option<Result<StartHash, String>>,
     /// See [`RaftNode::proposals`].
     committed_index: Arc<AtomicU64>,
     pending_writes: AtomicU64,
@@ -287,6 +292,16 @@ struct Forward {
 /// Marks a refusal because another membership change is in progress (retried).
 const IN_PROGRESS: &str = "membership change in progress: ";
 
+/// See [`RaftNode::hash_at_start`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StartHash {
+    pub revision: i64,
+    pub hash: u32,
+    /// The compacted revision the hash was taken with (members compare hashes only when theirs
+    /// is the same).
+    pub compacted: i64,
+}
+
 /// Most writes forwarded in one call.
 const MAX_FORWARD_BATCH: usize = 1024;
 
@@ -328,6 +343,16 @@ impl RaftNode {
             );
         }
         let revision_at_start = store.revision();
+        let hash_at_start = (config.hash_at_start && revision_at_start > 1).then(|| {
+            store
+                .hash_kv(revision_at_start)
+                .map(|(hash, compacted)| StartHash {
+                    revision: revision_at_start,
+                    hash,
+                    compacted,
+                })
+                .map_err(|e| format!("cannot hash the store at revision {revision_at_start}: {e}"))
+        });
         let cut = store.recovery();
         if cut.cut_nonzero {
             tracing::warn!(
@@ -374,6 +399,7 @@ impl RaftNode {
             forwards: Mutex::new(ForwardRounds::default()),
             campaign: Arc::new(Mutex::new(Campaign::default())),
             revision_at_start,
+            hash_at_start,
             committed_index,
             pending_writes: AtomicU64::new(0),
             failed_writes: AtomicU64::new(0),
@@ -605,6 +631,14 @@ impl RaftNode {
     /// anything (what etcd's initial corruption check hashes).
     pub fn revision_at_start(&self) -> i64 {
         self.revision_at_start
+    }
+
+    /// With [`NodeConfig::hash_at_start`]: the store's history hash at the revision it had on
+    /// disk, taken before Raft applied anything this run (entries it then applies, a compaction
+    /// or a snapshot from the leader, cannot change it). `None` when not asked for or when the
+    /// store was empty.
+    pub fn hash_at_start(&self) -> Option<&Result<StartHash, String>> {
+        self.hash_at_start.as_ref()
     }
 
     /// The committed index, the writes waiting and the writes that failed to commit.

@@ -9,6 +9,8 @@
 //! grows to match, while a lone client still gets a batch of one with no added delay. There is no
 //! timer: batching never waits for more commands to arrive.
 //!
+//! A command whose caller has already gone (it timed out while queued) is dropped unproposed.
+//!
 //! Outcomes per command: its `Applied`, or the store's deterministic refusal, or `NotLeader`
 //! (the entry was refused or truncated, so the command was *not* applied and may be retried
 //! elsewhere), or an unknown outcome (the leader stopped before answering).
@@ -51,6 +53,12 @@ pub(crate) async fn run(raft: Raft, mut queue: mpsc::Receiver<Proposal>) {
                 Ok(p) => proposals.push(p),
                 Err(_) => break,
             }
+        }
+        // A caller that gave up while its command waited here (a write that timed out) was
+        // told the outcome is unknown; nothing was proposed yet, so leave it out.
+        proposals.retain(|p| !p.reply.is_closed());
+        if proposals.is_empty() {
+            continue;
         }
         let (cmds, replies): (Vec<Command>, Vec<_>) =
             proposals.into_iter().map(|p| (p.cmd, p.reply)).unzip();

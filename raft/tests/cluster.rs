@@ -416,10 +416,24 @@ async fn peers_without_a_certificate_from_the_cluster_ca_are_refused() {
         "{err}"
     );
 
-    // No certificate at all: TLS is accepted (for /join) but the Raft routes are not.
+    // No certificate at all: TLS is accepted (for /join) but the Raft routes are not. Over the
+    // framed protocol the connection is closed before anything is read; over HTTP/2 the answer
+    // is a 403 that says why.
     let anonymous = eden_raft::PeerPool::new(std::sync::Arc::new(client_config(ca.roots(), None)));
     let err = anonymous
-        .call(&addr, "/raft/vote", body, timeout)
+        .call(&addr, "/raft/vote", body.clone(), timeout)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            eden_raft::transport::client::CallError::Network { .. }
+                | eden_raft::transport::client::CallError::Unreachable { .. }
+        ) && err.to_string().contains("closed"),
+        "{err}"
+    );
+    let err = anonymous
+        .call_http2(&addr, "/raft/vote", body, timeout)
         .await
         .unwrap_err();
     assert!(err.to_string().contains("403"), "{err}");
@@ -768,4 +782,135 @@ async fn write_counters_and_a_write_that_cannot_commit() {
     let counts = leader.proposals();
     assert_eq!((counts.pending, counts.failed), (0, 1), "{counts:?}");
     leader_node.stop().await;
+}
+
+/// A write whose caller timed out while it still waited in the proposer's queue (behind a batch
+/// that could not commit) is dropped there: once the quorum is back, the stuck batch commits
+/// and the timed-out write is never applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_timed_out_while_queued_is_never_proposed() {
+    let ca = TestCa::new("cluster-ca");
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = cluster(&ca, root.path(), 3, two_second_requests).await;
+    let l = leader_index(&nodes);
+    let leader_node = nodes.remove(l);
+    let leader = leader_node.node.clone();
+    leader.write(put("a", "1")).await.unwrap();
+    let term = leader.metrics().term;
+
+    let mut stopped = Vec::new();
+    for n in nodes {
+        stopped.push((n.id, n.dir.clone(), n.addr.clone()));
+        n.stop().await;
+    }
+    // "b" is proposed and cannot commit; "c" waits in the queue behind it.
+    let b = {
+        let leader = leader.clone();
+        tokio::spawn(async move { leader.write(put("b", "2")).await })
+    };
+    wait_for(|| leader.proposals().pending == 1, "b to be pending").await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let c = {
+        let leader = leader.clone();
+        tokio::spawn(async move { leader.write(put("c", "3")).await })
+    };
+    for (name, w) in [("b", b), ("c", c)] {
+        let err = w.await.unwrap().unwrap_err();
+        assert_eq!(err.to_string(), "unavailable: request timed out", "{name}");
+    }
+
+    let mut back = Vec::new();
+    for (id, dir, addr) in stopped {
+        back.push(TestNode::start(&ca, id, &dir, &addr, two_second_requests).await);
+    }
+    wait_for(
+        || local_get(&leader, "b").is_some(),
+        "the stuck write to commit once the followers are back",
+    )
+    .await;
+    assert_eq!(
+        (leader.is_leader(), leader.metrics().term),
+        (true, term),
+        "the leader changed, so the queue was not what decided"
+    );
+    // A later write commits, so the proposer has taken everything queued before it.
+    leader.write(put("d", "4")).await.unwrap();
+    assert_eq!(
+        local_get(&leader, "c"),
+        None,
+        "the timed-out write was applied"
+    );
+    for n in back {
+        n.stop().await;
+    }
+    leader_node.stop().await;
+}
+
+fn hash_at_start(c: &mut eden_raft::NodeConfig) {
+    c.hash_at_start = true;
+}
+
+/// `NodeConfig::hash_at_start` hashes the store as it was on disk before Raft applied anything:
+/// a member that comes back after the others compacted past its revision still has the hash
+/// of its own history at that revision (its store, once caught up, can no longer give it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_start_hash_is_taken_before_raft_applies_what_the_member_missed() {
+    let ca = TestCa::new("cluster-ca");
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = cluster(&ca, root.path(), 3, no_tuning).await;
+    assert_eq!(nodes[0].node.hash_at_start(), None, "not asked for");
+    for i in 0..5 {
+        nodes[0]
+            .node
+            .write(put(&format!("k{i}"), &i.to_string()))
+            .await
+            .unwrap();
+    }
+    let l = leader_index(&nodes);
+    let f = (l + 1) % 3;
+    let follower = nodes.remove(f);
+    follower.node.linearizable_read().await.unwrap();
+    let rev = follower.node.store().revision();
+    let (hash, compacted) = follower.node.store().hash_kv(rev).unwrap();
+    let (id, dir, addr) = (follower.id, follower.dir.clone(), follower.addr.clone());
+    follower.stop().await;
+
+    let leader = nodes
+        .iter()
+        .find(|n| n.node.is_leader())
+        .unwrap()
+        .node
+        .clone();
+    for i in 0..5 {
+        leader.write(put(&format!("k{i}"), "later")).await.unwrap();
+    }
+    let now = leader.store().revision();
+    leader
+        .write(Command::Compact(eden_storage::CompactionRequest {
+            revision: now,
+            physical: true,
+        }))
+        .await
+        .unwrap();
+
+    let back = TestNode::start(&ca, id, &dir, &addr, hash_at_start).await;
+    assert_eq!(back.node.revision_at_start(), rev);
+    caught_up(&back.node).await;
+    wait_for(
+        || back.node.store().hash_kv(rev).is_err(),
+        "the member to apply the compaction",
+    )
+    .await;
+    assert_eq!(
+        back.node.hash_at_start(),
+        Some(&Ok(eden_raft::StartHash {
+            revision: rev,
+            hash,
+            compacted,
+        }))
+    );
+    back.stop().await;
+    for n in nodes {
+        n.stop().await;
+    }
 }

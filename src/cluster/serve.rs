@@ -126,7 +126,15 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()>) -> Re
         // controller admits it again (with its id and intact log) when a standby is wanted.
         Mode::Restart => {
             let tls = load_tls(&dir)?;
-            let started = start(&dir, &file, &tls, peer, opts.snapshot_count).await?;
+            let started = start(
+                &dir,
+                &file,
+                &tls,
+                peer,
+                opts.snapshot_count,
+                opts.initial_corrupt_check,
+            )
+            .await?;
             // No elections until `follow_membership` has had its first look: a voter removed
             // while it was down still finds itself a voter in its own log, and an election it
             // called before learning otherwise (the first look can take longer than the
@@ -347,6 +355,7 @@ fn node_config(
     file: &NodeFile,
     tls: &NodeTls,
     snapshot_count: u64,
+    hash_at_start: bool,
 ) -> Result<NodeConfig> {
     let mut config = NodeConfig::new(
         file.raft_id,
@@ -354,6 +363,7 @@ fn node_config(
         dir.raft(),
         pki::client_config(tls.ca.cert_pem(), &tls.identity)?,
     );
+    config.hash_at_start = hash_at_start;
     if snapshot_count > 0 {
         // Keep a tenth of a snapshot's worth of log behind it, for followers that are only
         // a little behind.
@@ -388,8 +398,9 @@ async fn start(
     tls: &NodeTls,
     peer: TcpListener,
     snapshot_count: u64,
+    hash_at_start: bool,
 ) -> Result<Started> {
-    let node = RaftNode::start(node_config(dir, file, tls, snapshot_count)?)
+    let node = RaftNode::start(node_config(dir, file, tls, snapshot_count, hash_at_start)?)
         .await
         .map_err(|e| Error::Unavailable(format!("starting Raft: {e}")))?;
     let etcd = crate::etcd::Backend::new(node.clone(), file.cluster_id);
@@ -530,7 +541,8 @@ async fn init(
     dir.write("admin/admin.key", admin.key_pem.as_bytes(), true)?;
     dir.write("admin/join-token", format!("{token}\n").as_bytes(), true)?;
     let tls = load_tls(dir)?;
-    let started = start(dir, file, &tls, peer, snapshot_count).await?;
+    // A new member has no store of its own to check.
+    let started = start(dir, file, &tls, peer, snapshot_count, false).await?;
     let members = BTreeMap::from([(file.raft_id, node_info(file))]);
     if let Err(e) = started.node.initialize(members).await {
         started.stop().await;
@@ -601,7 +613,8 @@ async fn join(
     dir.write("tls/node.key", key_pem.as_bytes(), true)?;
     dir.write("tls/join.sha256", secret_sha256.as_bytes(), true)?;
     let tls = load_tls(dir)?;
-    let started = start(dir, file, &tls, peer, snapshot_count).await?;
+    // A new member has no store of its own to check.
+    let started = start(dir, file, &tls, peer, snapshot_count, false).await?;
     let admitted: Result<Admitted> = join::post_json(
         via,
         pki::client_config(tls.ca.cert_pem(), &tls.identity)?,

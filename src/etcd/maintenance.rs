@@ -195,21 +195,26 @@ impl Backend {
     }
 
     /// etcd's `--experimental-initial-corrupt-check`, run by a member before it serves: its
-    /// own history's hash at the revision its store had on disk (before Raft applied anything
-    /// this run; the others have it if they went on without this member) against every other
-    /// member's at the same revision. Returns how many members could be compared; an error
-    /// names the first member whose history differs while the compacted revision is the same,
-    /// and the member must not serve.
+    /// own history's hash as it was on disk, taken before Raft started
+    /// ([`eden_raft::RaftNode::hash_at_start`], so what Raft applied since cannot change it), against every
+    /// other member's at the same revision (the others have it if they went on without this
+    /// member). Returns how many members could be compared; an error names the first member
+    /// whose history differs while the compacted revision is the same, and the member must not
+    /// serve.
     pub async fn check_initial_hashkv(&self) -> Result<usize, String> {
-        let rev = self.node.revision_at_start();
-        if rev <= 1 {
+        let (rev, hash, compacted) = match self.node.hash_at_start() {
             // An empty store (a new member): nothing to compare yet.
-            return Ok(0);
-        }
-        let (hash, compacted) = self
-            .hash_off_runtime(rev)
-            .await
-            .map_err(|e| format!("cannot hash this member's store at revision {rev}: {e}"))?;
+            None if self.node.revision_at_start() <= 1 => return Ok(0),
+            None => {
+                return Err(
+                    "the node was started without hashing its store (hash_at_start); \
+                            cannot run the initial corruption check"
+                        .into(),
+                )
+            }
+            Some(Err(e)) => return Err(format!("this member's store: {e}")),
+            Some(Ok(h)) => (h.revision, h.hash, h.compacted),
+        };
         let answers = self.member_hashes(rev).await.map_err(|e| e.to_string())?;
         let mut compared = 0;
         for (id, name, answer) in answers {

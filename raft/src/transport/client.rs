@@ -1,11 +1,14 @@
 //! The client side of the peer transport.
 //!
-//! [`PeerPool`] keeps one HTTP/2 connection per peer address and multiplexes every request to
-//! that peer over it. A connection that fails is dropped and the next request dials again; there
-//! is no retry loop here. openraft decides when to retry, and backs off after `Unreachable`.
+//! [`PeerPool`] keeps, per peer address, one framed connection for the Raft routes (see
+//! [`framed`]) and one HTTP/2 connection for every other route (and for the Raft routes of a peer
+//! that does not speak the framed protocol), each multiplexing every request to that peer. A
+//! connection that fails is dropped and the next request dials again; there is no retry loop
+//! here. openraft decides when to retry, and backs off after `Unreachable`.
 //!
 //! Error mapping, for openraft:
-//! - dialing, TLS or a refused connection -> `Unreachable` (openraft backs off before retrying);
+//! - dialing, TLS, a refused connection, or a framed request that was never written (its
+//!   connection had already ended) -> `Unreachable` (openraft backs off before retrying);
 //! - no answer within `RPCOption::hard_ttl` -> `Timeout`;
 //! - a connection that broke after the request was sent -> `Network`;
 //! - the remote Raft's own error -> `RemoteError`.
@@ -74,7 +77,8 @@ pub type RaftFailureHook = Arc<dyn Fn(&str) + Send + Sync>;
 
 impl PeerPool {
     /// A pool that dials peers with `tls` (a client config with this node's certificate and the
-    /// cluster CA as the only root). ALPN is set to `h2`.
+    /// cluster CA as the only root). HTTP/2 connections ask for ALPN `h2`, framed ones for
+    /// [`framed::ALPN`] only.
     pub fn new(tls: Arc<rustls::ClientConfig>) -> PeerPool {
         let mut config = (*tls).clone();
         config.alpn_protocols = vec![b"h2".to_vec()];
@@ -187,6 +191,18 @@ impl PeerPool {
                 Ok(bytes) => return Ok(bytes),
             }
         }
+        self.call_http2(addr, path, body, timeout).await
+    }
+
+    /// [`PeerPool::call`] over HTTP/2 whatever the route, as to a peer that does not speak the
+    /// framed protocol.
+    pub async fn call_http2(
+        &self,
+        addr: &str,
+        path: &str,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Bytes, CallError> {
         match tokio::time::timeout(timeout, self.call_inner(addr, path, body)).await {
             Ok(r) => r,
             Err(_) => Err(CallError::Timeout {
@@ -278,7 +294,17 @@ impl PeerPool {
                 }
                 return Err(timed_out());
             }
-            Ok(Err(reason)) => {
+            Ok(Err(framed::CallFailed::NotSent(reason))) => {
+                // Nothing reached the peer: safe to try again (a forwarded write retries).
+                if conn.is_closed() {
+                    self.forget_framed(addr, &conn);
+                }
+                return Err(FramedError::Call(CallError::Unreachable {
+                    addr: addr.to_string(),
+                    reason,
+                }));
+            }
+            Ok(Err(framed::CallFailed::Lost(reason))) => {
                 self.forget_framed(addr, &conn);
                 return Err(FramedError::Call(CallError::Network {
                     addr: addr.to_string(),

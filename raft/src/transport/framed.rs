@@ -85,21 +85,22 @@ async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<Option<F
     }))
 }
 
-/// Sends every queued frame, coalescing what queued up during the previous write.
-async fn write_loop<W: AsyncWrite + Unpin>(
+/// Sends every queued frame, coalescing what queued up during the previous write. A frame is
+/// dropped (with whatever it holds) once it is written or copied into the batch being written.
+async fn write_loop<W: AsyncWrite + Unpin, T: AsRef<[u8]>>(
     w: &mut W,
-    rx: &mut mpsc::UnboundedReceiver<Bytes>,
+    rx: &mut mpsc::UnboundedReceiver<T>,
 ) -> std::io::Result<()> {
     let mut batch = BytesMut::new();
     while let Some(first) = rx.recv().await {
         match rx.try_recv() {
-            Err(_) => w.write_all(&first).await?,
+            Err(_) => w.write_all(first.as_ref()).await?,
             Ok(second) => {
                 batch.clear();
-                batch.put_slice(&first);
-                batch.put_slice(&second);
+                batch.put_slice(first.as_ref());
+                batch.put_slice(second.as_ref());
                 while let Ok(more) = rx.try_recv() {
-                    batch.put_slice(&more);
+                    batch.put_slice(more.as_ref());
                 }
                 w.write_all(&batch).await?;
             }
@@ -116,11 +117,25 @@ struct Pending {
     closed: Option<String>,
 }
 
+/// Why a call got no answer.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum CallFailed {
+    /// Nothing was sent: the connection had already ended, or the request is larger than a
+    /// frame may be (the connection stays usable then).
+    NotSent(String),
+    /// The connection ended after the request was queued: the peer may or may not have
+    /// handled it.
+    Lost(String),
+}
+
 /// The client end of one framed connection to a peer.
 pub(crate) struct FramedConn {
     tx: mpsc::UnboundedSender<Bytes>,
     pending: Arc<Mutex<Pending>>,
     closed: Arc<AtomicBool>,
+    /// Tells the reader task that the connection was dropped, so it stops even while the peer
+    /// sends nothing (a vanished peer).
+    dropped: Arc<tokio::sync::Notify>,
     next_id: AtomicU64,
     /// Frames read so far; a call that times out with this unchanged suggests a dead connection.
     frames_read: Arc<AtomicU64>,
@@ -162,6 +177,7 @@ impl FramedConn {
         let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
         let pending = Arc::new(Mutex::new(Pending::default()));
         let closed = Arc::new(AtomicBool::new(false));
+        let dropped = Arc::new(tokio::sync::Notify::new());
         let frames_read = Arc::new(AtomicU64::new(0));
         {
             let (pending, closed, peer) = (pending.clone(), closed.clone(), peer.clone());
@@ -175,11 +191,19 @@ impl FramedConn {
             });
         }
         {
-            let (pending, closed, frames_read) =
-                (pending.clone(), closed.clone(), frames_read.clone());
+            let (pending, closed, frames_read, dropped) = (
+                pending.clone(),
+                closed.clone(),
+                frames_read.clone(),
+                dropped.clone(),
+            );
             tokio::spawn(async move {
                 let reason = loop {
-                    match read_frame(&mut rd).await {
+                    let read = tokio::select! {
+                        read = read_frame(&mut rd) => read,
+                        () = dropped.notified() => break "connection dropped".to_string(),
+                    };
+                    match read {
                         Ok(Some(f)) => {
                             frames_read.fetch_add(1, Ordering::Relaxed);
                             if let Some(w) = lock(&pending).waiting.remove(&f.id) {
@@ -201,6 +225,7 @@ impl FramedConn {
             tx,
             pending,
             closed,
+            dropped,
             next_id: AtomicU64::new(1),
             frames_read,
         }
@@ -215,18 +240,26 @@ impl FramedConn {
         self.frames_read.load(Ordering::Relaxed)
     }
 
-    /// Sends `body` to `path` and waits for the answer's status and body. An `Err` says the
-    /// connection ended; the request may or may not have reached the peer.
-    pub(crate) async fn call(&self, path: &str, body: &[u8]) -> Result<(u16, Bytes), String> {
+    /// Sends `body` to `path` and waits for the answer's status and body.
+    pub(crate) async fn call(&self, path: &str, body: &[u8]) -> Result<(u16, Bytes), CallFailed> {
         if path.len() > u16::MAX as usize {
-            return Err(format!("route of {} bytes is too long", path.len()));
+            return Err(CallFailed::NotSent(format!(
+                "route of {} bytes is too long",
+                path.len()
+            )));
+        }
+        let len = 8 + 2 + path.len() + body.len();
+        if len > MAX_FRAME {
+            return Err(CallFailed::NotSent(format!(
+                "a request of {len} bytes is larger than a peer frame may be ({MAX_FRAME} bytes)"
+            )));
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         {
             let mut p = lock(&self.pending);
             if let Some(reason) = &p.closed {
-                return Err(reason.clone());
+                return Err(CallFailed::NotSent(reason.clone()));
             }
             p.waiting.insert(id, tx);
         }
@@ -236,9 +269,10 @@ impl FramedConn {
         };
         let req = frame(id, path.len() as u16, &[path.as_bytes(), body]);
         if self.tx.send(req).is_err() {
-            return Err(self.reason());
+            // The writer had already ended: the frame never reached the wire.
+            return Err(CallFailed::NotSent(self.reason()));
         }
-        rx.await.map_err(|_| self.reason())
+        rx.await.map_err(|_| CallFailed::Lost(self.reason()))
     }
 
     fn reason(&self) -> String {
@@ -251,18 +285,36 @@ impl FramedConn {
 
 impl Drop for FramedConn {
     fn drop(&mut self) {
-        // The writer ends when `tx` goes (it shuts the stream down); the reader then sees the
-        // end of the stream, or this flag at its next frame.
+        // The writer ends when `tx` goes (it shuts the stream down, or fails to once TCP gives
+        // up on a vanished peer); the reader is told directly.
         self.closed.store(true, Ordering::Release);
+        self.dropped.notify_one();
     }
 }
 
 /// What a route handler answers: status and body.
 pub(crate) type Answer = (u16, Bytes);
 
+/// Most requests one connection may have between being read and their answer being written.
+/// The server stops reading the connection while this many are outstanding, so a client that
+/// sends without reading cannot make it queue answers without end.
+pub(crate) const MAX_CALLS_PER_CONN: usize = 256;
+
+/// An answer frame on its way to the writer, holding its call's slot until it is written.
+struct Outgoing {
+    frame: Bytes,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl AsRef<[u8]> for Outgoing {
+    fn as_ref(&self) -> &[u8] {
+        &self.frame
+    }
+}
+
 /// Serves framed requests on an accepted stream until the peer closes it. `handle` answers one
 /// request (route, body); each request runs in its own task, so a slow one does not hold up the
-/// others.
+/// others. At most [`MAX_CALLS_PER_CONN`] are outstanding at once.
 pub(crate) async fn serve<S, H, F>(stream: S, remote: std::net::SocketAddr, handle: H)
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
@@ -270,7 +322,8 @@ where
     F: std::future::Future<Output = Answer> + Send + 'static,
 {
     let (mut rd, mut wr) = tokio::io::split(stream);
-    let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Outgoing>();
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CALLS_PER_CONN));
     let writer = tokio::spawn(async move {
         if let Err(e) = write_loop(&mut wr, &mut rx).await {
             tracing::debug!(%remote, "framed peer connection, writing: {e}");
@@ -279,6 +332,9 @@ where
     let handle = Arc::new(handle);
     let mut calls = tokio::task::JoinSet::new();
     loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            break;
+        };
         let f = match read_frame(&mut rd).await {
             Ok(Some(f)) => f,
             Ok(None) => break,
@@ -299,7 +355,10 @@ where
         let (tx, handle) = (tx.clone(), handle.clone());
         calls.spawn(async move {
             let (status, answer) = handle(route, body).await;
-            let _ = tx.send(frame(id, status, &[&answer]));
+            let _ = tx.send(Outgoing {
+                frame: frame(id, status, &[&answer]),
+                _slot: slot,
+            });
         });
         while calls.try_join_next().is_some() {}
     }
@@ -359,11 +418,82 @@ mod tests {
         };
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         drop(server);
-        let err = waiting.await.unwrap().unwrap_err();
-        assert!(err.contains("closed"), "{err}");
+        match waiting.await.unwrap().unwrap_err() {
+            CallFailed::Lost(why) => assert!(why.contains("closed"), "{why}"),
+            other => panic!("a call in flight was {other:?}"),
+        }
         assert!(conn.is_closed());
-        let err = conn.call("/after", b"").await.unwrap_err();
-        assert!(err.contains("closed"), "{err}");
+        match conn.call("/after", b"").await.unwrap_err() {
+            CallFailed::NotSent(why) => assert!(why.contains("closed"), "{why}"),
+            other => panic!("a call after the end was {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_oversized_request_fails_alone() {
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let remote: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
+        tokio::spawn(serve(server, remote, |_r: String, b: Bytes| async move {
+            (200, b)
+        }));
+        let conn = FramedConn::start(client, "test".into());
+        let huge = vec![0u8; MAX_FRAME];
+        match conn.call("/append", &huge).await.unwrap_err() {
+            CallFailed::NotSent(why) => assert!(why.contains("larger than a peer frame"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        drop(huge);
+        assert_eq!(
+            conn.call("/append", b"small").await.unwrap(),
+            (200, Bytes::from_static(b"small"))
+        );
+        assert!(!conn.is_closed());
+    }
+
+    #[tokio::test]
+    async fn dropping_a_connection_lets_go_of_the_stream_while_the_peer_is_silent() {
+        let (client, mut server) = tokio::io::duplex(1 << 16);
+        let conn = FramedConn::start(client, "test".into());
+        // The start of a frame whose rest never comes: the reader waits in the middle of it,
+        // and the single bytes below stay inside it.
+        server.write_all(&100u32.to_be_bytes()).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        drop(conn);
+        // Once both halves of the client's stream are gone, writing to it fails; a reader task
+        // still waiting for a frame would keep it open.
+        let mut gone = false;
+        for _ in 0..90 {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            if server.write_all(b"x").await.is_err() {
+                gone = true;
+                break;
+            }
+        }
+        assert!(
+            gone,
+            "the client's stream stayed open after the connection was dropped"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connection_has_at_most_max_calls_outstanding() {
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let remote: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let started = Arc::new(AtomicU64::new(0));
+        let counted = started.clone();
+        tokio::spawn(serve(server, remote, move |_r: String, _b: Bytes| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async move {
+                std::future::pending::<()>().await;
+                (200, Bytes::new())
+            }
+        }));
+        let n = MAX_CALLS_PER_CONN as u64 + 100;
+        for id in 0..n {
+            client.write_all(&frame(id, 1, &[b"/", b""])).await.unwrap();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert_eq!(started.load(Ordering::SeqCst), MAX_CALLS_PER_CONN as u64);
     }
 
     #[tokio::test]

@@ -1,9 +1,9 @@
 //! The peer transport: TLS between nodes (mutual, with the cluster CA), carrying HTTP/2 and, for
 //! the Raft routes, a lighter framed protocol.
 //!
-//! - [`client`]: [`NetworkFactory`] (openraft's `RaftNetworkFactory`) and [`PeerPool`], one
-//!   pooled HTTP/2 connection per peer address, also used to forward client requests to the
-//!   leader.
+//! - [`client`]: [`NetworkFactory`] (openraft's `RaftNetworkFactory`) and [`PeerPool`], per peer
+//!   address one framed connection for the Raft routes and one HTTP/2 connection for the rest,
+//!   also used to forward client requests to the leader.
 //! - [`server`]: [`PeerServer`], which serves the Raft routes to peers that presented a
 //!   certificate the cluster CA signed, and hands every other path to a fallback (join, gossip).
 //!
@@ -46,16 +46,27 @@ pub const FORWARD_WRITES: &str = "/raft/forward/writes";
 pub const FORWARD_READ_INDEX: &str = "/raft/forward/read-index";
 pub const FORWARD_MEMBERSHIP: &str = "/raft/forward/membership";
 
-/// TCP keepalive for every peer connection, both ends: a peer that vanished without closing
-/// (a cut link, a powered-off host) is noticed after about 25 s, and its connection and tasks go.
-/// The framed protocol has no pings of its own; HTTP/2 also pings.
+/// How long a peer connection may go without the peer acknowledging anything: keepalive probes
+/// while idle (10 s, then 3 probes 5 s apart), and a user timeout while data waits for an ack
+/// (Linux sends no keepalive probes then, and would retransmit for about 15 minutes).
+pub(crate) const PEER_SILENCE: std::time::Duration = std::time::Duration::from_secs(25);
+
+/// TCP keepalive and `TCP_USER_TIMEOUT` for every peer connection, both ends: a peer that
+/// vanished without closing (a cut link, a powered-off host) is noticed after about
+/// [`PEER_SILENCE`], whether the connection was idle or had data waiting, and its connection and
+/// tasks go. The framed protocol has no pings of its own; HTTP/2 also pings.
 pub(crate) fn keep_alive(tcp: &tokio::net::TcpStream) {
     let params = socket2::TcpKeepalive::new()
         .with_time(std::time::Duration::from_secs(10))
         .with_interval(std::time::Duration::from_secs(5))
         .with_retries(3);
-    if let Err(e) = socket2::SockRef::from(tcp).set_tcp_keepalive(&params) {
+    let sock = socket2::SockRef::from(tcp);
+    if let Err(e) = sock.set_tcp_keepalive(&params) {
         tracing::debug!("TCP keepalive on a peer connection: {e}");
+    }
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if let Err(e) = sock.set_tcp_user_timeout(Some(PEER_SILENCE)) {
+        tracing::debug!("TCP_USER_TIMEOUT on a peer connection: {e}");
     }
 }
 
@@ -75,5 +86,10 @@ mod tests {
         assert!(!sock.keepalive().unwrap(), "on before it was asked for");
         super::keep_alive(&tcp);
         assert!(sock.keepalive().unwrap());
+        assert_eq!(
+            sock.tcp_user_timeout().unwrap(),
+            Some(super::PEER_SILENCE),
+            "no user timeout for unacknowledged data"
+        );
     }
 }

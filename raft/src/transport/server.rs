@@ -59,7 +59,7 @@ fn plain(status: StatusCode, msg: impl Into<String>) -> Response<Full<Bytes>> {
 impl PeerServer {
     /// Serves peers on `listener` until `shutdown` resolves. `tls` should verify client
     /// certificates against the cluster CA (optionally: then only Raft routes demand one). ALPN
-    /// `h2` and `http/1.1` are offered.
+    /// `h2`, `http/1.1` and the framed protocol's `eden-raft/1` are offered.
     pub async fn serve(
         listener: TcpListener,
         tls: Arc<rustls::ServerConfig>,
@@ -109,15 +109,20 @@ impl PeerServer {
                     .and_then(|c| c.first())
                     .map(|c| PeerCertificate(c.clone().into_owned()));
                 if tls.get_ref().1.alpn_protocol() == Some(super::framed::ALPN) {
-                    let verified_peer = cert.is_some();
+                    // Only the Raft routes are framed, and they need a member's certificate:
+                    // a client without one (a joining node may connect without) gets nothing
+                    // read or queued for it.
+                    if cert.is_none() {
+                        tracing::info!(
+                            %remote,
+                            "peer chose the framed protocol without a client certificate; closed"
+                        );
+                        return;
+                    }
                     super::framed::serve(tls, remote, move |path: String, body: Bytes| {
                         let node = node.clone();
                         async move {
-                            let (status, body) = if verified_peer {
-                                raft_route(&path, &body, node).await
-                            } else {
-                                refuse_anonymous(&path)
-                            };
+                            let (status, body) = raft_route(&path, &body, node).await;
                             (status.as_u16(), body)
                         }
                     })
