@@ -375,6 +375,46 @@ async fn kv_script(endpoint: String) -> Vec<(String, String)> {
         "hashkv compacted",
         m.hash_kv(pb::HashKvRequest { revision: 1 }).await,
     );
+
+    // Request sizes: under --max-request-bytes (1.5 MiB) a write is served; over it, etcd says
+    // "request is too large" (for a put, a delete and a txn alike); over that plus 512 KiB the
+    // message is refused before it is read (ResourceExhausted, grpc-go's words).
+    let sized = |n: usize| put("big", &"v".repeat(n));
+    r.rec("put of 1500000 bytes", kv.put(sized(1_500_000)).await);
+    r.rec("put of 1600000 bytes", kv.put(sized(1_600_000)).await);
+    r.rec(
+        "delete with a key of 1600000 bytes",
+        kv.delete_range(pb::DeleteRangeRequest {
+            key: vec![b'k'; 1_600_000],
+            ..Default::default()
+        })
+        .await,
+    );
+    r.rec(
+        "txn of two 800000-byte puts",
+        kv.txn(pb::TxnRequest {
+            success: ["t1", "t2"]
+                .iter()
+                .map(|k| pb::RequestOp {
+                    request: Some(pb::request_op::Request::RequestPut(put(
+                        k,
+                        &"v".repeat(800_000),
+                    ))),
+                })
+                .collect(),
+            ..Default::default()
+        })
+        .await,
+    );
+    r.rec("put of 2200000 bytes", kv.put(sized(2_200_000)).await);
+    r.rec(
+        "range of the sizes",
+        kv.range(pb::RangeRequest {
+            keys_only: true,
+            ..range("big", "")
+        })
+        .await,
+    );
     r.steps
 }
 

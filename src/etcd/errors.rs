@@ -20,6 +20,10 @@ pub enum ApiError {
     /// etcd's `ErrGRPCMemberNotLearner`.
     #[error("etcdserver: can only promote a learner member")]
     MemberNotLearner,
+    /// etcd's `ErrGRPCRequestTooLarge`: the write's Raft request would pass
+    /// `--max-request-bytes` (see `limits`).
+    #[error("etcdserver: request is too large")]
+    RequestTooLarge,
     /// etcd's `ErrGRPCPeerURLExist`.
     #[error("etcdserver: Peer URLs already exists")]
     PeerUrlExists,
@@ -91,7 +95,7 @@ impl ApiError {
             ApiError::MemberNotFound => Code::NotFound,
             ApiError::MemberNotLearner | ApiError::PeerUrlExists => Code::FailedPrecondition,
             ApiError::Unsupported(_) => Code::FailedPrecondition,
-            ApiError::InvalidInput(_) => Code::InvalidArgument,
+            ApiError::InvalidInput(_) | ApiError::RequestTooLarge => Code::InvalidArgument,
             ApiError::Unavailable(_) => Code::Unavailable,
             ApiError::Internal(_) => Code::Internal,
             ApiError::Recipe(_) => Code::Unknown,
@@ -114,6 +118,11 @@ mod tests {
     #[test]
     fn table_matches_etcd() {
         let cases: Vec<(ApiError, Code, &str)> = vec![
+            (
+                ApiError::RequestTooLarge,
+                Code::InvalidArgument,
+                "etcdserver: request is too large",
+            ),
             (
                 ApiError::Store(E::LeaseNotFound),
                 Code::NotFound,

@@ -8,6 +8,7 @@
 use std::sync::Arc;
 
 use eden_storage as st;
+use prost::Message as _;
 use tonic::{Request, Response, Status};
 
 use super::errors::ApiError;
@@ -225,6 +226,7 @@ impl Backend {
 
     pub async fn put(&self, p: pb::PutRequest) -> Result<pb::PutResponse, ApiError> {
         self.check_quota(super::maintenance::Cost::Put(&p)).await?;
+        super::limits::check_write_size(p.encoded_len())?;
         let applied = self.node.write(st::Command::Put(put_from_pb(p))).await?;
         match applied.response {
             st::CommandResponse::Put(r) => Ok(put_to_pb(r, self.header(applied.revision))),
@@ -239,6 +241,7 @@ impl Backend {
         if d.key.is_empty() {
             return Err(st::Error::EmptyKey.into());
         }
+        super::limits::check_write_size(d.encoded_len())?;
         let applied = self
             .node
             .write(st::Command::DeleteRange(delete_from_pb(d)))
@@ -253,6 +256,7 @@ impl Backend {
 
     pub async fn txn(&self, t: pb::TxnRequest) -> Result<pb::TxnResponse, ApiError> {
         self.check_quota(super::maintenance::Cost::Txn(&t)).await?;
+        super::limits::check_write_size(t.encoded_len())?;
         let applied = self.node.write(st::Command::Txn(txn_from_pb(t)?)).await?;
         match applied.response {
             st::CommandResponse::Txn(r) => Ok(self.txn_to_pb(r, applied.revision)),

@@ -35,6 +35,7 @@ pub mod gateway;
 mod hpack;
 pub mod kv;
 pub mod lease;
+pub mod limits;
 pub mod lock;
 pub mod maintenance;
 pub mod metrics;
@@ -257,26 +258,46 @@ pub fn router(backend: Arc<Backend>) -> axum::Router {
         cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer,
         maintenance_server::MaintenanceServer, watch_server::WatchServer,
     };
-    let routes = tonic::service::Routes::new(KvServer::new(kv::KvService::new(backend.clone())))
-        .add_service(WatchServer::new(watch::WatchService::new(backend.clone())))
-        .add_service(LeaseServer::new(lease::LeaseService::new(backend.clone())))
-        .add_service(ClusterServer::new(cluster::ClusterService::new(
+    const MAX: usize = limits::MAX_RECV_BYTES;
+    let routes = tonic::service::Routes::new(
+        KvServer::new(kv::KvService::new(backend.clone())).max_decoding_message_size(MAX),
+    )
+    .add_service(
+        WatchServer::new(watch::WatchService::new(backend.clone())).max_decoding_message_size(MAX),
+    )
+    .add_service(
+        LeaseServer::new(lease::LeaseService::new(backend.clone())).max_decoding_message_size(MAX),
+    )
+    .add_service(
+        ClusterServer::new(cluster::ClusterService::new(backend.clone()))
+            .max_decoding_message_size(MAX),
+    )
+    .add_service(
+        pb::v3lockpb::lock_server::LockServer::new(lock::LockService::new(backend.clone()))
+            .max_decoding_message_size(MAX),
+    )
+    .add_service(
+        pb::v3electionpb::election_server::ElectionServer::new(election::ElectionService::new(
             backend.clone(),
-        )))
-        .add_service(pb::v3lockpb::lock_server::LockServer::new(
-            lock::LockService::new(backend.clone()),
         ))
-        .add_service(pb::v3electionpb::election_server::ElectionServer::new(
-            election::ElectionService::new(backend.clone()),
-        ))
-        .add_service(MaintenanceServer::new(
-            maintenance::MaintenanceService::new(backend.clone()),
-        ));
+        .max_decoding_message_size(MAX),
+    )
+    .add_service(
+        MaintenanceServer::new(maintenance::MaintenanceService::new(backend.clone()))
+            .max_decoding_message_size(MAX),
+    );
     let gate = backend.clone();
     let grpc = backend.grpc.clone();
     routes
         .into_axum_router()
         .merge(gateway::router(backend))
+        // An oversized message is refused in grpc-go's words (see `limits`).
+        .layer(axum::middleware::map_response(
+            |mut resp: axum::response::Response| async move {
+                limits::grpc_go_words(resp.headers_mut());
+                resp
+            },
+        ))
         .layer(axum::middleware::from_fn(
             move |req: axum::extract::Request, next: axum::middleware::Next| {
                 let serving = gate.is_serving();
