@@ -305,6 +305,21 @@ pub struct StartHash {
 /// Most writes forwarded in one call.
 const MAX_FORWARD_BATCH: usize = 1024;
 
+/// How many of the waiting forwards (given their sizes, oldest first) go in one call: at most
+/// [`MAX_FORWARD_BATCH`] and [`proposer::MAX_BATCH_BYTES`] of commands, and at least one.
+fn forward_batch_len(sizes: impl Iterator<Item = usize>) -> usize {
+    let mut bytes = 0;
+    let mut n = 0;
+    for len in sizes.take(MAX_FORWARD_BATCH) {
+        if n > 0 && bytes + len > proposer::MAX_BATCH_BYTES {
+            break;
+        }
+        bytes += len;
+        n += 1;
+    }
+    n
+}
+
 /// The reads waiting for a read index, and whether a round task is running.
 #[derive(Default)]
 struct ReadRounds {
@@ -699,7 +714,7 @@ impl RaftNode {
                     fw.running = false;
                     return;
                 }
-                let n = fw.waiting.len().min(MAX_FORWARD_BATCH);
+                let n = forward_batch_len(fw.waiting.iter().map(|f| f.cmd.approx_len()));
                 fw.waiting.drain(..n).collect::<Vec<_>>()
             };
             let cmds: Vec<Command> = waiting.iter().map(|f| f.cmd.clone()).collect();
@@ -1136,5 +1151,25 @@ impl RaftNode {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forward_batches_stop_at_the_count_or_the_bytes_but_take_at_least_one() {
+        assert_eq!(forward_batch_len(std::iter::empty()), 0);
+        assert_eq!(forward_batch_len([10; 5].into_iter()), 5);
+        assert_eq!(
+            forward_batch_len(std::iter::repeat_n(10, MAX_FORWARD_BATCH + 7)),
+            MAX_FORWARD_BATCH
+        );
+        let mib = 1 << 20;
+        // Two 1 MiB writes fill a batch; the third waits for the next call.
+        assert_eq!(forward_batch_len([mib; 12].into_iter()), 2);
+        // One write larger than a batch still goes, alone.
+        assert_eq!(forward_batch_len([20 * mib, 10].into_iter()), 1);
     }
 }
