@@ -13,7 +13,7 @@
 //! - a connection that broke after the request was sent -> `Network`;
 //! - the remote Raft's own error -> `RemoteError`.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -56,6 +56,27 @@ pub enum CallError {
     Network { addr: String, reason: String },
 }
 
+/// How long a peer that refused the framed protocol is only called over HTTP/2 before it is
+/// offered the framed protocol again.
+pub const RECHECK_FRAMED: Duration = Duration::from_secs(300);
+
+/// Whether `addr` refused the framed protocol less than [`RECHECK_FRAMED`] before `now`; an
+/// older refusal is forgotten.
+fn still_http_only(
+    http_only: &mut HashMap<String, std::time::Instant>,
+    addr: &str,
+    now: std::time::Instant,
+) -> bool {
+    match http_only.get(addr) {
+        Some(since) if now.saturating_duration_since(*since) < RECHECK_FRAMED => true,
+        Some(_) => {
+            http_only.remove(addr);
+            false
+        }
+        None => false,
+    }
+}
+
 /// One pooled HTTP/2 connection per peer address, and one framed connection for the Raft routes.
 pub struct PeerPool {
     connector: TlsConnector,
@@ -63,8 +84,9 @@ pub struct PeerPool {
     /// Dials with ALPN [`framed::ALPN`] only.
     framed_connector: TlsConnector,
     framed: Mutex<HashMap<String, Arc<FramedConn>>>,
-    /// Peers that refused the framed protocol (an older eden): their Raft routes go over HTTP/2.
-    http_only: Mutex<HashSet<String>>,
+    /// Peers that refused the framed protocol (an older eden), and when: their Raft routes go
+    /// over HTTP/2 until [`RECHECK_FRAMED`] has passed (the peer may have been upgraded).
+    http_only: Mutex<HashMap<String, std::time::Instant>>,
     /// Per Raft peer: failed RPCs and heartbeat round trips (see [`PeerPool::peer_stats`]).
     stats: Mutex<BTreeMap<NodeId, PeerStats>>,
     /// Told the peer address whenever a Raft RPC finds a peer unreachable or times out: the
@@ -89,7 +111,7 @@ impl PeerPool {
             conns: Mutex::new(HashMap::new()),
             framed_connector: TlsConnector::from(Arc::new(framed_config)),
             framed: Mutex::new(HashMap::new()),
-            http_only: Mutex::new(HashSet::new()),
+            http_only: Mutex::new(HashMap::new()),
             stats: Mutex::new(BTreeMap::new()),
             raft_failure: Mutex::new(None),
         }
@@ -177,7 +199,8 @@ impl PeerPool {
         body: Vec<u8>,
         timeout: Duration,
     ) -> Result<Bytes, CallError> {
-        if path.starts_with("/raft/") && !lock(&self.http_only).contains(addr) {
+        if path.starts_with("/raft/") && self.may_speak_framed(addr) {
+            let started = tokio::time::Instant::now();
             match self.call_framed(addr, path, &body, timeout).await {
                 Err(FramedError::NotSpoken) => {
                     tracing::info!(
@@ -185,13 +208,21 @@ impl PeerPool {
                         "peer does not speak {}; using HTTP/2",
                         "eden-raft/1"
                     );
-                    lock(&self.http_only).insert(addr.to_string());
+                    lock(&self.http_only).insert(addr.to_string(), std::time::Instant::now());
+                    // The fallback gets what is left of the caller's time.
+                    let left = timeout.saturating_sub(started.elapsed());
+                    return self.call_http2(addr, path, body, left).await;
                 }
                 Err(FramedError::Call(e)) => return Err(e),
                 Ok(bytes) => return Ok(bytes),
             }
         }
         self.call_http2(addr, path, body, timeout).await
+    }
+
+    /// False while `addr` is known to refuse the framed protocol (for [`RECHECK_FRAMED`]).
+    fn may_speak_framed(&self, addr: &str) -> bool {
+        !still_http_only(&mut lock(&self.http_only), addr, std::time::Instant::now())
     }
 
     /// [`PeerPool::call`] over HTTP/2 whatever the route, as to a peer that does not speak the
@@ -647,7 +678,7 @@ fn entries_that_fit(entries: &[openraft::Entry<TypeConfig>], cap: usize) -> Opti
 
 #[cfg(test)]
 mod tests {
-    use super::{entries_that_fit, host_of};
+    use super::{entries_that_fit, host_of, still_http_only, RECHECK_FRAMED};
     use crate::types::{Batch, TypeConfig};
     use eden_storage::{Command, PutRequest};
 
@@ -661,6 +692,21 @@ mod tests {
             log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
             payload: openraft::EntryPayload::Normal(Batch(vec![put; values])),
         }
+    }
+
+    #[test]
+    fn a_peer_that_refused_the_framed_protocol_is_offered_it_again_later() {
+        let t0 = std::time::Instant::now();
+        let mut map = std::collections::HashMap::from([("a:1".to_string(), t0)]);
+        assert!(still_http_only(&mut map, "a:1", t0));
+        assert!(still_http_only(
+            &mut map,
+            "a:1",
+            t0 + RECHECK_FRAMED - std::time::Duration::from_secs(1)
+        ));
+        assert!(!still_http_only(&mut map, "b:1", t0));
+        assert!(!still_http_only(&mut map, "a:1", t0 + RECHECK_FRAMED));
+        assert!(map.is_empty(), "the old refusal is forgotten");
     }
 
     #[test]
