@@ -772,6 +772,17 @@ fn migrate_from_sled(dir: &Path) -> Result<(), crate::Error> {
 
 impl LogReader {
     fn entries(&self, start: u64, end: Bound<u64>) -> Result<Vec<Entry>, StorageError> {
+        self.entries_within(start, end, usize::MAX)
+    }
+
+    /// The entries from `start` to `end` whose records add up to at most `max_bytes` (at least
+    /// one entry when the range holds any).
+    fn entries_within(
+        &self,
+        start: u64,
+        end: Bound<u64>,
+        max_bytes: usize,
+    ) -> Result<Vec<Entry>, StorageError> {
         let picked: Vec<(Arc<File>, Loc)> = {
             let inner = lock(&self.inner);
             let live_end = inner.first + inner.locs.len() as u64;
@@ -786,9 +797,15 @@ impl LogReader {
             }
             let from = (start - inner.first) as usize;
             let to = (end - inner.first) as usize;
+            let mut bytes = 0usize;
             inner
                 .locs
                 .range(from..to)
+                .take_while(|l| {
+                    let first = bytes == 0;
+                    bytes = bytes.saturating_add(l.len as usize);
+                    first || bytes <= max_bytes
+                })
                 .map(|l| (inner.segments[&l.seg].clone(), *l))
                 .collect()
         };
@@ -815,6 +832,22 @@ impl RaftLogReader<TypeConfig> for LogReader {
             Bound::Unbounded => Bound::Unbounded,
         };
         self.entries(start, end)
+    }
+
+    /// What replication reads for one append: at most
+    /// [`MAX_APPEND_BYTES`](crate::transport::client::MAX_APPEND_BYTES) of records, so that a
+    /// follower far behind on large values gets appends small enough to answer in openraft's
+    /// time, and the leader never reads more than that for one.
+    async fn limited_get_log_entries(
+        &mut self,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<Entry>, StorageError> {
+        self.entries_within(
+            start,
+            Bound::Excluded(end),
+            crate::transport::client::MAX_APPEND_BYTES,
+        )
     }
 }
 
@@ -1015,6 +1048,44 @@ mod tests {
             let state = log.get_log_state().await.unwrap();
             assert_eq!(state.last_log_id, Some(id(2, 4)));
             assert_eq!(state.last_purged_log_id, None);
+        });
+    }
+
+    #[test]
+    fn replication_reads_at_most_an_appends_worth_of_large_entries() {
+        use eden_storage::{Command, PutRequest};
+        let dir = tempfile::tempdir().unwrap();
+        rt().block_on(async {
+            let mut log = LogStore::open(dir.path()).unwrap();
+            let big = |i: u64| Entry {
+                log_id: id(1, i),
+                payload: EntryPayload::Normal(crate::types::Batch(vec![Command::Put(
+                    PutRequest {
+                        key: b"k".to_vec(),
+                        value: vec![7; 1 << 20],
+                        ..Default::default()
+                    },
+                )])),
+            };
+            append(&mut log, (1..=10).map(big).collect()).await;
+            append(&mut log, vec![entry(1, 11), entry(1, 12)]).await;
+            let mut reader = log.get_log_reader().await;
+            // Three 1 MiB records and their framing fit in 4 MiB; a fourth does not.
+            let got = reader.limited_get_log_entries(1, 11).await.unwrap();
+            assert_eq!(
+                got.iter().map(|e| e.log_id.index).collect::<Vec<_>>(),
+                [1, 2, 3]
+            );
+            // Small entries all come; a single large one comes alone if it must.
+            assert_eq!(
+                reader.limited_get_log_entries(11, 13).await.unwrap().len(),
+                2
+            );
+            let lone = LogReader::entries_within(&reader, 5, Bound::Excluded(11), 10).unwrap();
+            assert_eq!(lone.len(), 1);
+            // Plain reads are not limited.
+            assert_eq!(reader.try_get_log_entries(1..11).await.unwrap().len(), 10);
+            close(log);
         });
     }
 

@@ -481,8 +481,10 @@ pub struct PeerStats {
     pub rtt_count: u64,
     pub rtt_sum_seconds: f64,
     /// Appends refused before sending as larger than [`MAX_APPEND_BYTES`] (openraft then sends
-    /// fewer entries).
+    /// fewer entries). The log reader already stops there, so this is a backstop.
     pub appends_cut: u64,
+    /// The largest append sent, in bytes of entries (as [`MAX_APPEND_BYTES`] counts them).
+    pub largest_append: usize,
 }
 
 impl PeerStats {
@@ -616,6 +618,12 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
                 openraft::error::PayloadTooLarge::new_entries_hint(fit as u64),
             ));
         }
+        if !heartbeat {
+            let bytes: usize = rpc.entries.iter().map(entry_bytes).sum();
+            self.pool.record(self.target, |s| {
+                s.largest_append = s.largest_append.max(bytes)
+            });
+        }
         let started = std::time::Instant::now();
         let answer = self
             .send(super::APPEND, RPCTypes::AppendEntries, &rpc, &option)
@@ -655,6 +663,14 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
 /// time, or it never catches up and, hearing no leader meanwhile, calls elections.
 pub const MAX_APPEND_BYTES: usize = 4 << 20;
 
+/// About how many bytes `e` takes in an append.
+fn entry_bytes(e: &openraft::Entry<TypeConfig>) -> usize {
+    match &e.payload {
+        openraft::EntryPayload::Normal(b) => b.0.iter().map(|c| c.approx_len()).sum::<usize>() + 32,
+        _ => 256,
+    }
+}
+
 /// `None` when `entries` fit in `cap` bytes or are a single entry; otherwise how many of the
 /// first entries fit (at least one).
 fn entries_that_fit(entries: &[openraft::Entry<TypeConfig>], cap: usize) -> Option<usize> {
@@ -663,12 +679,7 @@ fn entries_that_fit(entries: &[openraft::Entry<TypeConfig>], cap: usize) -> Opti
     }
     let mut bytes = 0;
     for (i, e) in entries.iter().enumerate() {
-        bytes += match &e.payload {
-            openraft::EntryPayload::Normal(b) => {
-                b.0.iter().map(|c| c.approx_len()).sum::<usize>() + 32
-            }
-            _ => 256,
-        };
+        bytes += entry_bytes(e);
         if bytes > cap {
             return Some(i.max(1));
         }
