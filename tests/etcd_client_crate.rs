@@ -251,3 +251,51 @@ async fn etcd_client_crate_lock_and_election_on_three_nodes() {
     assert_eq!(now.kv().unwrap().value(), b"node-b");
     eden.stop().await;
 }
+
+/// A progress answer promises that every event up to its revision was sent: under a stream of
+/// writes, no event at or below a progress answer's revision may come after it (etcd #15220).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_progress_answer_never_overtakes_an_event() {
+    let eden = EdenCluster::start(1, false).await;
+    let mut client = Client::connect([eden.endpoint(0)], None).await.unwrap();
+    let mut stream = client.watch("p", None).await.unwrap();
+    let created = stream.message().await.unwrap().unwrap();
+    assert!(created.created());
+    const WRITES: usize = 400;
+    let writer = {
+        let mut client = client.clone();
+        tokio::spawn(async move {
+            let mut last = 0;
+            for i in 0..WRITES {
+                let put = client.put("p", i.to_string(), None).await.unwrap();
+                last = put.header().unwrap().revision();
+            }
+            last
+        })
+    };
+    let (mut events, mut progresses, mut promised) = (0, 0, 0i64);
+    while events < WRITES {
+        stream.request_progress().await.unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .expect("an answer")
+            .unwrap()
+            .unwrap();
+        if resp.events().is_empty() {
+            promised = promised.max(resp.header().unwrap().revision());
+            progresses += 1;
+            continue;
+        }
+        for e in resp.events() {
+            let rev = e.kv().unwrap().mod_revision();
+            assert!(
+                rev > promised,
+                "the event at {rev} came after a progress answer promised {promised}"
+            );
+            events += 1;
+        }
+    }
+    writer.await.unwrap();
+    assert!(progresses > 0);
+    eden.stop().await;
+}

@@ -406,6 +406,32 @@ async fn kv_script(endpoint: String) -> Vec<(String, String)> {
         })
         .await,
     );
+    r.rec(
+        "put of 1600000 bytes with an empty key",
+        kv.put(pb::PutRequest {
+            key: vec![],
+            ..sized(1_600_000)
+        })
+        .await,
+    );
+    r.rec(
+        "read-only txn comparing against 1600000 bytes",
+        kv.txn(pb::TxnRequest {
+            compare: vec![pb::Compare {
+                key: "big".into(),
+                target: pb::compare::CompareTarget::Value as i32,
+                target_union: Some(pb::compare::TargetUnion::Value(
+                    "v".repeat(1_600_000).into(),
+                )),
+                ..Default::default()
+            }],
+            success: vec![pb::RequestOp {
+                request: Some(pb::request_op::Request::RequestRange(range("big", ""))),
+            }],
+            ..Default::default()
+        })
+        .await,
+    );
     r.rec("put of 2200000 bytes", kv.put(sized(2_200_000)).await);
     r.rec(
         "range of the sizes",
@@ -421,7 +447,7 @@ async fn kv_script(endpoint: String) -> Vec<(String, String)> {
 async fn lease_script(endpoint: String) -> Vec<(String, String)> {
     let ch = connect(endpoint).await;
     let mut kv = KvClient::new(ch.clone());
-    let mut lease = LeaseClient::new(ch);
+    let mut lease = LeaseClient::new(ch.clone());
     let mut r = Recorder::new();
     r.rec(
         "grant 1000",
@@ -541,7 +567,39 @@ async fn lease_script(endpoint: String) -> Vec<(String, String)> {
             .lease_revoke(pb::LeaseRevokeRequest { id: 1001 })
             .await,
     );
+    r.rec(
+        "keep alive of 2200000 bytes",
+        padded_keep_alive(ch.clone(), 2_200_000).await,
+    );
     r.steps
+}
+
+/// A LeaseKeepAliveRequest with an unknown field of `pad` bytes (servers skip unknown fields).
+#[derive(Clone, PartialEq, prost::Message)]
+struct PaddedKeepAlive {
+    #[prost(int64, tag = "1")]
+    id: i64,
+    #[prost(bytes = "vec", tag = "15")]
+    pad: Vec<u8>,
+}
+
+/// Sends one padded keep-alive on a LeaseKeepAlive stream and returns the first answer.
+async fn padded_keep_alive(
+    ch: Channel,
+    pad: usize,
+) -> Result<tonic::Response<Option<pb::LeaseKeepAliveResponse>>, tonic::Status> {
+    let mut grpc = tonic::client::Grpc::new(ch);
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unknown(e.to_string()))?;
+    let codec = tonic_prost::ProstCodec::<PaddedKeepAlive, pb::LeaseKeepAliveResponse>::default();
+    let path = http::uri::PathAndQuery::from_static("/etcdserverpb.Lease/LeaseKeepAlive");
+    let req = tonic::Request::new(tokio_stream::iter(vec![PaddedKeepAlive {
+        id: 4242,
+        pad: vec![b'p'; pad],
+    }]));
+    let resp = grpc.streaming(req, path, codec).await?;
+    resp.into_inner().message().await.map(tonic::Response::new)
 }
 
 /// A watch stream driven step by step; after each step it collects what arrives until the
@@ -679,6 +737,12 @@ async fn watch_script(endpoint: String) -> Vec<(String, String)> {
         .send(U::CancelRequest(pb::WatchCancelRequest { watch_id: 99 }))
         .await;
     log(&mut r, "cancel unknown", m);
+    // An empty key watches "\0", the smallest key (etcd rewrites it).
+    let m = w.send(create("", "", 0, 50)).await;
+    log(&mut r, "create with an empty key", m);
+    kv.put(put("\0", "8")).await.unwrap();
+    let m = w.collect().await;
+    log(&mut r, "events for key \\0 after an empty-key watch", m);
     let m = w
         .send(U::ProgressRequest(pb::WatchProgressRequest {}))
         .await;
@@ -703,6 +767,19 @@ async fn watch_script(endpoint: String) -> Vec<(String, String)> {
     kv.put(put("w/d", "7")).await.unwrap();
     let m = w.collect().await;
     log(&mut r, "events after the client closed its side", m);
+
+    // A create request over the 2 MiB message limit ends its stream with ResourceExhausted.
+    let (tx, rx) = mpsc::channel(1);
+    tx.send(pb::WatchRequest {
+        request_union: Some(create(&"k".repeat(2_200_000), "", 0, 0)),
+    })
+    .await
+    .unwrap();
+    let outcome = match wc.watch(ReceiverStream::new(rx)).await {
+        Err(status) => Err(status),
+        Ok(resp) => resp.into_inner().message().await.map(tonic::Response::new),
+    };
+    r.rec("watch create of 2200000 bytes", outcome);
     r.steps
 }
 

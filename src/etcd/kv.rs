@@ -225,9 +225,13 @@ impl Backend {
     }
 
     pub async fn put(&self, p: pb::PutRequest) -> Result<pb::PutResponse, ApiError> {
+        // etcd's order: quota, the request's own checks, then its size.
         self.check_quota(super::maintenance::Cost::Put(&p)).await?;
-        super::limits::check_write_size(p.encoded_len())?;
-        let applied = self.node.write(st::Command::Put(put_from_pb(p))).await?;
+        let len = p.encoded_len();
+        let put = put_from_pb(p);
+        st::mvcc::check_put(&put)?;
+        super::limits::check_write_size(len)?;
+        let applied = self.node.write(st::Command::Put(put)).await?;
         match applied.response {
             st::CommandResponse::Put(r) => Ok(put_to_pb(r, self.header(applied.revision))),
             other => Err(unexpected("put", &other)),
@@ -255,9 +259,16 @@ impl Backend {
     }
 
     pub async fn txn(&self, t: pb::TxnRequest) -> Result<pb::TxnResponse, ApiError> {
+        // etcd's order: quota, the txn's own checks, then its size, which only a txn that
+        // writes has (etcd serves a read-only one without proposing it).
         self.check_quota(super::maintenance::Cost::Txn(&t)).await?;
-        super::limits::check_write_size(t.encoded_len())?;
-        let applied = self.node.write(st::Command::Txn(txn_from_pb(t)?)).await?;
+        let len = t.encoded_len();
+        let txn = txn_from_pb(t)?;
+        st::mvcc::validate_txn(&txn)?;
+        if !st::mvcc::is_read_only(&txn) {
+            super::limits::check_write_size(len)?;
+        }
+        let applied = self.node.write(st::Command::Txn(txn)).await?;
         match applied.response {
             st::CommandResponse::Txn(r) => Ok(self.txn_to_pb(r, applied.revision)),
             other => Err(unexpected("txn", &other)),

@@ -93,6 +93,9 @@ pub async fn run_keeper(backend: Arc<Backend>) {
                 .leases
                 .current
                 .store(false, std::sync::atomic::Ordering::Relaxed);
+            // Only the leader's deadlines count, and a new leader starts them afresh: drop
+            // what grants through this node left, or they would pile up here.
+            backend.leases.lock().clear();
             continue;
         }
         // Under a CORRUPT alarm every revoke would be refused: leases wait for the disarm
@@ -390,8 +393,13 @@ impl pb::lease_server::Lease for LeaseService {
         let backend = self.backend.clone();
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {
-            while let Some(Ok(r)) = requests.next().await {
-                let resp = backend.lease_keep_alive(r).await.map_err(Status::from);
+            while let Some(next) = requests.next().await {
+                let resp = match next {
+                    Ok(r) => backend.lease_keep_alive(r).await.map_err(Status::from),
+                    // A message that could not be read (too large) ends the stream with its
+                    // status, as etcd's does.
+                    Err(status) => Err(super::limits::grpc_go_status(&status).unwrap_or(status)),
+                };
                 let failed = resp.is_err();
                 if tx.send(resp).await.is_err() || failed {
                     return;

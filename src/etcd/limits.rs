@@ -46,28 +46,34 @@ pub fn check_write_size(op_len: usize) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Rewrites tonic's refusal of an oversized message (OutOfRange, "Error, decoded message length
-/// too large: found N bytes, the limit is: M bytes") in a trailers-only answer's `headers` to
-/// grpc-go's (ResourceExhausted, "grpc: received message larger than max (N vs. M)"). Any other
-/// answer is left alone.
+/// grpc-go's answer (ResourceExhausted, "grpc: received message larger than max (N vs. M)")
+/// for tonic's refusal of an oversized message (OutOfRange, "Error, decoded message length too
+/// large: found N bytes, the limit is: M bytes"); `None` for any other status.
+pub fn grpc_go_status(status: &tonic::Status) -> Option<tonic::Status> {
+    if status.code() != tonic::Code::OutOfRange {
+        return None;
+    }
+    let (found, limit) = status
+        .message()
+        .strip_prefix("Error, decoded message length too large: found ")
+        .and_then(|rest| rest.strip_suffix(" bytes"))
+        .and_then(|rest| rest.split_once(" bytes, the limit is: "))?;
+    Some(tonic::Status::resource_exhausted(format!(
+        "grpc: received message larger than max ({found} vs. {limit})"
+    )))
+}
+
+/// Rewrites tonic's refusal of an oversized message in a trailers-only answer's `headers` to
+/// grpc-go's ([`grpc_go_status`]). Any other answer is left alone. (A stream that already sent
+/// its headers rewrites the status itself: see `watch.rs`.)
 pub fn grpc_go_words(headers: &mut http::HeaderMap) {
     if headers.get("grpc-status").map(|v| v.as_bytes()) != Some(b"11") {
         return;
     }
-    let Some(status) = tonic::Status::from_header_map(headers) else {
-        return;
-    };
-    let Some((found, limit)) = status
-        .message()
-        .strip_prefix("Error, decoded message length too large: found ")
-        .and_then(|rest| rest.strip_suffix(" bytes"))
-        .and_then(|rest| rest.split_once(" bytes, the limit is: "))
+    let Some(words) = tonic::Status::from_header_map(headers).and_then(|s| grpc_go_status(&s))
     else {
         return;
     };
-    let words = tonic::Status::resource_exhausted(format!(
-        "grpc: received message larger than max ({found} vs. {limit})"
-    ));
     headers.remove("grpc-message");
     let _ = words.add_header(headers);
 }

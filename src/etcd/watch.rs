@@ -151,8 +151,13 @@ impl WatchSession {
                         }
                     }
                     None => reading = false,
-                    // The stream broke.
-                    Some(Err(_)) => return,
+                    // The stream broke, or a message could not be read (too large): the
+                    // stream ends with that status, as etcd's does.
+                    Some(Err(status)) => {
+                        let status = super::limits::grpc_go_status(&status).unwrap_or(status);
+                        let _ = self.out.send(Err(status)).await;
+                        return;
+                    }
                 },
                 got = feed.recv() => match got {
                     // A new revision, or we fell behind the feed: either way the store has
@@ -200,8 +205,12 @@ impl WatchSession {
                 Ok(())
             }
             Some(U::ProgressRequest(_)) => {
+                // A progress answer promises every event up to its revision was sent: send
+                // what a revision that landed meanwhile owes first (etcd #15220).
+                let header = self.backend.header_now();
+                self.pump().await?;
                 self.send(pb::WatchResponse {
-                    header: self.backend.header_now(),
+                    header,
                     watch_id: -1,
                     ..Default::default()
                 })
@@ -211,8 +220,12 @@ impl WatchSession {
         }
     }
 
-    async fn create(&mut self, c: pb::WatchCreateRequest) -> Result<(), Gone> {
+    async fn create(&mut self, mut c: pb::WatchCreateRequest) -> Result<(), Gone> {
         use pb::watch_create_request::FilterType;
+        if c.key.is_empty() {
+            // As etcd: an empty key means "\0", the smallest key.
+            c.key = vec![0];
+        }
         let store = self.backend.node.store();
         let current = store.revision();
         let refuse = |reason: &str| pb::WatchResponse {

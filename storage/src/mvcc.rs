@@ -894,7 +894,7 @@ fn compare_kv(c: &Compare, kv: &KeyValue) -> bool {
 }
 
 /// The checks etcd makes of a txn before it is proposed: its size, and duplicate keys.
-fn validate_txn(t: &TxnRequest) -> Result<(), Error> {
+pub fn validate_txn(t: &TxnRequest) -> Result<(), Error> {
     check_txn(t, MAX_TXN_OPS)?;
     check_intervals(&t.success)?;
     check_intervals(&t.failure)?;
@@ -902,7 +902,7 @@ fn validate_txn(t: &TxnRequest) -> Result<(), Error> {
 }
 
 /// etcd's `isTxnReadonly`: every op of both branches is a range (a nested txn is not).
-fn is_read_only(t: &TxnRequest) -> bool {
+pub fn is_read_only(t: &TxnRequest) -> bool {
     t.success
         .iter()
         .chain(&t.failure)
@@ -910,7 +910,7 @@ fn is_read_only(t: &TxnRequest) -> bool {
 }
 
 /// etcd's `checkPutRequest`.
-fn check_put(p: &PutRequest) -> Result<(), Error> {
+pub fn check_put(p: &PutRequest) -> Result<(), Error> {
     if p.key.is_empty() {
         return Err(Error::EmptyKey);
     }
