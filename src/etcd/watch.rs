@@ -115,11 +115,11 @@ impl Watch {
         }
     }
 
-    fn wants(&self, e: &st::Event) -> bool {
-        match e.kind {
+    fn wants(&self, kind: st::EventKind, key: &[u8]) -> bool {
+        match kind {
             st::EventKind::Put if self.no_put => false,
             st::EventKind::Delete if self.no_delete => false,
-            _ => self.matches(&e.kv.key),
+            _ => self.matches(key),
         }
     }
 }
@@ -295,7 +295,14 @@ impl WatchSession {
                     break;
                 }
                 let from = watch.next;
-                let replayed = match store.events(from, REPLAY_CHUNK) {
+                // Only this watch's events are decoded in full, with their previous values
+                // only if it asked for them.
+                let replayed = match store.events_matching(
+                    from,
+                    REPLAY_CHUNK,
+                    |kind, key| watch.wants(kind, key),
+                    watch.prev_kv,
+                ) {
                     Ok(r) => r,
                     Err(st::Error::Compacted) => {
                         let compact = store.compact_revision();
@@ -335,9 +342,7 @@ impl WatchSession {
                 let mut events = Vec::new();
                 for (_, evs) in replayed {
                     for e in evs {
-                        if watch.wants(&e) {
-                            events.push(event_to_pb(e, watch.prev_kv));
-                        }
+                        events.push(event_to_pb(e, watch.prev_kv));
                     }
                 }
                 let fragment = watch.fragment;

@@ -393,6 +393,19 @@ impl Store {
         from: Revision,
         max_revisions: usize,
     ) -> Result<Vec<(Revision, Vec<Event>)>, Error> {
+        self.events_matching(from, max_revisions, |_, _| true, true)
+    }
+
+    /// [`Store::events`] for one watcher: only the events `wanted` (by kind and key) are kept,
+    /// and their `prev_kv` is looked up only `with_prev`. A revision whose events are all left
+    /// out is not listed; the span read is the same as [`Store::events`]'s.
+    pub fn events_matching(
+        &self,
+        from: Revision,
+        max_revisions: usize,
+        wanted: impl Fn(EventKind, &[u8]) -> bool,
+        with_prev: bool,
+    ) -> Result<Vec<(Revision, Vec<Event>)>, Error> {
         let inner = self.read();
         if from < inner.ks.compact_revision() {
             return Err(Error::Compacted);
@@ -419,8 +432,11 @@ impl Store {
             let (k, v) = item?;
             let at = RevKey::from_tree_key(k)?;
             let rec = decode_record(&v)?;
+            if !wanted(rec.kind, &rec.kv.key) {
+                continue;
+            }
             let create = rec.kind == EventKind::Put && rec.kv.create_revision == at.main;
-            let prev_kv = if create {
+            let prev_kv = if create || !with_prev {
                 None
             } else {
                 inner.ks.prev_kv(&recs, &rec.kv.key, at)?

@@ -760,7 +760,24 @@ proptest! {
                     }
                 }
                 Step::Range(req) => prop_assert_eq!(store.range(req), model.range(req)),
-                Step::Events(from) => prop_assert_eq!(store.events(*from, 100), model_events(&model, *from)),
+                Step::Events(from) => {
+                    prop_assert_eq!(store.events(*from, 100), model_events(&model, *from));
+                    // One watcher's view: puts to keys below "c" only, without previous values.
+                    let wanted = |kind: EventKind, key: &[u8]| kind == EventKind::Put && key < &b"c"[..];
+                    let want = model_events(&model, *from).map(|revs| {
+                        revs.into_iter()
+                            .filter_map(|(rev, evs)| {
+                                let evs: Vec<Event> = evs
+                                    .into_iter()
+                                    .filter(|e| wanted(e.kind, &e.kv.key))
+                                    .map(|e| Event { prev_kv: None, ..e })
+                                    .collect();
+                                (!evs.is_empty()).then_some((rev, evs))
+                            })
+                            .collect::<Vec<_>>()
+                    });
+                    prop_assert_eq!(store.events_matching(*from, 100, wanted, false), want);
+                }
             }
         }
         let probes: Vec<RangeRequest> = (0..=model.rev() + 1)
