@@ -299,3 +299,32 @@ async fn a_progress_answer_never_overtakes_an_event() {
     assert!(progresses > 0);
     eden.stop().await;
 }
+
+/// A keep-alive through a follower while the leader has just gone is not failed: as etcd, the
+/// follower tries again until a new leader answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_keep_alive_through_a_follower_survives_the_leaders_loss() {
+    let mut eden = EdenCluster::start(3, false).await;
+    assert!(eden.nodes[0].node.is_leader());
+    let mut client = Client::connect([eden.endpoint(1)], None).await.unwrap();
+    let lease = client.lease_grant(30, None).await.unwrap().id();
+    let (mut keeper, mut answers) = client.lease_keep_alive(lease).await.unwrap();
+    keeper.keep_alive().await.unwrap();
+    assert_eq!(answers.message().await.unwrap().unwrap().ttl(), 30);
+
+    let leader = eden.nodes.remove(0);
+    leader.stop().await;
+    keeper.keep_alive().await.unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(15), answers.message())
+        .await
+        .expect("an answer within the request timeout")
+        .expect("the keep-alive stream goes on")
+        .expect("an answer, not the end of the stream");
+    assert_eq!(
+        answer.ttl(),
+        30,
+        "the lease was kept alive by the new leader"
+    );
+    assert!(eden.nodes.iter().any(|n| n.node.is_leader()));
+    eden.stop().await;
+}

@@ -39,8 +39,11 @@ const KEEPER_TICK: Duration = Duration::from_millis(250);
 pub const RENEW_PATH: &str = "/etcd/lease/renew";
 /// Peer route (on the leader): seconds left on a lease; -1 if unknown.
 pub const REMAINING_PATH: &str = "/etcd/lease/remaining";
-/// How long a follower waits for the leader to answer a forwarded lease request.
-const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a lease request may take to reach a leader, retries through a leader change
+/// included: etcd's request timeout (5 s plus two default election timeouts).
+const LEASE_REQUEST_TIMEOUT: Duration = Duration::from_secs(7);
+/// Pause between attempts while no leader answers (etcd's throttle).
+const LEASE_RETRY_PAUSE: Duration = Duration::from_millis(50);
 
 /// Lease deadlines on this node. A std mutex: held only for map operations, never across an
 /// await.
@@ -218,37 +221,66 @@ impl Backend {
 
     /// Runs a lease clock request on the leader: here if this node leads, else over the peer
     /// link. Whichever node answers first confirms its leadership with a linearizable read.
+    /// As etcd's `LeaseRenew`, a forward that fails (the leader just went) is tried again,
+    /// with whichever node leads then, until [`LEASE_REQUEST_TIMEOUT`]; then `etcdserver:
+    /// request timed out`.
     async fn on_leader(&self, path: &str, id: st::LeaseId) -> Result<i64, ApiError> {
-        // A follower that knows the leader forwards at once (the leader confirms its own
-        // leadership); otherwise a linearizable read waits for a leader, or confirms this one.
-        let forward_now = matches!(self.node.leader(), Some((l, _)) if l != self.node.id());
-        if !forward_now {
-            self.node.linearizable_read().await?;
-        }
-        let leader = match self.node.leader() {
-            Some((leader, _)) if leader == self.node.id() => None,
-            Some((_, info)) => Some(info.peer_addr),
-            None => return Err(ApiError::Unavailable("etcdserver: no leader".into())),
-        };
-        let Some(addr) = leader else {
-            return Ok(self.local_lease_request(path, id));
-        };
+        let deadline = tokio::time::Instant::now() + LEASE_REQUEST_TIMEOUT;
         let body = serde_json::to_vec(&id).map_err(|e| ApiError::Internal(e.to_string()))?;
-        let answer = self
-            .node
-            .peer_pool()
-            .call(&addr, path, body, FORWARD_TIMEOUT)
-            .await
-            .map_err(|e| {
-                ApiError::Unavailable(format!(
-                    "etcdserver: forwarding a lease request to the leader failed: {e}"
-                ))
-            })?;
-        serde_json::from_slice(&answer).map_err(|e| {
-            ApiError::Internal(format!(
-                "the leader's answer to {path} is not a number: {e}"
-            ))
-        })
+        let mut last_error = String::new();
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                tracing::debug!(path, "lease request timed out; last error: {last_error}");
+                return Err(ApiError::Unavailable(
+                    "etcdserver: request timed out".into(),
+                ));
+            }
+            // A follower that knows the leader forwards at once (the leader confirms its own
+            // leadership); otherwise a linearizable read waits for a leader, or confirms this
+            // one.
+            let forward_now = matches!(self.node.leader(), Some((l, _)) if l != self.node.id());
+            if !forward_now {
+                match tokio::time::timeout(left, self.node.linearizable_read()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        last_error = e.to_string();
+                        tokio::time::sleep(LEASE_RETRY_PAUSE.min(left)).await;
+                        continue;
+                    }
+                    Err(_) => continue,
+                }
+            }
+            let addr = match self.node.leader() {
+                Some((leader, _)) if leader == self.node.id() => {
+                    return Ok(self.local_lease_request(path, id));
+                }
+                Some((_, info)) => info.peer_addr,
+                None => {
+                    last_error = "no leader".into();
+                    tokio::time::sleep(LEASE_RETRY_PAUSE.min(left)).await;
+                    continue;
+                }
+            };
+            match self
+                .node
+                .peer_pool()
+                .call(&addr, path, body.clone(), left)
+                .await
+            {
+                Ok(answer) => {
+                    return serde_json::from_slice(&answer).map_err(|e| {
+                        ApiError::Internal(format!(
+                            "the leader's answer to {path} is not a number: {e}"
+                        ))
+                    })
+                }
+                Err(e) => {
+                    last_error = e.to_string();
+                    tokio::time::sleep(LEASE_RETRY_PAUSE.min(left)).await;
+                }
+            }
+        }
     }
 
     fn local_lease_request(&self, path: &str, id: st::LeaseId) -> i64 {
