@@ -83,6 +83,8 @@ fn alarm_to_pb(a: st::AlarmMember) -> pb::AlarmMember {
 pub const HASHKV_PATH: &str = "/etcd/hashkv";
 /// How long the leader waits for a member's hash.
 const HASH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long the initial check waits for the membership loaded from disk to be published.
+const MEMBERSHIP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A member's answer to [`HASHKV_PATH`].
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
@@ -215,6 +217,12 @@ impl Backend {
             Some(Err(e)) => return Err(format!("this member's store: {e}")),
             Some(Ok(h)) => (h.revision, h.hash, h.compacted),
         };
+        // Right after start, Raft may not have published the membership it loaded yet; with
+        // no members listed there would be nobody to compare with.
+        let deadline = tokio::time::Instant::now() + MEMBERSHIP_WAIT;
+        while self.node.metrics().voters.is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
         let answers = self.member_hashes(rev).await.map_err(|e| e.to_string())?;
         let mut compared = 0;
         for (id, name, answer) in answers {
