@@ -328,3 +328,49 @@ async fn a_keep_alive_through_a_follower_survives_the_leaders_loss() {
     assert!(eden.nodes.iter().any(|n| n.node.is_leader()));
     eden.stop().await;
 }
+
+/// `progress_notify`: a caught-up watch that asked is told the current revision every progress
+/// interval (etcd's `--experimental-watch-progress-notify-interval`, here 200 ms); one that
+/// did not ask hears nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_progress_notify_watch_hears_the_revision_every_interval() {
+    let eden = EdenCluster::start(1, false).await;
+    eden.nodes[0]
+        .backend
+        .set_watch_progress_notify_interval(Duration::from_millis(200));
+    let mut client = Client::connect([eden.endpoint(0)], None).await.unwrap();
+    let rev = client
+        .put("n", "1", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    let mut asked = client
+        .watch("n", Some(WatchOptions::new().with_progress_notify()))
+        .await
+        .unwrap();
+    let mut quiet = client.watch("n", None).await.unwrap();
+    let asked_id = asked.message().await.unwrap().unwrap().watch_id();
+    assert!(quiet.message().await.unwrap().unwrap().created());
+
+    let mut notes = 0;
+    let until = tokio::time::Instant::now() + Duration::from_millis(1100);
+    while let Ok(msg) = tokio::time::timeout_at(until, asked.message()).await {
+        let msg = msg.unwrap().unwrap();
+        assert!(msg.events().is_empty(), "{msg:?}");
+        assert_eq!(msg.watch_id(), asked_id);
+        assert_eq!(msg.header().unwrap().revision(), rev);
+        notes += 1;
+    }
+    assert!(
+        (3..=6).contains(&notes),
+        "{notes} progress notifications in 1.1 s"
+    );
+    let heard = tokio::time::timeout(Duration::from_millis(300), quiet.message()).await;
+    assert!(
+        heard.is_err(),
+        "a watch without progress_notify heard {heard:?}"
+    );
+    eden.stop().await;
+}

@@ -96,6 +96,11 @@ pub struct ServeArgs {
     /// are down, behind or compacted past that revision are skipped.
     #[arg(long)]
     pub experimental_initial_corrupt_check: bool,
+    /// How often a watch created with `progress_notify` is told the current revision while it
+    /// has nothing to send (etcd's flag): clients such as Kubernetes use it to know how fresh
+    /// their view is. A duration (500ms, 10s, 10m).
+    #[arg(long, value_name = "DURATION", default_value = "10m")]
+    pub experimental_watch_progress_notify_interval: String,
 }
 
 fn parse_labels(s: &str) -> Result<BTreeMap<String, String>> {
@@ -126,6 +131,17 @@ fn parse_check_time(s: &str) -> Result<Option<std::time::Duration>> {
     }
 }
 
+/// `--experimental-watch-progress-notify-interval`: a duration above zero.
+fn parse_progress_interval(s: &str) -> Result<std::time::Duration> {
+    match crate::cluster::compactor::parse_duration(s.trim()) {
+        Some(d) if !d.is_zero() => Ok(d),
+        _ => Err(Error::InvalidInput(format!(
+            "--experimental-watch-progress-notify-interval {s:?}: use a duration above zero, \
+             such as 500ms, 10s or 10m"
+        ))),
+    }
+}
+
 pub fn run(args: ServeArgs) -> Result<i32> {
     let opts = ServeOptions {
         name: args.name,
@@ -146,6 +162,9 @@ pub fn run(args: ServeArgs) -> Result<i32> {
         quota_backend_bytes: args.quota_backend_bytes,
         corrupt_check: parse_check_time(&args.experimental_corrupt_check_time)?,
         initial_corrupt_check: args.experimental_initial_corrupt_check,
+        watch_progress_notify: parse_progress_interval(
+            &args.experimental_watch_progress_notify_interval,
+        )?,
     };
     init_logging();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -181,4 +200,29 @@ pub fn init_logging() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_progress_interval;
+    use std::time::Duration;
+
+    #[test]
+    fn the_progress_interval_takes_durations_above_zero() {
+        assert_eq!(
+            parse_progress_interval("10m").unwrap(),
+            Duration::from_secs(600)
+        );
+        assert_eq!(
+            parse_progress_interval("500ms").unwrap(),
+            Duration::from_millis(500)
+        );
+        for bad in ["0", "0s", "ten", ""] {
+            let err = parse_progress_interval(bad).unwrap_err().to_string();
+            assert!(
+                err.contains("--experimental-watch-progress-notify-interval"),
+                "{bad}: {err}"
+            );
+        }
+    }
 }

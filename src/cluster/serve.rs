@@ -72,6 +72,8 @@ pub struct ServeOptions {
     /// Compare this member's store with the others' before serving (refuse to start if one
     /// differs).
     pub initial_corrupt_check: bool,
+    /// etcd's `--experimental-watch-progress-notify-interval`.
+    pub watch_progress_notify: Duration,
 }
 
 /// What to do with the data dir.
@@ -162,6 +164,9 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()>) -> Re
         }
     };
     started.etcd.set_quota_bytes(opts.quota_backend_bytes);
+    started
+        .etcd
+        .set_watch_progress_notify_interval(opts.watch_progress_notify);
     let checks = Checks {
         compaction: opts.compaction,
         corrupt_check: opts.corrupt_check,

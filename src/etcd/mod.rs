@@ -101,6 +101,9 @@ pub struct Backend {
     leader_changes: std::sync::atomic::AtomicU64,
     /// gRPC calls per method and status (`metrics::count_grpc`).
     grpc: Arc<metrics::GrpcCounts>,
+    /// etcd's `--experimental-watch-progress-notify-interval`, in milliseconds: how often a
+    /// caught-up watch created with `progress_notify` is told the current revision.
+    progress_notify_ms: std::sync::atomic::AtomicU64,
 }
 
 impl Backend {
@@ -117,7 +120,21 @@ impl Backend {
             quota_bytes: std::sync::atomic::AtomicI64::new(maintenance::DEFAULT_QUOTA_BYTES),
             leader_changes: std::sync::atomic::AtomicU64::new(0),
             grpc: Arc::default(),
+            progress_notify_ms: std::sync::atomic::AtomicU64::new(
+                watch::DEFAULT_PROGRESS_NOTIFY.as_millis() as u64,
+            ),
         })
+    }
+
+    /// Sets etcd's `--experimental-watch-progress-notify-interval` (default 10 minutes) for
+    /// watch streams opened from now on. Zero is taken as one millisecond.
+    pub fn set_watch_progress_notify_interval(&self, every: Duration) {
+        let ms = (every.as_millis() as u64).max(1);
+        self.progress_notify_ms.store(ms, Ordering::Relaxed);
+    }
+
+    pub(crate) fn watch_progress_notify_interval(&self) -> Duration {
+        Duration::from_millis(self.progress_notify_ms.load(Ordering::Relaxed))
     }
 
     /// Sets the store quota as etcd's `--quota-backend-bytes` reads it: 0 is the default

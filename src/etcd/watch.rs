@@ -39,6 +39,8 @@ const REPLAY_CHUNK: usize = 256;
 /// A fragmenting watch splits responses above this many bytes (etcd's default
 /// `--max-request-bytes`, 1.5 MiB).
 const FRAGMENT_BYTES: usize = 3 * 512 * 1024;
+/// etcd's default `--experimental-watch-progress-notify-interval`.
+pub const DEFAULT_PROGRESS_NOTIFY: std::time::Duration = std::time::Duration::from_secs(600);
 /// Responses buffered towards a slow client before the session waits for it.
 const OUT_BUFFER: usize = 64;
 
@@ -102,6 +104,12 @@ struct Watch {
     no_put: bool,
     no_delete: bool,
     fragment: bool,
+    /// Created with `progress_notify`: told the current revision every progress interval
+    /// while caught up.
+    progress_notify: bool,
+    /// No events went out for this watch since the last progress tick (etcd skips one
+    /// notification after events, as they carried the revision already).
+    progress_due: bool,
 }
 
 impl Watch {
@@ -142,8 +150,17 @@ impl WatchSession {
         // A client that closes its side still gets its watches' events, as from etcd, until it
         // goes away.
         let mut reading = true;
+        let every = self.backend.watch_progress_notify_interval();
+        let mut progress = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = progress.tick() => {
+                    if self.notify_progress().await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
                 req = requests.next(), if reading => match req {
                     Some(Ok(req)) => {
                         if self.handle(req).await.is_err() {
@@ -182,6 +199,31 @@ impl WatchSession {
                 return;
             }
         }
+    }
+
+    /// etcd's progress notification tick: each `progress_notify` watch that is caught up and
+    /// got no events since the last tick is sent the current revision (no events, its id);
+    /// then every such watch is due again.
+    async fn notify_progress(&mut self) -> Result<(), Gone> {
+        let current = self.backend.node.store().revision();
+        let due: Vec<i64> = self
+            .watches
+            .iter()
+            .filter(|(_, w)| w.progress_notify && w.progress_due && w.next > current)
+            .map(|(id, _)| *id)
+            .collect();
+        for w in self.watches.values_mut() {
+            w.progress_due = true;
+        }
+        for id in due {
+            self.send(pb::WatchResponse {
+                header: self.backend.header(current),
+                watch_id: id,
+                ..Default::default()
+            })
+            .await?;
+        }
+        Ok(())
     }
 
     async fn send(&self, resp: pb::WatchResponse) -> Result<(), Gone> {
@@ -268,6 +310,8 @@ impl WatchSession {
             no_put: filters.contains(&FilterType::Noput),
             no_delete: filters.contains(&FilterType::Nodelete),
             fragment: c.fragment,
+            progress_notify: c.progress_notify,
+            progress_due: true,
         };
         self.watches.insert(id, watch);
         self.send(pb::WatchResponse {
@@ -347,6 +391,7 @@ impl WatchSession {
                 }
                 let fragment = watch.fragment;
                 if !events.is_empty() {
+                    watch.progress_due = false;
                     let header = self.backend.header(current);
                     for resp in responses(id, header, events, fragment) {
                         self.send(resp).await?;
@@ -474,6 +519,8 @@ mod tests {
             no_put: false,
             no_delete: false,
             fragment: false,
+            progress_notify: false,
+            progress_due: false,
         };
         assert!(w("a", b"").matches(b"a"));
         assert!(!w("a", b"").matches(b"ab"));
