@@ -916,8 +916,8 @@ async fn the_start_hash_is_taken_before_raft_applies_what_the_member_missed() {
 }
 
 /// A follower that missed more than an append may carry (`MAX_APPEND_BYTES` of large values)
-/// catches up in several appends, each within the cap (the log reader stops there, and the
-/// network refuses a larger one as a backstop), not in one call too large to answer in time.
+/// catches up in several appends, each within the cap (the log reader stops there), not in one
+/// call too large to answer in time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_catches_up_on_more_large_values_than_one_append_carries() {
     let ca = TestCa::new("cluster-ca");

@@ -480,10 +480,9 @@ pub struct PeerStats {
     pub rtt_buckets: [u64; 15],
     pub rtt_count: u64,
     pub rtt_sum_seconds: f64,
-    /// Appends refused before sending as larger than [`MAX_APPEND_BYTES`] (openraft then sends
-    /// fewer entries). The log reader already stops there, so this is a backstop.
-    pub appends_cut: u64,
-    /// The largest append sent, in bytes of entries (as [`MAX_APPEND_BYTES`] counts them).
+    /// The largest append sent, in about how many bytes its commands take
+    /// ([`eden_storage::Command::approx_len`]); the log reader keeps it near
+    /// [`MAX_APPEND_BYTES`].
     pub largest_append: usize,
 }
 
@@ -611,13 +610,6 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, NodeInfo, RaftError<NodeId>>> {
         let heartbeat = rpc.entries.is_empty();
-        if let Some(fit) = entries_that_fit(&rpc.entries, MAX_APPEND_BYTES) {
-            // openraft sends fewer entries per call for a while, then tries more again.
-            self.pool.record(self.target, |s| s.appends_cut += 1);
-            return Err(RPCError::PayloadTooLarge(
-                openraft::error::PayloadTooLarge::new_entries_hint(fit as u64),
-            ));
-        }
         if !heartbeat {
             let bytes: usize = rpc.entries.iter().map(entry_bytes).sum();
             self.pool.record(self.target, |s| {
@@ -656,11 +648,12 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
     }
 }
 
-/// The most bytes of commands one append carries (as [`eden_storage::Command::approx_len`]
-/// counts them). openraft 0.9 gives every append the heartbeat interval (100 ms) to be
-/// answered, large or not, and retries one that takes longer as it was: a follower catching up
-/// on large values must get them in calls small enough to be sent, written and fsynced in that
-/// time, or it never catches up and, hearing no leader meanwhile, calls elections.
+/// The most bytes of log records one append carries (the log reader stops there:
+/// `LogReader::limited_get_log_entries`). openraft 0.9 gives every append the heartbeat interval
+/// (100 ms) to be answered, large or not, and retries one that takes longer as it was: a
+/// follower catching up on large values must get them in calls small enough to be sent, written
+/// and fsynced in that time, or it never catches up and, hearing no leader meanwhile, calls
+/// elections.
 pub const MAX_APPEND_BYTES: usize = 4 << 20;
 
 /// About how many bytes `e` takes in an append.
@@ -671,39 +664,9 @@ fn entry_bytes(e: &openraft::Entry<TypeConfig>) -> usize {
     }
 }
 
-/// `None` when `entries` fit in `cap` bytes or are a single entry; otherwise how many of the
-/// first entries fit (at least one).
-fn entries_that_fit(entries: &[openraft::Entry<TypeConfig>], cap: usize) -> Option<usize> {
-    if entries.len() <= 1 {
-        return None;
-    }
-    let mut bytes = 0;
-    for (i, e) in entries.iter().enumerate() {
-        bytes += entry_bytes(e);
-        if bytes > cap {
-            return Some(i.max(1));
-        }
-    }
-    None
-}
-
 #[cfg(test)]
 mod tests {
-    use super::{entries_that_fit, host_of, still_http_only, RECHECK_FRAMED};
-    use crate::types::{Batch, TypeConfig};
-    use eden_storage::{Command, PutRequest};
-
-    fn entry(index: u64, values: usize, value_len: usize) -> openraft::Entry<TypeConfig> {
-        let put = Command::Put(PutRequest {
-            key: b"k".to_vec(),
-            value: vec![0; value_len],
-            ..Default::default()
-        });
-        openraft::Entry {
-            log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
-            payload: openraft::EntryPayload::Normal(Batch(vec![put; values])),
-        }
-    }
+    use super::{host_of, still_http_only, RECHECK_FRAMED};
 
     #[test]
     fn a_peer_that_refused_the_framed_protocol_is_offered_it_again_later() {
@@ -718,18 +681,6 @@ mod tests {
         assert!(!still_http_only(&mut map, "b:1", t0));
         assert!(!still_http_only(&mut map, "a:1", t0 + RECHECK_FRAMED));
         assert!(map.is_empty(), "the old refusal is forgotten");
-    }
-
-    #[test]
-    fn an_append_past_the_cap_is_cut_to_the_entries_that_fit() {
-        let small: Vec<_> = (1..=256).map(|i| entry(i, 30, 100)).collect();
-        assert_eq!(entries_that_fit(&small, 64 << 20), None);
-        // 1 MiB entries: three fit in 4 MiB with their overhead, the fourth does not.
-        let big: Vec<_> = (1..=40).map(|i| entry(i, 1, 1 << 20)).collect();
-        assert_eq!(entries_that_fit(&big, 4 << 20), Some(3));
-        // One entry goes alone whatever its size; two too-large ones go one at a time.
-        assert_eq!(entries_that_fit(&big[..1], 1 << 20), None);
-        assert_eq!(entries_that_fit(&big[..2], 1 << 20), Some(1));
     }
 
     #[test]
