@@ -9,6 +9,8 @@
 //!   same limit ([`MAX_RECV_BYTES`]) with its own code and words; [`grpc_go_words`] rewrites
 //!   that answer to grpc-go's, so clients see what etcd sends.
 
+use prost::encoding::encoded_len_varint;
+
 use super::errors::ApiError;
 
 /// etcd's default `--max-request-bytes`.
@@ -18,15 +20,6 @@ pub const MAX_REQUEST_BYTES: usize = 3 * 512 * 1024;
 /// `grpcOverheadBytes` (512 KiB).
 pub const MAX_RECV_BYTES: usize = MAX_REQUEST_BYTES + 512 * 1024;
 
-fn varint_len(mut n: u64) -> usize {
-    let mut len = 1;
-    while n >= 0x80 {
-        n >>= 7;
-        len += 1;
-    }
-    len
-}
-
 /// The encoded size of etcd's `InternalRaftRequest` carrying one operation of `op_len` bytes:
 /// the operation as a length-delimited field (a one-byte tag), and the header (field 100, a
 /// two-byte tag) holding a request id, which etcd draws from its member id and the clock and
@@ -34,7 +27,8 @@ fn varint_len(mut n: u64) -> usize {
 /// otherwise: the estimate can be one or two bytes high).
 pub fn raft_request_len(op_len: usize) -> usize {
     let header = 1 + 10;
-    (1 + varint_len(op_len as u64) + op_len) + (2 + varint_len(header as u64) + header)
+    (1 + encoded_len_varint(op_len as u64) + op_len)
+        + (2 + encoded_len_varint(header as u64) + header)
 }
 
 /// Refuses a write (put, delete or txn) of `op_len` encoded bytes as etcd does when its Raft

@@ -198,9 +198,9 @@ impl Backend {
 
     /// etcd's `--experimental-initial-corrupt-check`, run by a member before it serves: its
     /// own history's hash as it was on disk, taken before Raft started
-    /// ([`eden_raft::RaftNode::hash_at_start`], so what Raft applied since cannot change it), against every
-    /// other member's at the same revision (the others have it if they went on without this
-    /// member). Returns how many members could be compared; an error names the first member
+    /// ([`eden_raft::RaftNode::hash_at_start`], so what Raft applied since cannot change it),
+    /// against every other member's at the same revision (the others have it if they went on
+    /// without this member). Returns how many members could be compared; an error names the first member
     /// whose history differs while the compacted revision is the same, and the member must not
     /// serve.
     pub async fn check_initial_hashkv(&self) -> Result<usize, String> {
