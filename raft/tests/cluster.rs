@@ -800,8 +800,7 @@ async fn a_write_that_timed_out_while_queued_is_never_proposed() {
 
     let mut stopped = Vec::new();
     for n in nodes {
-        stopped.push((n.id, n.dir.clone(), n.addr.clone()));
-        n.stop().await;
+        stopped.push(n.stop_keeping_place().await);
     }
     // "b" is proposed and cannot commit; "c" waits in the queue behind it.
     let b = {
@@ -872,8 +871,7 @@ async fn the_start_hash_is_taken_before_raft_applies_what_the_member_missed() {
     follower.node.linearizable_read().await.unwrap();
     let rev = follower.node.store().revision();
     let (hash, compacted) = follower.node.store().hash_kv(rev).unwrap();
-    let (id, dir, addr) = (follower.id, follower.dir.clone(), follower.addr.clone());
-    follower.stop().await;
+    let (id, dir, addr) = follower.stop_keeping_place().await;
 
     let leader = nodes
         .iter()
@@ -926,8 +924,7 @@ async fn a_follower_catches_up_on_more_large_values_than_one_append_carries() {
     let l = leader_index(&nodes);
     let f = (l + 1) % 3;
     let follower = nodes.remove(f);
-    let (id, dir, addr) = (follower.id, follower.dir.clone(), follower.addr.clone());
-    follower.stop().await;
+    let (id, dir, addr) = follower.stop_keeping_place().await;
     let leader = nodes
         .iter()
         .find(|n| n.node.is_leader())

@@ -163,6 +163,14 @@ impl TestNode {
         }
     }
 
+    /// Stops the node and returns its id, data dir and address, to start it again there with
+    /// [`TestNode::start`].
+    pub async fn stop_keeping_place(self) -> (NodeId, PathBuf, String) {
+        let place = (self.id, self.dir.clone(), self.addr.clone());
+        self.stop().await;
+        place
+    }
+
     /// Stops Raft and the peer server; the data dir stays.
     pub async fn stop(mut self) {
         if let Some(s) = self.stop.take() {
